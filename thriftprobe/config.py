@@ -1,0 +1,284 @@
+"""Find and load the YAML configuration, pick the environment, return frozen settings.
+
+Lookup order for the file: the explicit ``config=`` argument, then the ``THRIFTPROBE_CONFIG``
+environment variable, then ``./config/config.yml``. The environment is the explicit ``env=``
+argument, then ``THRIFTPROBE_ENV``, then ``prod`` when the short hostname matches ``^prod\\d+$``,
+else ``dev``.
+
+Every string value may be written ``${NAME}`` to take it from the environment variable NAME at
+load time (for passwords that must not live in the file). Everything returned is immutable and
+may be shared freely between threads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "MysqlConfig",
+    "RedisConfig",
+    "ZooKeeperConfig",
+    "load",
+    "resolve",
+    "resolve_env",
+    "find_config_path",
+]
+
+CONFIG_ENV_VAR = "THRIFTPROBE_CONFIG"
+ENV_ENV_VAR = "THRIFTPROBE_ENV"
+DEFAULT_PATH = Path("config") / "config.yml"
+
+_NAME_RE = re.compile(r"^\w+$")
+_PROD_HOST_RE = re.compile(r"^prod\d+$")
+_VAR_RE = re.compile(r"^\$\{(\w+)\}$")
+
+
+@dataclass(frozen=True)
+class MysqlConfig:
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    database: str
+    ssl: bool = False
+    connect_timeout: float = 2.0
+
+    def describe(self) -> str:
+        return "mysql %s:%d/%s" % (self.host, self.port, self.database)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    host: str
+    port: int
+    password: Optional[str] = field(repr=False)
+    cluster: bool = False
+    socket_timeout: float = 2.0
+
+    def describe(self) -> str:
+        return "redis%s %s:%d" % (" cluster" if self.cluster else "", self.host, self.port)
+
+
+@dataclass(frozen=True)
+class ZooKeeperConfig:
+    hosts: str
+    """A kazoo connection string: ``host:port[,host:port...][/chroot]``."""
+    session_timeout: float = 10.0
+    """Seconds; how long a dead provider's ephemeral node outlives it."""
+    connect_timeout: float = 5.0
+    """Seconds to wait for the first connection."""
+
+    def describe(self) -> str:
+        return "zookeeper %s" % self.hosts
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings of one environment, as read from one file."""
+
+    path: str
+    env: str
+    mysql: MysqlConfig
+    redis: RedisConfig
+    zookeeper: ZooKeeperConfig
+
+
+def resolve_env(
+    explicit: Optional[str] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    hostname: Optional[str] = None,
+) -> str:
+    """Return the environment name by the rules in the module docstring.
+
+    Raises ConfigError for a name that is not ``^\\w+$`` (it becomes part of ZooKeeper paths and
+    Redis keys).
+    """
+    environ = os.environ if environ is None else environ
+    env = explicit or environ.get(ENV_ENV_VAR) or None
+    if env is None:
+        short = (hostname if hostname is not None else socket.gethostname()).split(".", 1)[0]
+        env = "prod" if _PROD_HOST_RE.match(short) else "dev"
+    if not _NAME_RE.match(env):
+        raise ConfigError("environment name %r must match ^\\w+$" % (env,))
+    return env
+
+
+def find_config_path(
+    explicit: Union[str, "os.PathLike[str]", None] = None,
+    environ: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Return the config file to read: explicit path > $THRIFTPROBE_CONFIG > ./config/config.yml."""
+    environ = os.environ if environ is None else environ
+    if explicit is not None:
+        return Path(explicit)
+    if environ.get(CONFIG_ENV_VAR):
+        return Path(environ[CONFIG_ENV_VAR])
+    return DEFAULT_PATH
+
+
+def load(
+    path: Union[str, "os.PathLike[str]", None] = None,
+    env: Optional[str] = None,
+    environ: Optional[Mapping[str, str]] = None,
+) -> Config:
+    """Read the config file and return the frozen settings of one environment.
+
+    Raises ConfigError naming the file and the key when the file, a section or a key is missing
+    or has the wrong type.
+    """
+    environ = os.environ if environ is None else environ
+    file = find_config_path(path, environ)
+    env = resolve_env(env, environ)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError("config file %s not found (cwd %s)" % (file, os.getcwd())) from err
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError("cannot read config file %s: %s" % (file, err)) from err
+    reader = _Reader(str(file), env, environ)
+    if not isinstance(data, dict):
+        raise ConfigError("config file %s must hold a mapping at the top level" % file)
+    return Config(
+        path=str(file),
+        env=env,
+        mysql=_mysql(reader, data),
+        redis=_redis(reader, data),
+        zookeeper=_zookeeper(reader, data),
+    )
+
+
+def resolve(config: Union[Config, str, "os.PathLike[str]", None], env: Optional[str] = None) -> Config:
+    """Accept what the public API takes as ``config=``: a loaded Config, a path, or None."""
+    if isinstance(config, Config):
+        if env is not None and env != config.env:
+            raise ConfigError(
+                "env=%r conflicts with the loaded config's env %r (%s)" % (env, config.env, config.path)
+            )
+        return config
+    return load(config, env)
+
+
+class _Reader:
+    """Typed access to ``section.<env>.key`` with errors that name file and key."""
+
+    def __init__(self, path: str, env: str, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.env = env
+        self.environ = environ
+
+    def section(self, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+        top = data.get(name)
+        if not isinstance(top, dict):
+            raise ConfigError("config file %s has no section %r" % (self.path, name))
+        sect = top.get(self.env)
+        if not isinstance(sect, dict):
+            raise ConfigError(
+                "config file %s has no key %s.%s (environments there: %s)"
+                % (self.path, name, self.env, ", ".join(map(str, top)) or "none")
+            )
+        return sect
+
+    def get(self, sect: Mapping[str, Any], section: str, key: str, kind: type, default: Any = ...) -> Any:
+        where = "%s.%s.%s" % (section, self.env, key)
+        if key not in sect or sect[key] is None:
+            if default is ...:
+                raise ConfigError("config file %s has no key %s" % (self.path, where))
+            return default
+        value = sect[key]
+        if isinstance(value, str):
+            value = self._expand(value, where)
+        if kind is bool:
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "0", "1"):
+                return value.lower() in ("true", "yes", "1")
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.isdigit():
+                return int(value)
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif kind is str:
+            if isinstance(value, (str, int)) and not isinstance(value, bool):
+                return str(value)
+        raise ConfigError(
+            "config file %s: key %s must be %s, got %r" % (self.path, where, kind.__name__, value)
+        )
+
+    def port(self, sect: Mapping[str, Any], section: str, key: str = "port") -> int:
+        port = self.get(sect, section, key, int)
+        if not 0 < port < 65536:
+            raise ConfigError(
+                "config file %s: key %s.%s.%s must be a TCP port, got %d" % (self.path, section, self.env, key, port)
+            )
+        return int(port)
+
+    def _expand(self, value: str, where: str) -> str:
+        m = _VAR_RE.match(value)
+        if not m:
+            return value
+        name = m.group(1)
+        if name not in self.environ:
+            raise ConfigError(
+                "config file %s: key %s refers to environment variable %s, which is not set"
+                % (self.path, where, name)
+            )
+        return self.environ[name]
+
+
+def _mysql(r: _Reader, data: Mapping[str, Any]) -> MysqlConfig:
+    s = r.section(data, "mysql")
+    database = r.get(s, "mysql", "database", str)
+    if not _NAME_RE.match(database):
+        raise ConfigError("config file %s: mysql.%s.database must match ^\\w+$" % (r.path, r.env))
+    return MysqlConfig(
+        host=r.get(s, "mysql", "host", str),
+        port=r.port(s, "mysql"),
+        username=r.get(s, "mysql", "username", str),
+        password=r.get(s, "mysql", "password", str, ""),
+        database=database,
+        ssl=r.get(s, "mysql", "ssl", bool, False),
+        connect_timeout=r.get(s, "mysql", "connect_timeout", float, 2000.0) / 1000.0,
+    )
+
+
+def _redis(r: _Reader, data: Mapping[str, Any]) -> RedisConfig:
+    s = r.section(data, "redis")
+    return RedisConfig(
+        host=r.get(s, "redis", "host", str),
+        port=r.port(s, "redis"),
+        password=r.get(s, "redis", "password", str, "") or None,
+        cluster=r.get(s, "redis", "cluster", bool, False),
+        socket_timeout=r.get(s, "redis", "socket_timeout", float, 2000.0) / 1000.0,
+    )
+
+
+def _zookeeper(r: _Reader, data: Mapping[str, Any]) -> ZooKeeperConfig:
+    s = r.section(data, "zkserver")
+    if "hosts" in s:
+        hosts = r.get(s, "zkserver", "hosts", str)
+        if not hosts.strip():
+            raise ConfigError("config file %s: zkserver.%s.hosts is empty" % (r.path, r.env))
+    else:
+        hosts = "%s:%d" % (r.get(s, "zkserver", "host", str), r.port(s, "zkserver"))
+    session_timeout = r.get(s, "zkserver", "session_timeout", float, 10000.0) / 1000.0
+    if session_timeout <= 0:
+        raise ConfigError("config file %s: zkserver.%s.session_timeout must be > 0" % (r.path, r.env))
+    return ZooKeeperConfig(
+        hosts=hosts.replace(" ", ""),
+        session_timeout=session_timeout,
+        connect_timeout=r.get(s, "zkserver", "connect_timeout", float, 5000.0) / 1000.0,
+    )

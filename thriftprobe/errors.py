@@ -1,0 +1,46 @@
+"""The exceptions thriftprobe raises: one base class, one subclass per cause a caller handles differently."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ThriftProbeError",
+    "ConfigError",
+    "InvalidArgument",
+    "IdlError",
+    "AppkeyNotRegistered",
+    "BackendError",
+    "SettingsError",
+    "NoAvailableNode",
+]
+
+
+class ThriftProbeError(Exception):
+    """Base class of every error raised by thriftprobe itself."""
+
+
+class ConfigError(ThriftProbeError):
+    """The configuration file is missing, unreadable, or lacks a section or key."""
+
+
+class InvalidArgument(ThriftProbeError, ValueError):
+    """An argument passed to the API is malformed (bad service name, appkey, handler...)."""
+
+
+class IdlError(ThriftProbeError):
+    """The Thrift IDL file cannot be loaded or does not define the requested service."""
+
+
+class AppkeyNotRegistered(ThriftProbeError):
+    """The appkey is not registered in the MySQL table ``serviceapp``."""
+
+
+class BackendError(ThriftProbeError):
+    """MySQL, Redis or ZooKeeper could not be reached or refused an operation."""
+
+
+class SettingsError(ThriftProbeError):
+    """A node's stored settings in Redis are corrupt; they are never silently replaced by defaults."""
+
+
+class NoAvailableNode(ThriftProbeError):
+    """No registered, valid node of the service could take the call (nothing was sent)."""

@@ -1,0 +1,129 @@
+"""Node: one provider instance (host, port, weight, valid) and how it is written down.
+
+The same JSON object ``{"host", "port", "weight", "valid"}`` lives in two places: the provider's
+ephemeral znode ``/services/<env>/<appkey>/<service>_<ip>_<port>`` and the Redis hash
+``thriftprobe_<env>``, field ``<appkey>|<env>|<service>|<ip>|<port>``. Extra keys (pid, start
+time, SDK version...) ride along in ``extras`` and are preserved. Nodes are immutable and may be
+shared between threads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .errors import InvalidArgument
+
+__all__ = ["Node", "DEFAULT_WEIGHT", "parse_znode_name", "settings_field", "service_path", "MAX_WEIGHT", "validate_names"]
+
+DEFAULT_WEIGHT = 10
+MAX_WEIGHT = 1000
+_CORE_KEYS = ("host", "port", "weight", "valid")
+
+
+@dataclass(frozen=True)
+class Node:
+    host: str
+    port: int
+    weight: int = DEFAULT_WEIGHT
+    valid: bool = True
+    extras: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def available(self) -> bool:
+        """True when the node may receive calls: switched on and with a positive weight."""
+        return self.valid and self.weight > 0
+
+    def znode_name(self, service: str) -> str:
+        return "%s_%s_%d" % (service, self.host, self.port)
+
+    def with_settings(self, weight: int, valid: bool) -> "Node":
+        return replace(self, weight=weight, valid=valid)
+
+    def to_dict(self) -> Dict[str, Any]:
+        data: Dict[str, Any] = dict(self.extras)
+        data.update(host=self.host, port=self.port, weight=self.weight, valid=1 if self.valid else 0)
+        return data
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Node":
+        """Decode a znode or Redis value. Raises ValueError on anything but a well-formed node."""
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError("not JSON: %s" % err) from err
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object: %r" % (data,))
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Node":
+        missing = [k for k in _CORE_KEYS if k not in data]
+        if missing:
+            raise ValueError("missing keys %s in %r" % (", ".join(missing), dict(data)))
+        host, port, weight, valid = (data[k] for k in _CORE_KEYS)
+        if not isinstance(host, str) or not host:
+            raise ValueError("host must be a non-empty string, got %r" % (host,))
+        if not _is_int(port) or not 0 < port < 65536:
+            raise ValueError("port must be an integer 1..65535, got %r" % (port,))
+        if not _is_int(weight) or not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError("weight must be an integer 0..%d, got %r" % (MAX_WEIGHT, weight))
+        if valid not in (0, 1):  # also accepts True/False
+            raise ValueError("valid must be 0 or 1, got %r" % (valid,))
+        extras = {k: v for k, v in data.items() if k not in _CORE_KEYS}
+        return cls(host=host, port=int(port), weight=int(weight), valid=bool(valid), extras=extras)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_znode_name(name: str) -> Optional[Tuple[str, str, int]]:
+    """Split ``<service>_<ip>_<port>`` into its parts, or None if the name is not of that form.
+
+    Splitting from the right keeps service names that contain underscores intact, so service
+    ``calc`` never picks up the nodes of service ``calc_v2``.
+    """
+    parts = name.rsplit("_", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def settings_field(appkey: str, env: str, service: str, host: str, port: int) -> str:
+    """The Redis hash field that keeps one node's settings."""
+    return "%s|%s|%s|%s|%d" % (appkey, env, service, host, port)
+
+
+def service_path(env: str, appkey: str) -> str:
+    """The ZooKeeper folder that holds the nodes of every service of one appkey."""
+    return "/services/%s/%s" % (env, appkey)
+
+
+_SERVICE_RE = re.compile(r"^\w+$")
+_APPKEY_RE = re.compile(r"^[\w.\-]+$")
+
+
+def validate_names(appkey: object, service: object) -> None:
+    """Raise InvalidArgument unless both names are safe to use in znode paths and Redis fields.
+
+    A service name is ``^\\w+$``; an appkey is a non-empty string of word characters, dots and
+    dashes (no ``/`` or ``|``, which would break the path and the Redis field).
+    """
+    if not isinstance(service, str) or not _SERVICE_RE.match(service):
+        raise InvalidArgument(
+            "service_name %r is invalid: it must be a non-empty string of letters, digits and underscores" % (service,)
+        )
+    if not isinstance(appkey, str) or not _APPKEY_RE.match(appkey):
+        raise InvalidArgument(
+            "appkey %r is invalid: it must be a non-empty string of letters, digits, '_', '.' and '-'" % (appkey,)
+        )
