@@ -66,16 +66,15 @@ def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
 
 def _release(client: KazooClient) -> None:
     with _sessions_lock:
-        for key, shared in list(_sessions.items()):
-            if shared.client is client:
-                shared.refs -= 1
-                if shared.refs > 0:
-                    return
-                del _sessions[key]
-                break
+        key = next((k for k, shared in _sessions.items() if shared.client is client), None)
+        if key is not None:
+            _sessions[key].refs -= 1
+            if _sessions[key].refs > 0:
+                return
+            del _sessions[key]
     client.stop()
     client.close()
-    log.info("ZooKeeper session to %s closed", key[0])
+    log.info("ZooKeeper session to %s closed", key[0] if key else client.hosts)
 
 
 class ZooKeeperRegistry:
