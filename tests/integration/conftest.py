@@ -1,0 +1,205 @@
+"""Real ZooKeeper, Redis (standalone and Cluster) and MariaDB, started once by tests/services.sh.
+
+Every test gets its own appkey, so tests never see each other's nodes or settings.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+import redis
+from kazoo.client import KazooClient
+
+from thriftprobe import appkeys, config, start_service
+from thriftprobe.node import settings_field
+from thriftprobe.settings import hash_key
+
+ROOT = Path(__file__).resolve().parents[2]
+IDL = str(ROOT / "idl" / "demo.thrift")
+ZK = "127.0.0.1:2181"
+TEST_ENV = "test"
+CLUSTER_ENV = "testcluster"
+
+CONFIG_TEXT = f"""
+mysql:
+  {TEST_ENV}: &mysql {{host: 127.0.0.1, port: 3306, username: root, password: "", database: thriftprobe_test}}
+  {CLUSTER_ENV}: *mysql
+redis:
+  {TEST_ENV}: {{host: 127.0.0.1, port: 6379, cluster: 0}}
+  {CLUSTER_ENV}: {{host: 127.0.0.1, port: 7001, cluster: 1}}
+zkserver:
+  {TEST_ENV}: &zk {{host: 127.0.0.1, port: 2181, session_timeout: 2000}}
+  {CLUSTER_ENV}: *zk
+"""
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    if not os.environ.get("THRIFTPROBE_SERVICES_READY"):
+        subprocess.run(["bash", str(ROOT / "tests" / "services.sh"), "start"], check=True)
+
+
+@pytest.fixture(scope="session")
+def config_path(services: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("config") / "config.yml"
+    path.write_text(CONFIG_TEXT)
+    appkeys.create_schema(config.load(path, TEST_ENV).mysql)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cfg(config_path: str) -> config.Config:
+    return config.load(config_path, TEST_ENV)
+
+
+@pytest.fixture(scope="session")
+def cluster_cfg(config_path: str) -> config.Config:
+    return config.load(config_path, CLUSTER_ENV)
+
+
+@pytest.fixture
+def appkey(cfg: config.Config) -> str:
+    key = "t.%s" % uuid.uuid4().hex[:12]
+    appkeys.add_appkey(cfg.mysql, key, owner="pytest")
+    return key
+
+
+@pytest.fixture(scope="session")
+def zk(services: None) -> Iterator[KazooClient]:
+    client = KazooClient(hosts=ZK)
+    client.start(10)
+    yield client
+    client.stop()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def rds(services: None) -> Iterator[redis.Redis]:
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    yield client
+    client.close()
+
+
+class Settings:
+    """Reads and writes node settings in Redis as an operator would."""
+
+    def __init__(self, client: redis.Redis, env: str, appkey: str) -> None:
+        self.client, self.env, self.appkey = client, env, appkey
+
+    def put(self, port: int, weight: int, valid: int = 1, host: str = "127.0.0.1", service: str = "Calculator") -> None:
+        value = '{"host": "%s", "port": %d, "weight": %d, "valid": %d}' % (host, port, weight, valid)
+        self.client.hset(hash_key(self.env), settings_field(self.appkey, self.env, service, host, port), value)
+
+    def get(self, port: int, host: str = "127.0.0.1", service: str = "Calculator") -> bytes:
+        return self.client.hget(hash_key(self.env), settings_field(self.appkey, self.env, service, host, port))
+
+
+@pytest.fixture
+def settings(rds: redis.Redis, appkey: str) -> Settings:
+    return Settings(rds, TEST_ENV, appkey)
+
+
+class Handler:
+    """The demo Calculator; ``tag`` tells which provider answered."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.calls = 0
+        self.events: List[str] = []
+        self._lock = threading.Lock()
+
+    def _count(self) -> None:
+        with self._lock:
+            self.calls += 1
+
+    def ping(self) -> str:
+        self._count()
+        return self.tag
+
+    def compute(self, operation):  # type: ignore[no-untyped-def]
+        self._count()
+        import demo_thrift
+
+        if operation.op == "/":
+            if operation.right == 0:
+                raise demo_thrift.CalcError(message="division by zero")
+            value = operation.left // operation.right
+        elif operation.op == "+":
+            value = operation.left + operation.right
+        else:
+            raise ValueError("unsupported operator %r" % operation.op)
+        return demo_thrift.Answer(value=value, served_by=self.tag)
+
+    def echo(self, text: str) -> str:
+        self._count()
+        return text
+
+    def sleep_ms(self, ms: int) -> None:
+        self._count()
+        time.sleep(ms / 1000.0)
+
+    def record(self, event: str) -> None:
+        self._count()
+        with self._lock:
+            self.events.append(event)
+
+
+@pytest.fixture
+def providers(cfg: config.Config, appkey: str) -> Iterator[Callable[..., object]]:
+    """Start in-process providers of Calculator for this test's appkey; all are stopped after it."""
+    started: list = []
+
+    def start(tag: str = "p", port: int = 0, **kwargs: object):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("config", cfg)
+        kwargs.setdefault("bind_host", "127.0.0.1")
+        svc = start_service(IDL, appkey, "Calculator", Handler(tag), port, block=False, **kwargs)
+        started.append(svc)
+        return svc
+
+    start.started = started  # type: ignore[attr-defined]
+    yield start
+    for svc in started:
+        svc.stop(timeout=2.0)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the OS does not hand it out again at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_provider(config_path: str, env: str, appkey: str, tag: str, port: int = 0) -> subprocess.Popen:
+    """Run a provider in its own process (blocking start_service); returns once it is serving."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("provider_main.py")), config_path, env, appkey, tag, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        proc.wait()
+        raise AssertionError("provider did not start: %r" % line)
+    proc.port = int(line.split()[1])  # type: ignore[attr-defined]
+    return proc

@@ -1,0 +1,28 @@
+"""A provider in its own process, for tests that kill or signal it.
+
+usage: provider_main.py CONFIG ENV APPKEY TAG PORT
+Prints "READY <port>" once registered, then serves until SIGTERM/SIGINT.
+"""
+
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import IDL, Handler  # noqa: E402
+
+from thriftprobe import start_service  # noqa: E402
+
+
+def main() -> None:
+    config_path, env, appkey, tag, port = sys.argv[1:6]
+    svc = start_service(IDL, appkey, "Calculator", Handler(tag), int(port), config=config_path, env=env,
+                        bind_host="127.0.0.1", block=False)
+    print("READY %d" % svc.port, flush=True)
+    svc.serve_forever()
+    print("STOPPED threads=%d" % threading.active_count(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
