@@ -1,0 +1,24 @@
+# Sourced by tests/run.sh and tests/demo.sh: a virtualenv with thriftprobe installed from this
+# checkout, and the local servers (ZooKeeper, Redis, Redis Cluster, MariaDB) up on 127.0.0.1.
+# Works on a fresh Debian machine (installs what is missing) and is quick when all is in place.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${THRIFTPROBE_VENV:-$ROOT/.venv}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+        echo "[bootstrap] python3 -m venv failed; installing python3-venv" >&2
+        rm -rf "$VENV"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv python3-pip
+        python3 -m venv "$VENV"
+    fi
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q -e "$ROOT[test]"
+
+export THRIFTPROBE_PYTHON="$PY"
+bash "$ROOT/tests/services.sh" start
+export THRIFTPROBE_SERVICES_READY=1
