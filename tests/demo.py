@@ -64,8 +64,9 @@ def run_provider(tag: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s " + tag + " %(name)s: %(message)s")
     logging.getLogger("thriftprobe").setLevel(logging.INFO)
     port = BASE_PORT + list(WEIGHTS).index(tag)
-    svc = start_service(IDL, APPKEY, "Calculator", Calculator(tag), port, config=CONFIG, env="dev",
-                        bind_host="127.0.0.1", block=False)
+    svc = start_service(
+        IDL, APPKEY, "Calculator", Calculator(tag), port, config=CONFIG, env="dev", bind_host="127.0.0.1", block=False
+    )
     print("READY", flush=True)
     svc.serve_forever()  # what block=True does: serve until SIGTERM / Ctrl-C
 
@@ -74,7 +75,7 @@ def main() -> None:
     cfg = config.load(CONFIG, "dev")
     # An operator's weights, stored where providers read them at start.
     with NodeSettingsStore(cfg.redis, cfg.env) as store:
-        for i, (tag, weight) in enumerate(WEIGHTS.items()):
+        for i, weight in enumerate(WEIGHTS.values()):
             store.put(APPKEY, "Calculator", Node("127.0.0.1", BASE_PORT + i, weight, True))
 
     procs = {}
@@ -87,8 +88,10 @@ def main() -> None:
         print("started providers %s on ports %d-%d" % (", ".join(WEIGHTS), BASE_PORT, BASE_PORT + len(WEIGHTS) - 1))
 
         with build_client(IDL, APPKEY, "Calculator", config=cfg) as client:
-            print("consumer sees: " + ", ".join("%s:%d weight %d" % (n.host, n.port, n.weight)
-                                                for n in client.table.snapshot.available))
+            print(
+                "consumer sees: "
+                + ", ".join("%s:%d weight %d" % (n.host, n.port, n.weight) for n in client.table.snapshot.available)
+            )
             n = 10000
             spread = Counter(client.ping() for _ in range(n))
             total = sum(WEIGHTS.values())
@@ -114,9 +117,11 @@ def main() -> None:
                     rates[name].append(1000 / (time.perf_counter() - began))
             raw.close()
             probe_rate, raw_rate = (sorted(r)[len(r) // 2] for r in (rates["thriftprobe"], rates["raw"]))
-            print("\necho, 1 thread, median of 5 interleaved rounds: thriftprobe %.0f calls/s, "
-                  "plain thriftpy2 on a kept connection %.0f calls/s (ratio %.2f)"
-                  % (probe_rate, raw_rate, probe_rate / raw_rate))
+            print(
+                "\necho, 1 thread, median of 5 interleaved rounds: thriftprobe %.0f calls/s, "
+                "plain thriftpy2 on a kept connection %.0f calls/s (ratio %.2f)"
+                % (probe_rate, raw_rate, probe_rate / raw_rate)
+            )
 
             print("\nstopping gamma (SIGTERM): it deregisters first, then drains")
             procs["gamma"].terminate()

@@ -264,9 +264,7 @@ def build_client(
     except BaseException:
         registry.close()
         raise
-    log.info(
-        "client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes)
-    )
+    log.info("client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes))
     return ProbeClient(
         service,
         env=cfg.env,

@@ -162,9 +162,7 @@ def resolve(config: Union[Config, str, "os.PathLike[str]", None], env: Optional[
     """Accept what the public API takes as ``config=``: a loaded Config, a path, or None."""
     if isinstance(config, Config):
         if env is not None and env != config.env:
-            raise ConfigError(
-                "env=%r conflicts with the loaded config's env %r (%s)" % (env, config.env, config.path)
-            )
+            raise ConfigError("env=%r conflicts with the loaded config's env %r (%s)" % (env, config.env, config.path))
         return config
     return load(config, env)
 
@@ -214,9 +212,7 @@ class _Reader:
         elif kind is str:
             if isinstance(value, (str, int)) and not isinstance(value, bool):
                 return str(value)
-        raise ConfigError(
-            "config file %s: key %s must be %s, got %r" % (self.path, where, kind.__name__, value)
-        )
+        raise ConfigError("config file %s: key %s must be %s, got %r" % (self.path, where, kind.__name__, value))
 
     def port(self, sect: Mapping[str, Any], section: str, key: str = "port") -> int:
         port = self.get(sect, section, key, int)
@@ -233,8 +229,7 @@ class _Reader:
         name = m.group(1)
         if name not in self.environ:
             raise ConfigError(
-                "config file %s: key %s refers to environment variable %s, which is not set"
-                % (self.path, where, name)
+                "config file %s: key %s refers to environment variable %s, which is not set" % (self.path, where, name)
             )
         return self.environ[name]
 

@@ -16,7 +16,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import InvalidArgument
 
-__all__ = ["Node", "DEFAULT_WEIGHT", "parse_znode_name", "settings_field", "service_path", "MAX_WEIGHT", "validate_names"]
+__all__ = [
+    "Node",
+    "DEFAULT_WEIGHT",
+    "parse_znode_name",
+    "settings_field",
+    "service_path",
+    "MAX_WEIGHT",
+    "validate_names",
+]
 
 DEFAULT_WEIGHT = 10
 MAX_WEIGHT = 1000

@@ -12,7 +12,7 @@ import collections
 import logging
 import select
 import threading
-from typing import Deque, Dict, Tuple
+from typing import Deque, Dict, Optional, Tuple
 
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.protocol.base import TProtocolBase, TProtocolFactory
@@ -62,14 +62,14 @@ class ConnectionPool:
         connect_timeout_ms: int,
         socket_timeout_ms: int,
         max_idle: int = 32,
-        proto_factory: TProtocolFactory = TBinaryProtocolFactory(),
-        trans_factory: TTransportFactory = TBufferedTransportFactory(),
+        proto_factory: Optional[TProtocolFactory] = None,
+        trans_factory: Optional[TTransportFactory] = None,
     ) -> None:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
         self._max_idle = max_idle
-        self._proto_factory = proto_factory
-        self._trans_factory = trans_factory
+        self._proto_factory = proto_factory or TBinaryProtocolFactory()
+        self._trans_factory = trans_factory or TBufferedTransportFactory()
         self._idle: Dict[Address, Deque[PooledConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import types
-from typing import Any, Dict, Optional, Set, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.thrift import TApplicationException, TProcessor
@@ -82,7 +82,9 @@ class _Server:
         self._lock = threading.Lock()
         self._conns: Dict[threading.Thread, socket.socket] = {}
         self._count = 0
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="thriftprobe-accept-" + label, daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="thriftprobe-accept-" + label, daemon=True
+        )
 
     def start(self) -> None:
         self._accept_thread.start()
@@ -117,7 +119,10 @@ class _Server:
         with self._lock:
             self._count += 1
             thread = threading.Thread(
-                target=self._serve_conn, args=(sock,), name="thriftprobe-conn-%s-%d" % (self._label, self._count), daemon=True
+                target=self._serve_conn,
+                args=(sock,),
+                name="thriftprobe-conn-%s-%d" % (self._label, self._count),
+                daemon=True,
             )
             self._conns[thread] = sock
         thread.start()
@@ -147,6 +152,7 @@ class _Server:
         if isinstance(result, TApplicationException):
             processor.send_exception(proto, api, result, seqid)
             return
+        assert call is not None
         try:
             result.success = call()
         except TApplicationException as exc:
@@ -248,7 +254,7 @@ class RunningService:
 
     def serve_forever(self) -> None:
         """Block until stopped. In the main thread, SIGTERM and SIGINT stop the service gracefully."""
-        previous: Dict[int, Any] = {}
+        previous: Dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)

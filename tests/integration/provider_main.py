@@ -17,8 +17,17 @@ from thriftprobe import start_service  # noqa: E402
 
 def main() -> None:
     config_path, env, appkey, tag, port = sys.argv[1:6]
-    svc = start_service(IDL, appkey, "Calculator", Handler(tag), int(port), config=config_path, env=env,
-                        bind_host="127.0.0.1", block=False)
+    svc = start_service(
+        IDL,
+        appkey,
+        "Calculator",
+        Handler(tag),
+        int(port),
+        config=config_path,
+        env=env,
+        bind_host="127.0.0.1",
+        block=False,
+    )
     print("READY %d" % svc.port, flush=True)
     svc.serve_forever()
     print("STOPPED threads=%d" % threading.active_count(), flush=True)

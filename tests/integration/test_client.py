@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from collections import Counter
@@ -48,7 +47,7 @@ def test_client_is_a_tclient_with_the_idl_methods(providers, client_for):
     assert isinstance(client, TClient)
     assert {"ping", "compute", "echo", "sleep_ms", "record"} <= set(dir(client))
     with pytest.raises(AttributeError):
-        client.no_such_method
+        getattr(client, "no_such_method")  # noqa: B009
 
 
 def test_structs_exceptions_and_oneway_round_trip(providers, client_for):
@@ -164,7 +163,9 @@ def test_connect_failure_is_retried_on_another_node(providers, client_for, zk, a
     providers("alive")
     dead_port = free_port()  # nobody listens there
     dead = Node("127.0.0.1", dead_port, weight=1000)
-    zk.create("/services/test/%s/%s" % (appkey, dead.znode_name("Calculator")), dead.to_json(), ephemeral=True, makepath=True)
+    zk.create(
+        "/services/test/%s/%s" % (appkey, dead.znode_name("Calculator")), dead.to_json(), ephemeral=True, makepath=True
+    )
     client = client_for()
     wait_until(lambda: len(client.table.snapshot.available) == 2, what="both nodes")
     assert tags(client, 100) == Counter({"alive": 100})
@@ -173,7 +174,9 @@ def test_connect_failure_is_retried_on_another_node(providers, client_for, zk, a
 def test_all_nodes_refusing_is_no_available_node(client_for, zk, appkey):
     dead_port = free_port()
     dead = Node("127.0.0.1", dead_port)
-    zk.create("/services/test/%s/%s" % (appkey, dead.znode_name("Calculator")), dead.to_json(), ephemeral=True, makepath=True)
+    zk.create(
+        "/services/test/%s/%s" % (appkey, dead.znode_name("Calculator")), dead.to_json(), ephemeral=True, makepath=True
+    )
     client = client_for()
     with pytest.raises(NoAvailableNode, match="accepted a connection"):
         client.ping()
@@ -224,7 +227,12 @@ def test_corrupt_znode_is_skipped(providers, client_for, zk, appkey):
 def test_other_services_of_the_appkey_are_ignored(providers, client_for, zk, appkey):
     providers("mine")
     other = Node("127.0.0.1", 1)
-    zk.create("/services/test/%s/%s" % (appkey, other.znode_name("Calculator_v2")), other.to_json(), ephemeral=True, makepath=True)
+    zk.create(
+        "/services/test/%s/%s" % (appkey, other.znode_name("Calculator_v2")),
+        other.to_json(),
+        ephemeral=True,
+        makepath=True,
+    )
     client = client_for()
     assert [n.port for n in client.table.snapshot.all_nodes] != [1]
     assert len(client.table.snapshot.all_nodes) == 1

@@ -86,7 +86,10 @@ def test_corrupt_settings_fail_the_start_and_leave_nothing(settings, zk, appkey,
 def test_unknown_appkey_leaves_no_znode_and_releases_nothing(cfg, zk):
     port = free_port()
     before = threading.active_count()
-    with pytest.raises(AppkeyNotRegistered, match=r"appkey 'no.such.app' is not in table serviceapp of mysql 127.0.0.1:3306/thriftprobe_test \(env test\)"):
+    with pytest.raises(
+        AppkeyNotRegistered,
+        match=r"appkey 'no.such.app' is not in table serviceapp of mysql 127.0.0.1:3306/thriftprobe_test \(env test\)",
+    ):
         start_service(IDL, "no.such.app", "Calculator", Handler("x"), port, config=cfg, block=False)
     assert children(zk, "no.such.app") == []
     assert port_is_free(port)
@@ -107,7 +110,9 @@ def test_missing_idl_names_file_and_service(cfg, appkey, zk):
 
 
 def test_service_not_in_idl_lists_what_is_there(cfg, appkey, zk):
-    with pytest.raises(IdlError, match=r"service 'Adder' is not defined in IDL file .*demo.thrift \(services there: Calculator\)"):
+    with pytest.raises(
+        IdlError, match=r"service 'Adder' is not defined in IDL file .*demo.thrift \(services there: Calculator\)"
+    ):
         start_service(IDL, appkey, "Adder", Handler("x"), 0, config=cfg, block=False)
     assert children(zk, appkey) == []
 
@@ -236,7 +241,9 @@ def test_redis_cluster_mode(cluster_cfg, zk, services):
     field = settings_field(appkey, CLUSTER_ENV, "Calculator", "127.0.0.1", port)
     rc.hset(hash_key(CLUSTER_ENV), field, json.dumps({"host": "127.0.0.1", "port": port, "weight": 3, "valid": 1}))
     try:
-        svc = start_service(IDL, appkey, "Calculator", Handler("c"), port, config=cluster_cfg, block=False, bind_host="127.0.0.1")
+        svc = start_service(
+            IDL, appkey, "Calculator", Handler("c"), port, config=cluster_cfg, block=False, bind_host="127.0.0.1"
+        )
         try:
             assert svc.node.weight == 3
             assert json.loads(zk.get(svc.znode_path)[0])["weight"] == 3
@@ -245,7 +252,9 @@ def test_redis_cluster_mode(cluster_cfg, zk, services):
         finally:
             svc.stop()
         second = free_port()
-        svc = start_service(IDL, appkey, "Calculator", Handler("d"), second, config=cluster_cfg, block=False, bind_host="127.0.0.1")
+        svc = start_service(
+            IDL, appkey, "Calculator", Handler("d"), second, config=cluster_cfg, block=False, bind_host="127.0.0.1"
+        )
         svc.stop()
         stored = rc.hget(hash_key(CLUSTER_ENV), settings_field(appkey, CLUSTER_ENV, "Calculator", "127.0.0.1", second))
         assert json.loads(stored)["weight"] == 10
@@ -254,7 +263,9 @@ def test_redis_cluster_mode(cluster_cfg, zk, services):
 
 
 def test_config_argument_as_path_and_env(config_path, appkey, zk):
-    svc = start_service(IDL, appkey, "Calculator", Handler("x"), 0, config=config_path, env=TEST_ENV, block=False, bind_host="127.0.0.1")
+    svc = start_service(
+        IDL, appkey, "Calculator", Handler("x"), 0, config=config_path, env=TEST_ENV, block=False, bind_host="127.0.0.1"
+    )
     try:
         assert svc.env == TEST_ENV and isinstance(svc.config, config.Config)
     finally:
