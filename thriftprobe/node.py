@@ -5,6 +5,11 @@ ephemeral znode ``/services/<env>/<appkey>/<service>_<ip>_<port>`` and the Redis
 ``thriftprobe_<env>``, field ``<appkey>|<env>|<service>|<ip>|<port>``. Extra keys (pid, start
 time, SDK version...) ride along in ``extras`` and are preserved. Nodes are immutable and may be
 shared between threads.
+
+``rev`` is the settings revision: every operator change stores weight and valid with the next
+revision, and a live znode is only ever overwritten by settings of a higher revision, so
+concurrent writers (operators, a restarting provider) converge on the newest change. Data
+written without it (by the original design) reads as revision 0.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Node:
     weight: int = DEFAULT_WEIGHT
     valid: bool = True
     extras: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    rev: int = 0
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -51,12 +57,18 @@ class Node:
     def znode_name(self, service: str) -> str:
         return "%s_%s_%d" % (service, self.host, self.port)
 
-    def with_settings(self, weight: int, valid: bool) -> "Node":
-        return replace(self, weight=weight, valid=valid)
+    def with_settings(self, weight: int, valid: bool, rev: int) -> "Node":
+        return replace(self, weight=weight, valid=valid, rev=rev)
+
+    def settings_only(self) -> "Node":
+        """The node as stored in Redis: address, weight, valid and revision, no extras."""
+        return Node(self.host, self.port, self.weight, self.valid, rev=self.rev)
 
     def to_dict(self) -> Dict[str, Any]:
         data: Dict[str, Any] = dict(self.extras)
         data.update(host=self.host, port=self.port, weight=self.weight, valid=1 if self.valid else 0)
+        if self.rev:
+            data["rev"] = self.rev
         return data
 
     def to_json(self) -> bytes:
@@ -87,8 +99,11 @@ class Node:
             raise ValueError("weight must be an integer 0..%d, got %r" % (MAX_WEIGHT, weight))
         if valid not in (0, 1):  # also accepts True/False
             raise ValueError("valid must be 0 or 1, got %r" % (valid,))
-        extras = {k: v for k, v in data.items() if k not in _CORE_KEYS}
-        return cls(host=host, port=int(port), weight=int(weight), valid=bool(valid), extras=extras)
+        rev = data.get("rev", 0)
+        if not _is_int(rev) or rev < 0:
+            raise ValueError("rev must be an integer >= 0, got %r" % (rev,))
+        extras = {k: v for k, v in data.items() if k not in _CORE_KEYS and k != "rev"}
+        return cls(host=host, port=int(port), weight=int(weight), valid=bool(valid), extras=extras, rev=rev)
 
 
 def _is_int(value: Any) -> bool:

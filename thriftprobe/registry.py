@@ -16,19 +16,20 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import KazooState
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .config import ZooKeeperConfig
-from .errors import BackendError
+from .errors import BackendError, ThriftProbeError
 from .node import Node, parse_znode_name, service_path
 from .table import NodeTable
 
-__all__ = ["ZooKeeperRegistry", "Registration", "ServiceWatch"]
+__all__ = ["ZooKeeperRegistry", "Registration", "ServiceWatch", "apply_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,37 @@ class ZooKeeperRegistry:
             raise BackendError("registry for %s is closed" % self._cfg.describe())
         return self._client
 
-    def register(self, env: str, appkey: str, service: str, node: Node) -> "Registration":
-        """Create the node's ephemeral znode and return the handle that removes it."""
-        reg = Registration(self.client, self._cfg, service_path(env, appkey) + "/" + node.znode_name(service), node)
+    def register(
+        self,
+        env: str,
+        appkey: str,
+        service: str,
+        node: Node,
+        refresh: Callable[[Node], Node],
+        audit_interval: float = 30.0,
+    ) -> "Registration":
+        """Create the node's ephemeral znode and keep it (see Registration) until ``delete()``.
+
+        ``refresh(node)`` returns the node with its current settings; it is called after creation
+        and at every audit, and may raise ThriftProbeError (the node then keeps its settings).
+        """
+        path = service_path(env, appkey) + "/" + node.znode_name(service)
+        reg = Registration(self.client, self._cfg, path, node, refresh, audit_interval)
         reg.create()
+        try:
+            reg.start_keeping()
+        except BaseException:
+            reg.delete()
+            raise
         return reg
+
+    def apply_settings(self, env: str, appkey: str, service: str, settings: Node) -> Optional[Node]:
+        """Apply an operator's settings to the node's live znode, if it is registered (see apply_settings)."""
+        path = service_path(env, appkey) + "/" + settings.znode_name(service)
+        try:
+            return apply_settings(self.client, path, settings)
+        except KazooException as err:
+            raise BackendError("cannot update %s in %s: %s" % (path, self._cfg.describe(), err)) from err
 
     def watch(self, env: str, appkey: str, service: str, table: NodeTable) -> "ServiceWatch":
         """Fill ``table`` with the service's nodes now, and keep it current until closed."""
@@ -116,13 +143,33 @@ class ZooKeeperRegistry:
 
 
 class Registration:
-    """One provider node's ephemeral znode. ``delete()`` is idempotent; thread-safe."""
+    """One provider node's ephemeral znode, kept alive and current until ``delete()``.
 
-    def __init__(self, client: KazooClient, cfg: ZooKeeperConfig, path: str, node: Node) -> None:
+    A keeper thread (``thriftprobe-keeper-<znode>``) re-creates the node after the session was
+    lost and a new one established, and audits it every ``audit_interval`` seconds: it exists, it
+    belongs to our session, and it carries the newest settings (``refresh()`` reads them, from
+    Redis in a provider). The kazoo state listener only flags the loss and wakes the keeper: it
+    never calls ZooKeeper on kazoo's connection thread. Thread-safe; ``delete()`` is idempotent.
+    """
+
+    def __init__(
+        self,
+        client: KazooClient,
+        cfg: ZooKeeperConfig,
+        path: str,
+        node: Node,
+        refresh: Callable[[Node], Node],
+        audit_interval: float,
+    ) -> None:
         self._client = client
         self._cfg = cfg
         self.path = path
         self.node = node
+        self._refresh = refresh
+        self._audit_interval = audit_interval
+        self._wake = threading.Event()
+        self._stopping = False
+        self._keeper: Optional[threading.Thread] = None
 
     def create(self) -> None:
         """Create the znode. A leftover node at the same path from a session that is not ours
@@ -150,7 +197,61 @@ class Registration:
             raise BackendError("cannot create %s in %s: %s" % (self.path, self._cfg.describe(), err)) from err
         log.info("registered %s %s", self.path, data.decode())
 
+    def start_keeping(self) -> None:
+        """Reconcile once now (settings changed since they were read win), then keep the node."""
+        self._audit()
+        self._client.add_listener(self._on_state)
+        self._keeper = threading.Thread(target=self._keep, name="thriftprobe-keeper-" + self.path.rsplit("/", 1)[1], daemon=True)
+        self._keeper.start()
+
+    def _on_state(self, state: str) -> None:
+        # kazoo's connection thread: flag and hand off, nothing else.
+        if state == KazooState.CONNECTED:
+            self._wake.set()
+        elif state == KazooState.LOST:
+            log.warning("ZooKeeper session lost; %s re-registers when a new session is up", self.path)
+
+    def _keep(self) -> None:
+        delay = self._audit_interval
+        while True:
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._audit()
+                delay = self._audit_interval
+            except (KazooException, ThriftProbeError) as err:
+                log.warning("audit of %s failed (%s); retrying", self.path, err)
+                delay = min(1.0, self._audit_interval)
+
+    def _audit(self) -> None:
+        zk = self._client
+        if not zk.connected:
+            return  # the CONNECTED state wakes us again
+        try:
+            current = self._refresh(self.node)
+        except ThriftProbeError as err:  # settings store unreachable: keep what we have
+            log.warning("cannot refresh settings of %s (%s); keeping weight %d valid %d",
+                        self.path, err, self.node.weight, self.node.valid)
+            current = self.node
+        stat = zk.exists(self.path)
+        if stat is None or stat.ephemeralOwner != zk.client_id[0]:
+            self.node = current
+            if not self._stopping:
+                self.create()
+            return
+        live = apply_settings(zk, self.path, current)
+        if live is not None:
+            self.node = live
+
     def delete(self) -> None:
+        """Stop keeping the node and delete it. Idempotent."""
+        self._stopping = True
+        self._wake.set()
+        if self._keeper is not None:
+            self._keeper.join()
+            self._client.remove_listener(self._on_state)
         try:
             self._client.delete(self.path)
         except NoNodeError:
@@ -160,6 +261,34 @@ class Registration:
             log.warning("could not delete %s (%s); it goes when the session ends", self.path, err)
             return
         log.info("deregistered %s", self.path)
+
+
+def apply_settings(zk: KazooClient, path: str, settings: Node) -> Optional[Node]:
+    """Write ``settings`` (weight, valid, rev) into the live znode at ``path``, keeping its other data.
+
+    Only a higher revision replaces what is there, and the write is a versioned set, so concurrent
+    writers converge on the newest settings and none of them takes over the ephemeral node (its
+    owner stays the provider's session). Returns the node now live, or None if there is no znode.
+    """
+    while True:
+        try:
+            data, stat = zk.get(path)
+        except NoNodeError:
+            return None
+        try:
+            live: Optional[Node] = Node.from_json(data)
+        except ValueError:
+            live = None
+        if live is not None and live.rev >= settings.rev:
+            return live
+        new = (live or settings).with_settings(settings.weight, settings.valid, settings.rev)
+        try:
+            zk.set(path, new.to_json(), version=stat.version)
+        except BadVersionError:
+            continue
+        except NoNodeError:
+            return None
+        return new
 
 
 class _Token:

@@ -218,22 +218,28 @@ class RunningService:
         server: _Server,
         registry: ZooKeeperRegistry,
         registration: Registration,
+        store: NodeSettingsStore,
         stop_timeout: float,
     ) -> None:
         self.config = cfg
         self.env = cfg.env
         self.appkey = appkey
         self.service_name = service_name
-        self.node: Node = registration.node
         self.port: int = registration.node.port
         self.znode_path: str = registration.path
         self._server = server
         self._registry = registry
         self._registration = registration
+        self._store = store
         self._stop_timeout = stop_timeout
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
+
+    @property
+    def node(self) -> Node:
+        """The node as last registered: address, current weight and valid flag, extras."""
+        return self._registration.node
 
     @property
     def stopped(self) -> bool:
@@ -249,6 +255,7 @@ class RunningService:
             self._registration.delete()
             self._server.stop(self._stop_timeout if timeout is None else timeout)
             self._registry.close()
+            self._store.close()
             self._stopped = True
             log.info("stopped %s on port %d", self.service_name, self.port)
 
@@ -342,6 +349,7 @@ def start_service(
     block: bool = True,
     io_timeout: Optional[int] = 30000,
     stop_timeout: float = 10.0,
+    audit_interval: float = 30.0,
 ) -> RunningService:
     """Serve ``handler`` as ``service_name`` of ``appkey`` and register it for discovery.
 
@@ -350,6 +358,8 @@ def start_service(
     default) this serves until SIGTERM/SIGINT or ``stop()`` from another thread, then returns the
     stopped handle; with ``block=False`` it returns the running handle at once.
     ``io_timeout`` (ms) bounds reading one request and writing one reply, never idle time.
+    Every ``audit_interval`` seconds, and whenever a lost ZooKeeper session is replaced, the
+    node is checked and repaired: re-created if missing, with the settings now in Redis.
 
     Raises InvalidArgument, ConfigError, AppkeyNotRegistered, IdlError, BackendError,
     SettingsError, or ThriftProbeError when the port cannot be bound. On any error nothing is
@@ -358,12 +368,15 @@ def start_service(
     validate_names(appkey, service_name)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
         raise InvalidArgument("port must be an integer 0..65535, got %r" % (port,))
+    if not audit_interval > 0:
+        raise InvalidArgument("audit_interval must be > 0 seconds, got %r" % (audit_interval,))
     cfg = config_mod.resolve(config, env)
     check_appkey(cfg.mysql, cfg.env, appkey)
     service = load_service(thrift_path, service_name)
     _check_handler(handler, service, service_name)
 
     listener = _bind(bind_host, port)
+    store: Optional[NodeSettingsStore] = None
     try:
         bound_port = listener.getsockname()[1]
         host = advertise_host or _advertised_host(bind_host, cfg.zookeeper.hosts)
@@ -374,19 +387,30 @@ def start_service(
             "start_time": int(time.time()),
             "sdk": "thriftprobe/" + __version__,
         }
-        with NodeSettingsStore(cfg.redis, cfg.env) as store:
-            node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras))
+        store = NodeSettingsStore(cfg.redis, cfg.env)
+        node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras))
         label = "%s-%d" % (service_name, bound_port)
         server = _Server(TProcessor(service, handler), listener, label, io_timeout / 1000.0 if io_timeout else None)
     except BaseException:
         listener.close()
+        if store is not None:
+            store.close()
         raise
+
+    def refresh(current: Node) -> Node:
+        """The node with its settings as stored now (an operator may have changed them)."""
+        stored = store.get(appkey, service_name, current.host, current.port)
+        if stored is None:  # settings deleted by hand: keep ours, never fall back to defaults
+            return current
+        return current.with_settings(stored.weight, stored.valid, stored.rev)
+
     registry: Optional[ZooKeeperRegistry] = None
     try:
         registry = ZooKeeperRegistry(cfg.zookeeper)
-        registration = registry.register(cfg.env, appkey, service_name, node)
+        registration = registry.register(cfg.env, appkey, service_name, node, refresh, audit_interval)
     except BaseException:
         server.close_unstarted()
+        store.close()
         if registry is not None:
             registry.close()
         raise
@@ -398,6 +422,7 @@ def start_service(
         server=server,
         registry=registry,
         registration=registration,
+        store=store,
         stop_timeout=stop_timeout,
     )
     log.info("serving %s/%s/%s on %s:%d", cfg.env, appkey, service_name, host, bound_port)

@@ -9,7 +9,7 @@ provider restart. A ``NodeSettingsStore`` wraps one redis-py client, which is it
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import redis
 from redis.cluster import RedisCluster
@@ -23,6 +23,21 @@ __all__ = ["NodeSettingsStore", "hash_key"]
 log = logging.getLogger(__name__)
 
 RedisClient = Union[redis.Redis, RedisCluster]
+
+_CAS_ATTEMPTS = 50
+# Replace a hash field only if it still holds the value the caller read ('' = absent). One key,
+# so it runs on Redis Cluster too.
+_CAS_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current == false then current = '' end
+if current ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def hash_key(env: str) -> str:
@@ -84,21 +99,78 @@ class NodeSettingsStore:
             raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
         if created:
             log.info("stored default settings for %s: weight %d, valid 1", fieldname, DEFAULT_WEIGHT)
-            return node.with_settings(DEFAULT_WEIGHT, True)
+            return node.with_settings(DEFAULT_WEIGHT, True, 0)
         stored = self.get(appkey, service, node.host, node.port)
         if stored is None:  # deleted between HSETNX and HGET: an operator reset it; start again
             return self.load_or_init(appkey, service, node)
         log.info("loaded settings for %s: weight %d, valid %d", fieldname, stored.weight, stored.valid)
-        return node.with_settings(stored.weight, stored.valid)
+        return node.with_settings(stored.weight, stored.valid, stored.rev)
 
     def put(self, appkey: str, service: str, node: Node) -> None:
-        """Store a node's settings (host, port, weight, valid), replacing what was there."""
+        """Store a node's settings (host, port, weight, valid, rev), replacing what was there.
+
+        For tools that seed settings; operators' changes go through ``update``."""
         fieldname = settings_field(appkey, self._env, service, node.host, node.port)
-        core = Node(node.host, node.port, node.weight, node.valid)
         try:
-            self._client.hset(self._key, fieldname, core.to_json())
+            self._client.hset(self._key, fieldname, node.settings_only().to_json())
         except redis.RedisError as err:
             raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
+
+    def update(
+        self, appkey: str, service: str, host: str, port: int, weight: Optional[int], valid: Optional[bool]
+    ) -> Tuple[Optional[Node], Node]:
+        """Change a node's weight and/or valid flag with compare-and-set; return (old, new).
+
+        The new settings carry the next revision. Concurrent updates never overwrite each other:
+        a write that lost the race re-reads and applies its change on top of the winner's.
+        A node without stored settings starts from the defaults (weight 10, valid 1).
+        """
+        fieldname = settings_field(appkey, self._env, service, host, port)
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                raw = self._client.hget(self._key, fieldname)
+            except redis.RedisError as err:
+                raise BackendError("cannot read %s: %s" % (self._where(fieldname), err)) from err
+            old = None
+            if raw is not None:
+                try:
+                    old = Node.from_json(raw)  # type: ignore[arg-type]
+                except ValueError as err:
+                    raise SettingsError("corrupt settings in %s: %s" % (self._where(fieldname), err)) from err
+            base = old or Node(host, port)
+            new = Node(
+                host,
+                port,
+                base.weight if weight is None else weight,
+                base.valid if valid is None else valid,
+                rev=base.rev + 1,
+            )
+            try:
+                swapped = self._client.eval(_CAS_SCRIPT, 1, self._key, fieldname, raw or b"", new.to_json())
+            except redis.RedisError as err:
+                raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
+            if swapped:
+                return old, new
+            log.debug("concurrent change of %s; retrying", fieldname)
+        raise BackendError("gave up changing %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
+
+    def scan(self, appkey: Optional[str] = None) -> Iterator[Tuple[str, str, Node]]:
+        """Yield (appkey, service, settings) for every stored node of this env (or of one appkey).
+
+        Corrupt entries are logged and skipped."""
+        pattern = "%s|%s|*" % (_glob_escape(appkey), self._env) if appkey else "*"
+        try:
+            for fieldname, raw in self._client.hscan_iter(self._key, match=pattern, count=500):
+                name = fieldname.decode() if isinstance(fieldname, bytes) else fieldname
+                parts = name.split("|")
+                if len(parts) != 5 or parts[1] != self._env:
+                    continue
+                try:
+                    yield parts[0], parts[2], Node.from_json(raw)
+                except ValueError as err:
+                    log.warning("skipping corrupt settings in %s: %s", self._where(name), err)
+        except redis.RedisError as err:
+            raise BackendError("cannot scan hash %s in %s: %s" % (self._key, self._cfg.describe(), err)) from err
 
     def close(self) -> None:
         self._client.close()

@@ -19,7 +19,7 @@ import pytest
 import redis
 from kazoo.client import KazooClient
 
-from thriftprobe import appkeys, config, start_service
+from thriftprobe import appkeys, config, db, start_service
 from thriftprobe.node import settings_field
 from thriftprobe.settings import hash_key
 
@@ -61,7 +61,7 @@ def services() -> None:
 def config_path(services: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("config") / "config.yml"
     path.write_text(CONFIG_TEXT)
-    appkeys.create_schema(config.load(path, TEST_ENV).mysql)
+    db.create_schema(config.load(path, TEST_ENV).mysql)
     return str(path)
 
 
