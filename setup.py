@@ -27,8 +27,10 @@ setup(
         "PyYAML>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "console": ["Flask>=2.3"],
+        "test": ["pytest>=7", "Flask>=2.3", "playwright>=1.40"],
     },
+    entry_points={"console_scripts": ["thriftprobe = thriftprobe.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: POSIX :: Linux",

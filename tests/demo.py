@@ -19,8 +19,7 @@ import thriftpy2
 from thriftpy2.rpc import make_client
 
 from thriftprobe import build_client, config, start_service
-from thriftprobe.node import Node
-from thriftprobe.settings import NodeSettingsStore
+from thriftprobe.governance import Governance
 
 ROOT = Path(__file__).resolve().parents[1]
 IDL = str(ROOT / "idl" / "demo.thrift")
@@ -73,10 +72,11 @@ def run_provider(tag: str) -> None:
 
 def main() -> None:
     cfg = config.load(CONFIG, "dev")
-    # An operator's weights, stored where providers read them at start.
-    with NodeSettingsStore(cfg.redis, cfg.env) as store:
+    # An operator sets the weights before the providers start (as `thriftprobe node` would);
+    # providers read them from Redis when they start.
+    with Governance(cfg) as gov:
         for i, weight in enumerate(WEIGHTS.values()):
-            store.put(APPKEY, "Calculator", Node("127.0.0.1", BASE_PORT + i, weight, True))
+            gov.set_node(APPKEY, "Calculator", "127.0.0.1", BASE_PORT + i, weight=weight, valid=True, actor="demo")
 
     procs = {}
     try:

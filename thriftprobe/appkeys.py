@@ -50,6 +50,4 @@ def check_appkey(cfg: MysqlConfig, env: str, appkey: str) -> None:
         cur.execute("SELECT 1 FROM serviceapp WHERE appkey = %s LIMIT 1", (appkey,))
         found = cur.fetchone() is not None
     if not found:
-        raise AppkeyNotRegistered(
-            "appkey %r is not in table %s of %s (env %s)" % (appkey, TABLE, cfg.describe(), env)
-        )
+        raise AppkeyNotRegistered("appkey %r is not in table %s of %s (env %s)" % (appkey, TABLE, cfg.describe(), env))

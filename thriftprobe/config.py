@@ -17,7 +17,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import yaml
 
@@ -25,10 +25,12 @@ from .errors import ConfigError
 
 __all__ = [
     "Config",
+    "ConsoleConfig",
     "MysqlConfig",
     "RedisConfig",
     "ZooKeeperConfig",
     "load",
+    "load_console",
     "resolve",
     "resolve_env",
     "find_config_path",
@@ -80,6 +82,16 @@ class ZooKeeperConfig:
 
     def describe(self) -> str:
         return "zookeeper %s" % self.hosts
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """Who may use the web console. Optional: without it the console refuses to start."""
+
+    username: str
+    password: str = field(repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8700
 
 
 @dataclass(frozen=True)
@@ -139,16 +151,8 @@ def load(
     environ = os.environ if environ is None else environ
     file = find_config_path(path, environ)
     env = resolve_env(env, environ)
-    try:
-        with open(file, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError as err:
-        raise ConfigError("config file %s not found (cwd %s)" % (file, os.getcwd())) from err
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError("cannot read config file %s: %s" % (file, err)) from err
+    data = _read(file)
     reader = _Reader(str(file), env, environ)
-    if not isinstance(data, dict):
-        raise ConfigError("config file %s must hold a mapping at the top level" % file)
     return Config(
         path=str(file),
         env=env,
@@ -156,6 +160,40 @@ def load(
         redis=_redis(reader, data),
         zookeeper=_zookeeper(reader, data),
     )
+
+
+def load_console(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> ConsoleConfig:
+    """Read the ``console.<env>`` section of the file ``cfg`` came from.
+
+    Kept apart from ``load`` so that providers and clients never depend on the console's
+    credentials (a missing ``${VAR}`` there must not break them). Raises ConfigError.
+    """
+    environ = os.environ if environ is None else environ
+    data = _read(Path(cfg.path))
+    r = _Reader(cfg.path, cfg.env, environ)
+    s = r.section(data, "console")
+    password = r.get(s, "console", "password", str)
+    if not password:
+        raise ConfigError("config file %s: console.%s.password must not be empty" % (cfg.path, cfg.env))
+    return ConsoleConfig(
+        username=r.get(s, "console", "username", str),
+        password=password,
+        host=r.get(s, "console", "host", str, "127.0.0.1"),
+        port=r.port(s, "console") if "port" in s else 8700,
+    )
+
+
+def _read(file: Path) -> Dict[str, Any]:
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError("config file %s not found (cwd %s)" % (file, os.getcwd())) from err
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError("cannot read config file %s: %s" % (file, err)) from err
+    if not isinstance(data, dict):
+        raise ConfigError("config file %s must hold a mapping at the top level" % file)
+    return data
 
 
 def resolve(config: Union[Config, str, "os.PathLike[str]", None], env: Optional[str] = None) -> Config:

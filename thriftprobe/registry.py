@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
@@ -27,9 +27,8 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 from .config import ZooKeeperConfig
 from .errors import BackendError, ThriftProbeError
 from .node import Node, parse_znode_name, service_path
-from .table import NodeTable
 
-__all__ = ["ZooKeeperRegistry", "Registration", "ServiceWatch", "apply_settings"]
+__all__ = ["ZooKeeperRegistry", "Registration", "ServiceWatch", "NodeSink", "apply_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +125,43 @@ class ZooKeeperRegistry:
         except KazooException as err:
             raise BackendError("cannot update %s in %s: %s" % (path, self._cfg.describe(), err)) from err
 
-    def watch(self, env: str, appkey: str, service: str, table: NodeTable) -> "ServiceWatch":
-        """Fill ``table`` with the service's nodes now, and keep it current until closed."""
+    def watch(self, env: str, appkey: str, service: Optional[str], table: "NodeSink") -> "ServiceWatch":
+        """Fill ``table`` with the service's nodes now (every service's if None), and keep it
+        current until the watch is closed."""
         return ServiceWatch(self.client, self._cfg, env, appkey, service, table)
+
+    def appkeys(self, env: str) -> List[str]:
+        """The appkeys that have (or had) nodes registered in ``env``."""
+        try:
+            return sorted(self.client.get_children("/services/%s" % env))
+        except NoNodeError:
+            return []
+        except KazooException as err:
+            raise BackendError("cannot list /services/%s in %s: %s" % (env, self._cfg.describe(), err)) from err
+
+    def nodes(self, env: str, appkey: str) -> List[Tuple[str, Node]]:
+        """(service, node) for every live, well-formed znode of an appkey, read once."""
+        folder = service_path(env, appkey)
+        zk = self.client
+        try:
+            names = zk.get_children(folder)
+        except NoNodeError:
+            return []
+        except KazooException as err:
+            raise BackendError("cannot list %s in %s: %s" % (folder, self._cfg.describe(), err)) from err
+        found = []
+        reads = [(name, zk.get_async(folder + "/" + name)) for name in names if parse_znode_name(name)]
+        for name, pending in reads:
+            try:
+                data, _ = pending.get()
+                found.append((name.rsplit("_", 2)[0], Node.from_json(data)))
+            except NoNodeError:
+                continue  # left while we looked
+            except ValueError as err:
+                log.warning("skipping znode %s/%s with bad data: %s", folder, name, err)
+            except KazooException as err:
+                raise BackendError("cannot read %s/%s: %s" % (folder, name, err)) from err
+        return found
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -201,7 +234,9 @@ class Registration:
         """Reconcile once now (settings changed since they were read win), then keep the node."""
         self._audit()
         self._client.add_listener(self._on_state)
-        self._keeper = threading.Thread(target=self._keep, name="thriftprobe-keeper-" + self.path.rsplit("/", 1)[1], daemon=True)
+        self._keeper = threading.Thread(
+            target=self._keep, name="thriftprobe-keeper-" + self.path.rsplit("/", 1)[1], daemon=True
+        )
         self._keeper.start()
 
     def _on_state(self, state: str) -> None:
@@ -232,8 +267,13 @@ class Registration:
         try:
             current = self._refresh(self.node)
         except ThriftProbeError as err:  # settings store unreachable: keep what we have
-            log.warning("cannot refresh settings of %s (%s); keeping weight %d valid %d",
-                        self.path, err, self.node.weight, self.node.valid)
+            log.warning(
+                "cannot refresh settings of %s (%s); keeping weight %d valid %d",
+                self.path,
+                err,
+                self.node.weight,
+                self.node.valid,
+            )
             current = self.node
         stat = zk.exists(self.path)
         if stat is None or stat.ephemeralOwner != zk.client_id[0]:
@@ -300,8 +340,17 @@ class _Token:
         self.cancelled = False
 
 
+class NodeSink(Protocol):
+    """Where a ServiceWatch reports nodes: NodeTable for clients, an event printer for operators."""
+
+    def upsert(self, name: str, node: Node) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+
 class ServiceWatch:
-    """Keeps a NodeTable in step with the znodes of one service.
+    """Keeps a NodeTable (or another NodeSink) in step with the znodes of one service, or of
+    every service of the appkey when ``service`` is None.
 
     One ChildrenWatch on the appkey folder notices joins and leaves; one DataWatch per node of the
     service notices weight and on/off changes. A change to one node therefore costs one read of
@@ -310,7 +359,13 @@ class ServiceWatch:
     """
 
     def __init__(
-        self, client: KazooClient, cfg: ZooKeeperConfig, env: str, appkey: str, service: str, table: NodeTable
+        self,
+        client: KazooClient,
+        cfg: ZooKeeperConfig,
+        env: str,
+        appkey: str,
+        service: Optional[str],
+        table: NodeSink,
     ) -> None:
         self._client = client
         self._service = service
@@ -331,7 +386,7 @@ class ServiceWatch:
         mine = set()
         for name in children:
             parsed = parse_znode_name(name)
-            if parsed is not None and parsed[0] == self._service:
+            if parsed is not None and (self._service is None or parsed[0] == self._service):
                 mine.add(name)
         with self._lock:
             for name in set(self._tokens) - mine:

@@ -106,16 +106,6 @@ class NodeSettingsStore:
         log.info("loaded settings for %s: weight %d, valid %d", fieldname, stored.weight, stored.valid)
         return node.with_settings(stored.weight, stored.valid, stored.rev)
 
-    def put(self, appkey: str, service: str, node: Node) -> None:
-        """Store a node's settings (host, port, weight, valid, rev), replacing what was there.
-
-        For tools that seed settings; operators' changes go through ``update``."""
-        fieldname = settings_field(appkey, self._env, service, node.host, node.port)
-        try:
-            self._client.hset(self._key, fieldname, node.settings_only().to_json())
-        except redis.RedisError as err:
-            raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
-
     def update(
         self, appkey: str, service: str, host: str, port: int, weight: Optional[int], valid: Optional[bool]
     ) -> Tuple[Optional[Node], Node]:

@@ -1,0 +1,357 @@
+"""The ``thriftprobe`` command: operators' tools on top of the library.
+
+Exit codes: 0 success; 1 the operation failed (unreachable backend, unknown appkey...);
+2 bad usage; 3 (``call``) the remote method raised an exception.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from typing import Any, Callable, Dict, Optional, Sequence, TextIO
+
+from thriftpy2.transport import TTransportException
+
+from . import __version__, appkeys, db
+from . import config as config_mod
+from .errors import InvalidArgument, ThriftProbeError
+from .governance import Governance, check_weight
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMOTE = 0, 1, 2, 3
+
+
+class Output:
+    """Writes either human lines or one JSON document per command (``--json``)."""
+
+    def __init__(self, as_json: bool, stream: TextIO) -> None:
+        self.as_json = as_json
+        self.stream = stream
+
+    def line(self, text: str = "") -> None:
+        if not self.as_json:
+            print(text, file=self.stream, flush=True)
+
+    def data(self, payload: Any) -> None:
+        if self.as_json:
+            print(json.dumps(payload, indent=2, sort_keys=True, default=str), file=self.stream, flush=True)
+
+    def event(self, payload: Dict[str, Any], text: str) -> None:
+        """One streamed record: a JSON line with --json, else text."""
+        print(json.dumps(payload, sort_keys=True) if self.as_json else text, file=self.stream, flush=True)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _cfg(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(args.config, args.env)
+
+
+def cmd_db_init(args: argparse.Namespace, out: Output) -> int:
+    cfg = _cfg(args)
+    done = db.create_schema(cfg.mysql)
+    out.data({"database": cfg.mysql.describe(), "changes": done})
+    for line in done:
+        out.line(line)
+    out.line("schema of %s is up to date" % cfg.mysql.describe())
+    return EXIT_OK
+
+
+def cmd_appkey_add(args: argparse.Namespace, out: Output) -> int:
+    cfg = _cfg(args)
+    from .node import validate_names
+
+    validate_names(args.appkey, "x")
+    added = appkeys.add_appkey(cfg.mysql, args.appkey, args.owner, args.description)
+    out.data({"appkey": args.appkey, "added": added})
+    out.line("appkey %s %s" % (args.appkey, "registered" if added else "was already registered (unchanged)"))
+    return EXIT_OK
+
+
+def cmd_appkey_list(args: argparse.Namespace, out: Output) -> int:
+    keys = appkeys.list_appkeys(_cfg(args).mysql)
+    out.data([vars(k) for k in keys])
+    for k in keys:
+        out.line("%-32s %-16s %s  %s" % (k.appkey, k.owner or "-", k.created_at, k.description))
+    if not keys:
+        out.line("no appkeys registered")
+    return EXIT_OK
+
+
+def cmd_appkey_remove(args: argparse.Namespace, out: Output) -> int:
+    removed = appkeys.remove_appkey(_cfg(args).mysql, args.appkey)
+    out.data({"appkey": args.appkey, "removed": removed})
+    if not removed:
+        out.line("appkey %s is not registered" % args.appkey)
+        return EXIT_FAILED
+    out.line("appkey %s removed" % args.appkey)
+    return EXIT_OK
+
+
+def _uptime(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return "%dd%02dh" % (days, hours)
+    if hours:
+        return "%dh%02dm" % (hours, minutes)
+    return "%dm%02ds" % (minutes, secs)
+
+
+def cmd_ls(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        nodes = gov.fleet(args.appkey, args.service)
+        env = gov.env
+    out.data({"env": env, "nodes": [n.to_dict() for n in nodes]})
+    out.line("env %s" % env)
+    appkey = service = None
+    for n in nodes:
+        if n.appkey != appkey:
+            appkey, service = n.appkey, None
+            out.line("  %s" % appkey)
+        if n.service != service:
+            service = n.service
+            out.line("    %s" % service)
+        out.line(
+            "      %-21s weight %-4d %-3s %-7s up %s"
+            % (
+                "%s:%d" % (n.host, n.port),
+                n.weight,
+                "on" if n.valid else "off",
+                "live" if n.live else "offline",
+                _uptime(n.uptime),
+            )
+        )
+    if not nodes:
+        out.line("  (no nodes)")
+    return EXIT_OK
+
+
+def _address(text: str) -> tuple:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
+    return host.strip("[]"), int(port)
+
+
+def cmd_node(args: argparse.Namespace, out: Output) -> int:
+    host, port = args.address
+    weight = None if args.weight is None else check_weight(args.weight)
+    valid = True if args.enable else False if args.disable else None
+    with Governance(_cfg(args)) as gov:
+        change = gov.set_node(args.appkey, args.service, host, port, weight=weight, valid=valid, actor=args.actor)
+    out.data(change.to_dict())
+    old = change.old
+    out.line(
+        "%s/%s %s:%d: %s -> weight %d %s (rev %d)"
+        % (
+            change.appkey,
+            change.service,
+            host,
+            port,
+            "no settings" if old is None else "weight %d %s" % (old.weight, "on" if old.valid else "off"),
+            change.new.weight,
+            "on" if change.new.valid else "off",
+            change.new.rev,
+        )
+    )
+    if change.live:
+        out.line("applied to the live node; running consumers follow it now")
+    else:
+        out.line("note: this node is not registered now; the change is stored and applies when it starts")
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        entries = gov.history(args.appkey, args.service, args.limit)
+    out.data([e.to_dict() for e in entries])
+    for e in entries:
+        out.line(e.describe())
+    if not entries:
+        out.line("no changes recorded")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, out: Output) -> int:
+    done = threading.Event()
+    with Governance(_cfg(args)) as gov:
+        stop = gov.watch(lambda e: out.event(e.to_dict(), e.describe()), args.appkey, args.service)
+        try:
+            done.wait(args.duration)  # None = until Ctrl-C
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop()
+    return EXIT_OK
+
+
+def cmd_call(args: argparse.Namespace, out: Output) -> int:
+    from .call import call_method
+
+    status, payload = call_method(
+        args.thrift_file,
+        args.appkey,
+        args.service,
+        args.method,
+        args.json_args,
+        config=_cfg(args),
+        timeout_ms=args.timeout,
+    )
+    print(json.dumps(payload, indent=None if args.compact else 2, sort_keys=True), file=out.stream, flush=True)
+    return EXIT_OK if status == "ok" else EXIT_REMOTE
+
+
+def cmd_doctor(args: argparse.Namespace, out: Output) -> int:
+    from .doctor import run_checks
+
+    results = run_checks(args.config, args.env)
+    out.data([r.to_dict() for r in results])
+    for r in results:
+        out.line("%-4s %-10s %s" % ("ok" if r.ok else "FAIL", r.name, r.detail))
+    failed = [r for r in results if not r.ok]
+    out.line("all checks passed" if not failed else "%d check(s) failed" % len(failed))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_console(args: argparse.Namespace, out: Output) -> int:
+    from .console import serve
+
+    cfg = _cfg(args)
+    console_cfg = config_mod.load_console(cfg)
+    serve(cfg, console_cfg, host=args.host or console_cfg.host, port=args.port or console_cfg.port, out=out.line)
+    return EXIT_OK
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """--config/--env/--json, accepted before or after the command name."""
+    p = argparse.ArgumentParser(add_help=False)
+    kw: Dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument(
+        "--config",
+        help="config file (default: $THRIFTPROBE_CONFIG, else ./config/config.yml)",
+        **({"default": None} if not suppress else kw),
+    )
+    p.add_argument(
+        "--env",
+        help="environment (default: $THRIFTPROBE_ENV, else by hostname)",
+        **({"default": None} if not suppress else kw),
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text", **kw)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="thriftprobe",
+        description="Operate thriftprobe services: appkeys, nodes, weights, on/off switches.",
+        parents=[_common(suppress=False)],
+        epilog="Exit codes: 0 ok, 1 failed, 2 bad usage, 3 the called method raised.",
+    )
+    parser.add_argument("--version", action="version", version="thriftprobe " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Callable[..., int], help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    dbp = sub.add_parser("db", help="the MySQL schema", description="the MySQL schema", parents=[common])
+    dbsub = dbp.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    command("init", cmd_db_init, "create or upgrade the MySQL schema (serviceapp, settings_audit)", dbsub)
+
+    ap = sub.add_parser("appkey", help="register appkeys", description="register appkeys", parents=[common])
+    asub = ap.add_subparsers(dest="appkey_command", metavar="COMMAND", required=True)
+    p = command("add", cmd_appkey_add, "register an appkey", asub)
+    p.add_argument("appkey")
+    p.add_argument("--owner", default="", help="who owns it (team or person)")
+    p.add_argument("--description", default="", help="what it is")
+    command("list", cmd_appkey_list, "list registered appkeys", asub)
+    p = command("remove", cmd_appkey_remove, "unregister an appkey", asub)
+    p.add_argument("appkey")
+
+    p = command("ls", cmd_ls, "show env -> appkey -> service -> nodes (weight, on/off, live/offline, uptime)")
+    p.add_argument("appkey", nargs="?")
+    p.add_argument("service", nargs="?")
+
+    p = command("node", cmd_node, "set a node's weight, or switch it off or on (live and persisted)")
+    p.add_argument("appkey")
+    p.add_argument("service")
+    p.add_argument("address", metavar="HOST:PORT", type=_address)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--weight", type=int, help="0..1000 (0 = no traffic)")
+    what.add_argument("--disable", action="store_true", help="switch the node off (valid = 0)")
+    what.add_argument("--enable", action="store_true", help="switch the node on (valid = 1)")
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+
+    p = command("history", cmd_history, "show recorded changes, newest first")
+    p.add_argument("appkey", nargs="?")
+    p.add_argument("service", nargs="?")
+    p.add_argument("--limit", type=int, default=50)
+
+    p = command("watch", cmd_watch, "stream joins, leaves and changes as they happen (Ctrl-C stops)")
+    p.add_argument("appkey", nargs="?")
+    p.add_argument("service", nargs="?")
+    p.add_argument(
+        "--for", dest="duration", type=float, default=None, metavar="SECONDS", help="stop after this many seconds"
+    )
+
+    p = command("call", cmd_call, "call a method through discovery and print the result as JSON")
+    p.add_argument("thrift_file")
+    p.add_argument("appkey")
+    p.add_argument("service")
+    p.add_argument("method")
+    p.add_argument(
+        "json_args",
+        nargs="?",
+        default=None,
+        metavar="JSON_ARGS",
+        help='arguments as a JSON object {"name": value} or array [value, ...]',
+    )
+    p.add_argument("--timeout", type=int, default=3000, help="socket timeout in ms (default 3000)")
+    p.add_argument("--compact", action="store_true", help="one-line JSON")
+
+    command("doctor", cmd_doctor, "check config, ZooKeeper, Redis and MySQL (reachability and schema)")
+
+    p = command("console", cmd_console, "serve the web console (127.0.0.1 by default; needs console credentials)")
+    p.add_argument("--host", default=None, help="listen address (default: console.<env>.host or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: console.<env>.port or 8700)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, stream: Optional[TextIO] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    # The command is an application, so it, unlike the library, owns logging.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Output(args.json, stream or sys.stdout)
+    try:
+        return int(args.func(args, out))
+    except InvalidArgument as err:
+        print("thriftprobe %s: %s" % (args.command, err), file=sys.stderr)
+        return EXIT_USAGE
+    except (ThriftProbeError, TTransportException) as err:
+        print("thriftprobe %s: %s: %s" % (args.command, type(err).__name__, err), file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The web console: the fleet, live, with the operators' levers (weight, on/off) and the audit trail.
+
+A small Flask application (``pip install thriftprobe[console]``) served by werkzeug's threaded
+server, on 127.0.0.1 by default. Every page and API call needs a login with the credentials of
+``console.<env>`` in the config file; state-changing calls also need the session's CSRF token,
+so another site cannot drive a logged-in browser. Changes go through ``Governance.set_node``:
+the same rules, persistence and audit as the CLI, with the console user as the actor.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+from typing import Any, Callable
+
+from .config import Config, ConsoleConfig
+from .errors import InvalidArgument, ThriftProbeError
+from .governance import Governance
+
+__all__ = ["create_app", "ConsoleServer", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(gov: Governance, console: ConsoleConfig) -> Any:
+    """Build the Flask app over a Governance that the caller owns (and closes)."""
+    try:
+        from flask import Flask, jsonify, redirect, render_template_string, request, session, url_for
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ThriftProbeError("the web console needs Flask: pip install 'thriftprobe[console]'") from err
+
+    app = Flask("thriftprobe.console")
+    app.config.update(
+        SECRET_KEY=secrets.token_bytes(32),  # sessions end when the console restarts
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+    )
+
+    def logged_in() -> bool:
+        return session.get("user") == console.username
+
+    def check_csrf() -> bool:
+        sent = request.headers.get("X-CSRF-Token", "")
+        return bool(sent) and hmac.compare_digest(sent, session.get("csrf", ""))
+
+    @app.get("/login")
+    def login_form() -> Any:
+        return render_template_string(_LOGIN_PAGE, error=None, env=gov.env)
+
+    @app.post("/login")
+    def login() -> Any:
+        user_ok = hmac.compare_digest(request.form.get("username", ""), console.username)
+        pass_ok = hmac.compare_digest(request.form.get("password", ""), console.password)
+        if not (user_ok and pass_ok):
+            log.warning("console: failed login for %r from %s", request.form.get("username", ""), request.remote_addr)
+            return render_template_string(_LOGIN_PAGE, error="Wrong user name or password.", env=gov.env), 401
+        session.clear()
+        session["user"] = console.username
+        session["csrf"] = secrets.token_urlsafe(32)
+        log.info("console: %s logged in from %s", console.username, request.remote_addr)
+        return redirect(url_for("index"))
+
+    @app.post("/logout")
+    def logout() -> Any:
+        session.clear()
+        return redirect(url_for("login_form"))
+
+    @app.get("/")
+    def index() -> Any:
+        if not logged_in():
+            return redirect(url_for("login_form"))
+        return render_template_string(_MAIN_PAGE, env=gov.env, user=session["user"], csrf=session["csrf"])
+
+    @app.get("/api/fleet")
+    def api_fleet() -> Any:
+        if not logged_in():
+            return jsonify(error="login required"), 401
+        return jsonify(env=gov.env, nodes=[n.to_dict() for n in gov.fleet()])
+
+    @app.get("/api/history")
+    def api_history() -> Any:
+        if not logged_in():
+            return jsonify(error="login required"), 401
+        return jsonify(entries=[e.to_dict() for e in gov.history(limit=20)])
+
+    @app.post("/api/node")
+    def api_node() -> Any:
+        if not logged_in():
+            return jsonify(error="login required"), 401
+        if not check_csrf():
+            return jsonify(error="missing or wrong CSRF token"), 403
+        body = request.get_json(silent=True) or {}
+        try:
+            port = body.get("port")
+            if not isinstance(port, int):
+                raise InvalidArgument("port must be an integer")
+            valid = body.get("valid")
+            change = gov.set_node(
+                str(body.get("appkey", "")),
+                str(body.get("service", "")),
+                str(body.get("host", "")),
+                port,
+                weight=body.get("weight"),
+                valid=None if valid is None else bool(valid),
+                actor="console:" + session["user"],
+            )
+        except InvalidArgument as err:
+            return jsonify(error=str(err)), 400
+        except ThriftProbeError as err:
+            return jsonify(error="%s: %s" % (type(err).__name__, err)), 502
+        return jsonify(change=change.to_dict())
+
+    return app
+
+
+class ConsoleServer:
+    """The console on a werkzeug threaded server, in a background thread (``thriftprobe-console``)."""
+
+    def __init__(self, cfg: Config, console: ConsoleConfig, host: str = "127.0.0.1", port: int = 8700) -> None:
+        from werkzeug.serving import make_server
+
+        self._gov = Governance(cfg, source="console")
+        try:
+            self._server = make_server(host, port, create_app(self._gov, console), threaded=True)
+        except BaseException:
+            self._gov.close()
+            raise
+        self.host = host
+        self.port: int = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="thriftprobe-console", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return "http://%s:%d/" % (self.host, self.port)
+
+    def start(self) -> "ConsoleServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()
+        self._gov.close()
+
+    def __enter__(self) -> "ConsoleServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(cfg: Config, console: ConsoleConfig, host: str, port: int, out: Callable[[str], None]) -> None:
+    """Serve until Ctrl-C (the ``thriftprobe console`` command)."""
+    server = ConsoleServer(cfg, console, host, port)
+    out("thriftprobe console for env %s on %s (Ctrl-C stops)" % (cfg.env, server.url))
+    server.start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f5f6f8; }
+header { background: #1d2330; color: #fff; padding: 10px 20px; display: flex; align-items: center; gap: 16px; }
+header h1 { font-size: 17px; margin: 0; } header .env { background: #3b82f6; border-radius: 4px; padding: 1px 8px; }
+header form { margin-left: auto; } main { padding: 16px 20px; }
+table { border-collapse: collapse; width: 100%; background: #fff; margin-bottom: 20px; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #e4e7ec; }
+th { background: #eef0f4; font-weight: 600; }
+.on { color: #15803d; font-weight: 600; } .off { color: #b91c1c; font-weight: 600; }
+.offline { color: #6b7280; } .live { color: #15803d; }
+input[type=number] { width: 70px; } button { cursor: pointer; }
+#status { min-height: 20px; margin-bottom: 8px; } .error { color: #b91c1c; }
+.login { max-width: 320px; margin: 80px auto; background: #fff; padding: 24px; border-radius: 8px; }
+.login input { width: 100%; margin: 4px 0 12px; padding: 6px; box-sizing: border-box; }
+"""
+
+_LOGIN_PAGE = (
+    """<!doctype html><html><head><meta charset="utf-8"><title>thriftprobe console - login</title>
+<style>"""
+    + _STYLE
+    + """</style></head><body>
+<form class="login" method="post" action="/login">
+  <h2>thriftprobe console ({{ env }})</h2>
+  {% if error %}<p class="error" id="login-error">{{ error }}</p>{% endif %}
+  <label>User name <input name="username" id="username" autocomplete="username" autofocus></label>
+  <label>Password <input name="password" id="password" type="password" autocomplete="current-password"></label>
+  <button type="submit" id="login">Log in</button>
+</form></body></html>"""
+)
+
+_MAIN_PAGE = (
+    """<!doctype html><html><head><meta charset="utf-8"><title>thriftprobe console - {{ env }}</title>
+<meta name="csrf-token" content="{{ csrf }}"><style>"""
+    + _STYLE
+    + """</style></head><body>
+<header><h1>thriftprobe</h1><span class="env">env {{ env }}</span><span id="updated"></span>
+<form method="post" action="/logout">{{ user }} <button type="submit">Log out</button></form></header>
+<main>
+<div id="status"></div>
+<table id="fleet"><thead><tr><th>appkey</th><th>service</th><th>node</th><th>weight</th><th>switch</th>
+<th>state</th><th>uptime</th><th>change</th></tr></thead><tbody></tbody></table>
+<h3>Recent changes</h3>
+<table id="history"><thead><tr><th>when</th><th>who</th><th>node</th><th>old</th><th>new</th><th>live</th></tr>
+</thead><tbody></tbody></table>
+</main>
+<script>
+const csrf = document.querySelector('meta[name=csrf-token]').content;
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+const uptime = s => s === null ? '-' : s < 3600 ? Math.floor(s/60)+'m'+String(Math.floor(s%60)).padStart(2,'0')+'s'
+                                                 : Math.floor(s/3600)+'h'+String(Math.floor(s%3600/60)).padStart(2,'0')+'m';
+function status(text, error) { const el = document.getElementById('status'); el.textContent = text;
+                               el.className = error ? 'error' : ''; }
+async function api(path, body) {
+  const r = await fetch(path, body ? {method: 'POST', headers: {'Content-Type': 'application/json',
+                                      'X-CSRF-Token': csrf}, body: JSON.stringify(body)} : {});
+  if (r.status === 401) { location.href = '/login'; throw new Error('login required'); }
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || r.statusText);
+  return data;
+}
+function renderFleet(nodes) {
+  const editing = document.activeElement && document.activeElement.matches('input.weight');
+  if (editing) return;  // do not overwrite what the operator is typing
+  document.querySelector('#fleet tbody').innerHTML = nodes.map(n => {
+    const id = `${n.appkey}/${n.service}/${n.host}:${n.port}`;
+    return `<tr data-node="${esc(id)}"><td>${esc(n.appkey)}</td><td>${esc(n.service)}</td>
+      <td>${esc(n.host)}:${n.port}</td><td class="weight-value">${n.weight}</td>
+      <td class="${n.valid ? 'on' : 'off'} switch">${n.valid ? 'on' : 'off'}</td>
+      <td class="${n.state} state">${n.state}</td><td>${uptime(n.uptime)}</td>
+      <td><input class="weight" type="number" min="0" max="1000" value="${n.weight}">
+          <button class="set-weight">Set weight</button>
+          <button class="toggle">${n.valid ? 'Disable' : 'Enable'}</button></td></tr>`;
+  }).join('') || '<tr><td colspan="8">no nodes</td></tr>';
+}
+function renderHistory(entries) {
+  const onoff = v => v === null ? '' : (v ? 'on' : 'off');
+  document.querySelector('#history tbody').innerHTML = entries.map(e => `<tr><td>${esc(e.changed_at)}</td>
+    <td>${esc(e.actor)}</td><td>${esc(e.appkey)}/${esc(e.service)} ${esc(e.host)}:${e.port}</td>
+    <td>${e.old_weight === null ? 'none' : e.old_weight + ' ' + onoff(e.old_valid)}</td>
+    <td>${e.new_weight} ${onoff(e.new_valid)}</td><td>${e.live ? 'yes' : 'no'}</td></tr>`).join('');
+}
+async function refresh() {
+  try {
+    const [fleet, hist] = await Promise.all([api('/api/fleet'), api('/api/history')]);
+    renderFleet(fleet.nodes); renderHistory(hist.entries);
+    document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
+  } catch (e) { status('Refresh failed: ' + e.message, true); }
+}
+document.querySelector('#fleet').addEventListener('click', async ev => {
+  const row = ev.target.closest('tr[data-node]'); if (!row || ev.target.tagName !== 'BUTTON') return;
+  const [appkey, service, addr] = row.dataset.node.split('/');
+  const i = addr.lastIndexOf(':'); const host = addr.slice(0, i), port = Number(addr.slice(i + 1));
+  const body = {appkey, service, host, port}; let what;
+  if (ev.target.classList.contains('toggle')) {
+    body.valid = ev.target.textContent === 'Enable'; what = (body.valid ? 'Enable ' : 'Disable ') + addr;
+  } else {
+    body.weight = Number(row.querySelector('input.weight').value); what = `Set weight ${body.weight} on ${addr}`;
+  }
+  if (!confirm(`${what} of ${appkey}/${service}?`)) return;
+  try {
+    const r = await api('/api/node', body);
+    status(`${what}: done${r.change.live ? '' : ' (node not live: applies when it starts)'}`, false);
+  } catch (e) { status(`${what} failed: ${e.message}`, true); }
+  document.activeElement.blur(); refresh();
+});
+refresh(); setInterval(refresh, 1000);
+</script></body></html>"""
+)

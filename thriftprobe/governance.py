@@ -1,0 +1,344 @@
+"""Operators steer live traffic: see the fleet, change a node's weight or switch it off/on.
+
+A change is applied in this order:
+1. the appkey is checked in MySQL;
+2. the settings are written to Redis with compare-and-set and the next revision. This is the
+   commit point: it survives restarts, and a provider reads it at start and at each audit;
+3. they are written into the provider's live znode with a versioned set, only if their
+   revision is newer than the znode's. The node keeps its owner: the operator's session never
+   creates or deletes the ephemeral node, so the node neither outlives its provider nor vanishes
+   when the admin tool exits;
+4. the change is appended to the audit table.
+Running consumers watch the znode and see the change within milliseconds.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from kazoo.exceptions import KazooException, NoNodeError
+from kazoo.recipe.watchers import ChildrenWatch
+
+from . import audit
+from .appkeys import check_appkey
+from .config import Config
+from .errors import BackendError, InvalidArgument
+from .node import MAX_WEIGHT, Node, validate_names
+from .registry import ServiceWatch, ZooKeeperRegistry
+from .settings import NodeSettingsStore
+
+__all__ = ["Governance", "NodeView", "Change", "FleetEvent", "current_user"]
+
+log = logging.getLogger(__name__)
+
+
+def current_user() -> str:
+    """The OS user running this process, for the audit trail."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One node as an operator sees it: live (a znode exists) or offline (settings only)."""
+
+    env: str
+    appkey: str
+    service: str
+    host: str
+    port: int
+    weight: int
+    valid: bool
+    live: bool
+    uptime: Optional[float]
+    rev: int
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "env": self.env,
+            "appkey": self.appkey,
+            "service": self.service,
+            "host": self.host,
+            "port": self.port,
+            "weight": self.weight,
+            "valid": int(self.valid),
+            "state": "live" if self.live else "offline",
+            "uptime": None if self.uptime is None else round(self.uptime, 1),
+            "rev": self.rev,
+        }
+
+
+@dataclass(frozen=True)
+class Change:
+    """What ``set_node`` did. ``old`` is None when the node had no stored settings."""
+
+    env: str
+    appkey: str
+    service: str
+    old: Optional[Node]
+    new: Node
+    live: bool
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "env": self.env,
+            "appkey": self.appkey,
+            "service": self.service,
+            "host": self.new.host,
+            "port": self.new.port,
+            "old": None if self.old is None else {"weight": self.old.weight, "valid": int(self.old.valid)},
+            "new": {"weight": self.new.weight, "valid": int(self.new.valid)},
+            "rev": self.new.rev,
+            "live": self.live,
+        }
+
+
+@dataclass(frozen=True)
+class FleetEvent:
+    """A join, leave or change seen by ``Governance.watch``."""
+
+    kind: str  # "join" | "leave" | "change"
+    appkey: str
+    service: str
+    node: Node
+    old: Optional[Node] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        data: Dict[str, Any] = {
+            "event": self.kind,
+            "appkey": self.appkey,
+            "service": self.service,
+            "host": self.node.host,
+            "port": self.node.port,
+            "weight": self.node.weight,
+            "valid": int(self.node.valid),
+        }
+        if self.old is not None:
+            data["old"] = {"weight": self.old.weight, "valid": int(self.old.valid)}
+        return data
+
+    def describe(self) -> str:
+        text = "%-6s %s/%s %s:%d weight %d %s" % (
+            self.kind,
+            self.appkey,
+            self.service,
+            self.node.host,
+            self.node.port,
+            self.node.weight,
+            "on" if self.node.valid else "off",
+        )
+        if self.old is not None:
+            text += " (was weight %d %s)" % (self.old.weight, "on" if self.old.valid else "off")
+        return text
+
+
+def check_weight(weight: object) -> int:
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
+        raise InvalidArgument("weight must be an integer 0..%d (0 = no traffic), got %r" % (MAX_WEIGHT, weight))
+    return weight
+
+
+class Governance:
+    """The operator's view of one environment and the levers on it.
+
+    Holds a share of the process's ZooKeeper session and a Redis client; thread-safe (the web
+    console shares one between requests). ``close()`` releases both.
+    """
+
+    def __init__(self, cfg: Config, *, source: str = "cli") -> None:
+        self.cfg = cfg
+        self.env = cfg.env
+        self._source = source
+        self._store = NodeSettingsStore(cfg.redis, cfg.env)
+        try:
+            self._registry = ZooKeeperRegistry(cfg.zookeeper)
+        except BaseException:
+            self._store.close()
+            raise
+
+    # -- looking ---------------------------------------------------------------------------------
+
+    def fleet(self, appkey: Optional[str] = None, service: Optional[str] = None) -> List[NodeView]:
+        """Every node of the environment (or of one appkey / service): live ones from ZooKeeper,
+        offline ones from the settings Redis keeps for nodes that are not running."""
+        now = time.time()
+        views: Dict[tuple, NodeView] = {}
+        for key in [appkey] if appkey else self._registry.appkeys(self.env):
+            for svc, node in self._registry.nodes(self.env, key):
+                if service and svc != service:
+                    continue
+                started = node.extras.get("start_time")
+                uptime = now - started if isinstance(started, (int, float)) else None
+                views[(key, svc, node.host, node.port)] = NodeView(
+                    self.env, key, svc, node.host, node.port, node.weight, node.valid, True, uptime, node.rev
+                )
+        for key, svc, node in self._store.scan(appkey):
+            if service and svc != service:
+                continue
+            views.setdefault(
+                (key, svc, node.host, node.port),
+                NodeView(self.env, key, svc, node.host, node.port, node.weight, node.valid, False, None, node.rev),
+            )
+        return [views[k] for k in sorted(views)]
+
+    def history(
+        self, appkey: Optional[str] = None, service: Optional[str] = None, limit: int = 50
+    ) -> List[audit.AuditEntry]:
+        return audit.history(self.cfg.mysql, self.env, appkey, service, limit)
+
+    # -- changing --------------------------------------------------------------------------------
+
+    def set_node(
+        self,
+        appkey: str,
+        service: str,
+        host: str,
+        port: int,
+        *,
+        weight: Optional[int] = None,
+        valid: Optional[bool] = None,
+        actor: Optional[str] = None,
+    ) -> Change:
+        """Change a node's weight and/or switch it on or off; see the module docstring.
+
+        A node that is not registered may be changed (the change applies when it starts):
+        ``Change.live`` is then False. Raises InvalidArgument (bad weight, names or port),
+        AppkeyNotRegistered, SettingsError (corrupt stored settings) or BackendError.
+        """
+        validate_names(appkey, service)
+        if weight is None and valid is None:
+            raise InvalidArgument("nothing to change: give a weight, or switch the node on or off")
+        if weight is not None:
+            check_weight(weight)
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
+        if not host or "|" in host or "/" in host:
+            raise InvalidArgument("host %r is invalid" % (host,))
+        check_appkey(self.cfg.mysql, self.env, appkey)
+        audit.check_ready(self.cfg.mysql)  # fail before changing anything, not after
+        old, new = self._store.update(appkey, service, host, port, weight, valid)
+        live = self._registry.apply_settings(self.env, appkey, service, new) is not None
+        change = Change(self.env, appkey, service, old, new, live)
+        audit.record(
+            self.cfg.mysql,
+            audit.AuditEntry(
+                changed_at="",
+                actor=actor or current_user(),
+                source=self._source,
+                env=self.env,
+                appkey=appkey,
+                service=service,
+                host=host,
+                port=port,
+                old_weight=None if old is None else old.weight,
+                old_valid=None if old is None else old.valid,
+                new_weight=new.weight,
+                new_valid=new.valid,
+                rev=new.rev,
+                live=live,
+            ),
+        )
+        log.info(
+            "%s set %s/%s/%s %s:%d to weight %d valid %d (rev %d, %s)",
+            actor or current_user(),
+            self.env,
+            appkey,
+            service,
+            host,
+            port,
+            new.weight,
+            new.valid,
+            new.rev,
+            "live" if live else "not live",
+        )
+        return change
+
+    # -- following ------------------------------------------------------------------------------
+
+    def watch(
+        self, on_event: Callable[[FleetEvent], None], appkey: Optional[str] = None, service: Optional[str] = None
+    ) -> Callable[[], None]:
+        """Report joins, leaves and changes as they happen; return a function that stops it.
+
+        Nodes present at the start are reported as joins. ``on_event`` runs on kazoo's worker
+        thread: keep it short.
+        """
+        lock = threading.Lock()
+        watches: Dict[str, ServiceWatch] = {}
+        stopped = threading.Event()
+        zk = self._registry.client
+
+        def follow(key: str) -> None:
+            with lock:
+                if stopped.is_set() or key in watches:
+                    return
+                watches[key] = self._registry.watch(self.env, key, service, _EventSink(key, on_event, stopped))
+
+        if appkey:
+            follow(appkey)
+        else:
+
+            def on_appkeys(children: List[str]) -> Optional[bool]:
+                if stopped.is_set():
+                    return False
+                for key in children:
+                    follow(key)
+                return None
+
+            try:
+                zk.ensure_path("/services/%s" % self.env)
+                ChildrenWatch(zk, "/services/%s" % self.env, on_appkeys)
+            except (KazooException, NoNodeError) as err:
+                raise BackendError("cannot watch /services/%s: %s" % (self.env, err)) from err
+
+        def stop() -> None:
+            stopped.set()
+            with lock:
+                for w in watches.values():
+                    w.close()
+                watches.clear()
+
+        return stop
+
+    def close(self) -> None:
+        self._registry.close()
+        self._store.close()
+
+    def __enter__(self) -> "Governance":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _EventSink:
+    """A NodeSink that turns a ServiceWatch's updates into FleetEvents for one appkey."""
+
+    def __init__(self, appkey: str, on_event: Callable[[FleetEvent], None], stopped: threading.Event) -> None:
+        self._appkey = appkey
+        self._on_event = on_event
+        self._stopped = stopped
+        self._nodes: Dict[str, Node] = {}
+
+    def upsert(self, name: str, node: Node) -> None:
+        old = self._nodes.get(name)
+        self._nodes[name] = node
+        if old is not None and (old.weight, old.valid) == (node.weight, node.valid):
+            return
+        self._emit(FleetEvent("join" if old is None else "change", self._appkey, name.rsplit("_", 2)[0], node, old))
+
+    def remove(self, name: str) -> None:
+        old = self._nodes.pop(name, None)
+        if old is not None:
+            self._emit(FleetEvent("leave", self._appkey, name.rsplit("_", 2)[0], old))
+
+    def _emit(self, event: FleetEvent) -> None:
+        if not self._stopped.is_set():
+            self._on_event(event)
