@@ -19,6 +19,13 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q -e "$ROOT[test]"
 
+# The console's browser test drives Debian's Chromium with Playwright (no browser download).
+if [[ ! -x /usr/bin/chromium ]]; then
+    echo "[bootstrap] installing chromium for the console's browser test" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+
 export THRIFTPROBE_PYTHON="$PY"
 bash "$ROOT/tests/services.sh" start
 export THRIFTPROBE_SERVICES_READY=1

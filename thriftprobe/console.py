@@ -204,6 +204,8 @@ _MAIN_PAGE = (
 <header><h1>thriftprobe</h1><span class="env">env {{ env }}</span><span id="updated"></span>
 <form method="post" action="/logout">{{ user }} <button type="submit">Log out</button></form></header>
 <main>
+<p><input id="filter" placeholder="filter: appkey, service or host" size="40">
+<label><input type="checkbox" id="hide-offline"> hide offline nodes</label></p>
 <div id="status"></div>
 <table id="fleet"><thead><tr><th>appkey</th><th>service</th><th>node</th><th>weight</th><th>switch</th>
 <th>state</th><th>uptime</th><th>change</th></tr></thead><tbody></tbody></table>
@@ -226,10 +228,16 @@ async function api(path, body) {
   if (!r.ok) throw new Error(data.error || r.statusText);
   return data;
 }
+let lastNodes = [];
 function renderFleet(nodes) {
+  lastNodes = nodes;
   const editing = document.activeElement && document.activeElement.matches('input.weight');
   if (editing) return;  // do not overwrite what the operator is typing
-  document.querySelector('#fleet tbody').innerHTML = nodes.map(n => {
+  const words = document.getElementById('filter').value.toLowerCase().split(/ +/).filter(Boolean);
+  const hideOffline = document.getElementById('hide-offline').checked;
+  const shown = nodes.filter(n => !(hideOffline && n.state === 'offline') &&
+    words.every(w => `${n.appkey} ${n.service} ${n.host}:${n.port}`.toLowerCase().includes(w)));
+  document.querySelector('#fleet tbody').innerHTML = shown.map(n => {
     const id = `${n.appkey}/${n.service}/${n.host}:${n.port}`;
     return `<tr data-node="${esc(id)}"><td>${esc(n.appkey)}</td><td>${esc(n.service)}</td>
       <td>${esc(n.host)}:${n.port}</td><td class="weight-value">${n.weight}</td>
@@ -271,6 +279,8 @@ document.querySelector('#fleet').addEventListener('click', async ev => {
   } catch (e) { status(`${what} failed: ${e.message}`, true); }
   document.activeElement.blur(); refresh();
 });
+document.getElementById('filter').addEventListener('input', () => renderFleet(lastNodes));
+document.getElementById('hide-offline').addEventListener('change', () => renderFleet(lastNodes));
 refresh(); setInterval(refresh, 1000);
 </script></body></html>"""
 )

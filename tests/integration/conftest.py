@@ -17,6 +17,7 @@ from typing import Callable, Iterator, List
 
 import pytest
 import redis
+import redis.cluster
 from kazoo.client import KazooClient
 
 from thriftprobe import appkeys, config, db, start_service
@@ -61,8 +62,30 @@ def services() -> None:
 def config_path(services: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("config") / "config.yml"
     path.write_text(CONFIG_TEXT)
-    db.create_schema(config.load(path, TEST_ENV).mysql)
+    cfg = config.load(path, TEST_ENV)
+    db.create_schema(cfg.mysql)
+    _wipe_test_envs(cfg)
     return str(path)
+
+
+def _wipe_test_envs(cfg: config.Config) -> None:
+    """The test environments belong to the tests: start each session from nothing."""
+    zk = KazooClient(hosts=ZK)
+    zk.start(10)
+    try:
+        for env in (TEST_ENV, CLUSTER_ENV):
+            if zk.exists("/services/%s" % env):
+                zk.delete("/services/%s" % env, recursive=True)
+    finally:
+        zk.stop()
+        zk.close()
+    with redis.Redis(host="127.0.0.1", port=6379) as r:
+        r.delete(hash_key(TEST_ENV))
+    with redis.cluster.RedisCluster(host="127.0.0.1", port=7001) as rc:
+        rc.delete(hash_key(CLUSTER_ENV))
+    with db.connect(cfg.mysql) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM settings_audit")
+        cur.execute("DELETE FROM serviceapp")
 
 
 @pytest.fixture(scope="session")

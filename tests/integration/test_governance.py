@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import IDL, TEST_ENV, free_port, wait_until
+from conftest import IDL, free_port, wait_until
 from kazoo.client import KazooClient
 
 from thriftprobe import AppkeyNotRegistered, InvalidArgument, build_client, config
