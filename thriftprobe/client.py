@@ -11,24 +11,39 @@ import logging
 import os
 import socket
 import threading
+import time
 import types
-from typing import Any, Dict, Optional, Set, Tuple, Union
+import weakref
+from typing import Any, Dict, FrozenSet, Optional, Tuple, Union
 
-from thriftpy2.thrift import TApplicationException, TClient, TMessageType, args_to_kwargs
+from thriftpy2.protocol.exc import TProtocolException
+from thriftpy2.thrift import TApplicationException, TClient, TDecodeException, TMessageType, args_to_kwargs
 from thriftpy2.transport import TTransportException
 
 from . import config as config_mod
 from .balancer import Balancer, WeightedRandom
-from .errors import InvalidArgument, NoAvailableNode, ThriftProbeError
+from .errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
+from .health import HealthChecker, OutlierDetector
 from .idl import load_service
-from .node import validate_names
+from .node import Node, validate_names
 from .pool import ConnectionPool, PooledConnection
 from .registry import ServiceWatch, ZooKeeperRegistry
+from .retry import Retry
 from .table import NodeTable
+
+try:  # the compiled protocol's own error type, when thriftpy2 was built with Cython
+    from thriftpy2.protocol.cybin import ProtocolError as _CyProtocolError
+except ImportError:  # pragma: no cover
+    _CyProtocolError = TProtocolException  # type: ignore[misc,assignment]
 
 __all__ = ["build_client", "ProbeClient"]
 
 log = logging.getLogger(__name__)
+
+Address = Tuple[str, int]
+
+# What a failure of the connection or of the byte stream looks like, once a request was sent.
+_TRANSPORT_ERRORS = (OSError, EOFError, TTransportException, TProtocolException, TDecodeException, _CyProtocolError)
 
 
 class _Method:
@@ -49,20 +64,22 @@ class ProbeClient(TClient):
     """A thriftpy2 TClient whose every call goes to a weighted-random valid node of the service.
 
     One instance is safe to share between any number of threads: connections are lent per call
-    from a pool, never shared mid-call. It is not fork-safe: build a new client in a child process.
+    from a pool, never shared mid-call. It survives ``fork()``: a child process's first call
+    drops what it inherited without touching it (the parent keeps using its sockets and its
+    ZooKeeper session) and builds its own, starting from the inherited table of nodes.
     Close it (or use ``with``) to release its sockets and its share of the ZooKeeper session.
 
     Errors of a call: ``NoAvailableNode`` when no node is available or none accepted a connection
     (nothing was sent); thriftpy2's ``TTransportException`` when the connection failed or timed
-    out after the request was sent (not retried: the call may have run); ``TApplicationException``
-    and the IDL's exceptions as the provider raised them.
+    out after the request was sent and the retry policy did not (or could not) send it again;
+    ``TApplicationException`` and the IDL's exceptions as the provider raised them.
     """
 
     def __init__(
         self,
         service: types.ModuleType,
         *,
-        env: str,
+        cfg: config_mod.Config,
         appkey: str,
         service_name: str,
         registry: ZooKeeperRegistry,
@@ -70,84 +87,125 @@ class ProbeClient(TClient):
         watch: ServiceWatch,
         pool: ConnectionPool,
         balancer: Balancer,
+        retry: Optional[Retry],
+        outliers: OutlierDetector,
+        health_check_interval: Optional[float],
     ) -> None:
         super().__init__(service, None)  # type: ignore[arg-type]  # no fixed protocol: one per call
-        self.env = env
+        self.env = cfg.env
         self.appkey = appkey
         self.service_name = service_name
         self.table = table
+        self._cfg = cfg
         self._registry = registry
         self._watch = watch
         self._pool = pool
         self._balancer = balancer
+        self._retry = retry
+        self._outliers = outliers
+        self._health_check_interval = health_check_interval
+        self._health: Optional[HealthChecker] = None
         self._methods: Dict[str, _Method] = {name: _Method(service, name) for name in service.thrift_services}
         self._close_lock = threading.Lock()
         self._closed = False
+        self._forked = False
+        self._fork_lock = threading.Lock()
+        self._next_watch_attempt = 0.0
+        self._start_health_check()
+        _live_clients.add(self)
 
     # -- the call path -------------------------------------------------------------------------
 
     def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
-        method = self._methods[_api]
+        return self._call(_api, None, args, kwargs)
+
+    def with_timeout(self, timeout_ms: int) -> "_TimeoutView":
+        """A view of this client whose calls use ``timeout_ms`` as their socket timeout.
+
+        ``client.with_timeout(200).ping()``; the view shares everything else with the client.
+        """
+        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
+            raise InvalidArgument("timeout must be a positive number of milliseconds, got %r" % (timeout_ms,))
+        return _TimeoutView(self, timeout_ms)
+
+    def _call(self, api: str, timeout_ms: Optional[int], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if self._forked:
+            self._adopt_after_fork()
+        method = self._methods[api]
         try:
             kwargs = args_to_kwargs(method.args_spec, *args, **kwargs)
         except ValueError as err:
             raise TApplicationException(
                 TApplicationException.UNKNOWN_METHOD,
-                "%s is a required argument of %s.%s" % (err.args[0], self.service_name, _api),
+                "%s is a required argument of %s.%s" % (err.args[0], self.service_name, api),
             ) from None
-        conn = self._lend()
-        try:
-            reply = self._exchange(conn, method, kwargs)
-        except socket.timeout as err:
-            self._pool.discard(conn)
-            raise TTransportException(
-                TTransportException.TIMED_OUT,
-                "%s.%s on %s:%d timed out" % (self.service_name, _api, conn.address[0], conn.address[1]),
-            ) from err
-        except OSError as err:
-            self._pool.discard(conn)
-            raise TTransportException(
-                TTransportException.UNKNOWN,
-                "%s.%s on %s:%d failed: %s" % (self.service_name, _api, conn.address[0], conn.address[1], err),
-            ) from err
-        except BaseException:
-            self._pool.discard(conn)
-            raise
-        self._pool.release(conn)
-        return _unpack(reply)
+        retry = self._retry
+        if retry is not None:
+            retry.budget.deposit()
+        attempt = 0
+        avoid: FrozenSet[Address] = frozenset()
+        while True:
+            attempt += 1
+            conn = self._lend(avoid)
+            try:
+                reply = self._exchange(conn, method, kwargs, timeout_ms)
+            except _TRANSPORT_ERRORS as err:
+                self._pool.discard(conn)
+                self._outliers.failure(conn.address, len(self.table.snapshot.all_nodes))
+                if retry is not None and retry.may_retry(api, attempt):
+                    log.debug("%s.%s failed on %s:%d (%s); retrying", self.service_name, api, *conn.address, err)
+                    avoid = avoid | {conn.address}
+                    continue
+                raise _transport_error(err, "%s.%s on %s:%d" % (self.service_name, api, *conn.address)) from err
+            except BaseException:
+                self._pool.discard(conn)
+                raise
+            self._pool.release(conn)
+            self._outliers.success(conn.address)
+            return _unpack(reply)
 
-    def _lend(self) -> PooledConnection:
-        """Borrow a connection to a picked node; on a connect failure try the other nodes."""
+    def _lend(self, avoid: FrozenSet[Address]) -> PooledConnection:
+        """Borrow a connection to a picked node; on a connect failure try the other nodes.
+
+        Ejected nodes and ``avoid`` (nodes this call already failed on) are skipped while any
+        other node is left; when none is, every node is eligible again (panic mode).
+        """
         if self._closed:
             raise ThriftProbeError("client for %s/%s is closed" % (self.appkey, self.service_name))
         snapshot = self.table.snapshot
-        node = self._balancer.pick(snapshot)
-        if node is None:
-            raise NoAvailableNode(
-                "no valid node of service %r in env %s, appkey %s (%d registered, none valid with weight > 0)"
-                % (self.service_name, self.env, self.appkey, len(snapshot.all_nodes))
-            )
-        try:
-            return self._pool.acquire(node.address)
-        except TTransportException as err:
-            first_error = err
-        tried: Set[Tuple[str, int]] = {node.address}
-        log.debug("cannot connect to %s:%d (%s); trying another node", node.host, node.port, first_error)
+        pick = self._balancer.pick
+        soft = self._outliers.excluded()
+        if avoid:
+            soft = soft | avoid
+        tried: FrozenSet[Address] = frozenset()
+        error: Optional[Exception] = None
         while True:
-            node = self._balancer.pick(snapshot, tried)
+            node = pick(snapshot, soft | tried) if soft or tried else pick(snapshot)
+            if node is None and soft:
+                soft = frozenset()
+                continue
             if node is None:
+                if not tried:
+                    raise NoAvailableNode(
+                        "no valid node of service %r in env %s, appkey %s (%d registered, none valid with weight > 0)"
+                        % (self.service_name, self.env, self.appkey, len(snapshot.all_nodes))
+                    )
                 raise NoAvailableNode(
                     "no node of service %r in env %s, appkey %s accepted a connection (tried %s)"
                     % (self.service_name, self.env, self.appkey, ", ".join("%s:%d" % a for a in sorted(tried)))
-                ) from first_error
+                ) from error
             try:
                 return self._pool.acquire(node.address)
             except TTransportException as err:
                 log.debug("cannot connect to %s:%d (%s); trying another node", node.host, node.port, err)
-                tried.add(node.address)
+                self._outliers.failure(node.address, len(snapshot.all_nodes))
+                tried = tried | {node.address}
+                error = err
 
     @staticmethod
-    def _exchange(conn: PooledConnection, method: _Method, kwargs: Dict[str, Any]) -> Any:
+    def _exchange(conn: PooledConnection, method: _Method, kwargs: Dict[str, Any], timeout_ms: Optional[int]) -> Any:
+        if timeout_ms is not None:
+            conn.set_timeout(timeout_ms)
         proto = conn.protocol
         seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
         proto.write_message_begin(method.name, method.msg_type, seqid)
@@ -158,23 +216,68 @@ class ProbeClient(TClient):
         proto.write_message_end()
         proto.trans.flush()
         if method.oneway:
-            return None
-        fname, mtype, rseqid = proto.read_message_begin()
-        if rseqid != seqid or fname != method.name:
-            # Not the answer to this request: the stream is out of step, so the caller discards it.
-            raise TTransportException(
-                TTransportException.UNKNOWN,
-                "reply %s#%d does not match request %s#%d" % (fname, rseqid, method.name, seqid),
-            )
-        if mtype == TMessageType.EXCEPTION:
-            exc = TApplicationException()
-            exc.read(proto)
+            reply = None
+        else:
+            fname, mtype, rseqid = proto.read_message_begin()
+            if rseqid != seqid or fname != method.name:
+                # Not the answer to this request: the stream is out of step, so the caller discards it.
+                raise TTransportException(
+                    TTransportException.UNKNOWN,
+                    "reply %s#%d does not match request %s#%d" % (fname, rseqid, method.name, seqid),
+                )
+            if mtype == TMessageType.EXCEPTION:
+                reply = TApplicationException()
+            else:
+                reply = method.result_cls()
+            reply.read(proto)
             proto.read_message_end()
-            return exc
-        result = method.result_cls()
-        result.read(proto)
-        proto.read_message_end()
-        return result
+        if timeout_ms is not None:
+            conn.set_timeout(None)
+        return reply
+
+    # -- fork ----------------------------------------------------------------------------------
+
+    def _adopt_after_fork(self) -> None:
+        """First call in a child process: replace what was inherited from the parent."""
+        with self._fork_lock:
+            if not self._forked:
+                return
+            if self._pool.owner_pid != os.getpid():
+                self._pool = self._pool.abandon_after_fork()
+                self.table = self.table.copy_for_child()
+                self.table.on_remove(self._node_left)
+                self._outliers.reinit_after_fork()
+                self._close_lock = threading.Lock()
+                self._start_health_check()
+            if time.monotonic() < self._next_watch_attempt:
+                return  # ZooKeeper was unreachable a moment ago: serve from the inherited table
+            try:
+                registry = ZooKeeperRegistry(self._cfg.zookeeper)
+            except BackendError as err:
+                self._next_watch_attempt = time.monotonic() + 1.0
+                log.warning("after fork: %s; calling the inherited nodes meanwhile", err)
+                return
+            try:
+                self._watch = registry.watch(self.env, self.appkey, self.service_name, self.table)
+            except BaseException:
+                registry.close()
+                raise
+            self._registry = registry
+            self._forked = False
+            log.info("client for %s/%s rebuilt after fork in pid %d", self.appkey, self.service_name, os.getpid())
+
+    def _node_left(self, node: Node) -> None:
+        self._pool.drop(node.address)
+        self._outliers.forget(node.address)
+
+    def _start_health_check(self) -> None:
+        if self._health_check_interval:
+            self._health = HealthChecker(
+                lambda: self.table.snapshot,
+                self._outliers,
+                "%s-%s" % (self.appkey, self.service_name),
+                interval=self._health_check_interval,
+            ).start()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -184,9 +287,14 @@ class ProbeClient(TClient):
             if self._closed:
                 return
             self._closed = True
-        self._watch.close()
+        _live_clients.discard(self)
+        if self._health is not None:
+            self._health.close()
+        self.table.close()
         self._pool.close()
-        self._registry.close()
+        if not self._forked:  # the inherited watch and session belong to the parent
+            self._watch.close()
+            self._registry.close()
 
     def __enter__(self) -> "ProbeClient":
         return self
@@ -201,6 +309,43 @@ class ProbeClient(TClient):
             self.service_name,
             len(self.table.snapshot.all_nodes),
         )
+
+
+class _TimeoutView:
+    """``client.with_timeout(ms)``: the IDL's methods with a per-call socket timeout."""
+
+    __slots__ = ("_client", "_timeout_ms")
+
+    def __init__(self, client: ProbeClient, timeout_ms: int) -> None:
+        self._client = client
+        self._timeout_ms = timeout_ms
+
+    def __getattr__(self, api: str) -> Any:
+        client = self._client
+        if api not in client._methods:
+            raise AttributeError("%s has no method %r" % (client.service_name, api))
+        return lambda *args, **kwargs: client._call(api, self._timeout_ms, args, kwargs)
+
+
+_live_clients: "weakref.WeakSet[ProbeClient]" = weakref.WeakSet()
+
+
+def _mark_clients_forked() -> None:
+    # Runs in the child right after fork(), single-threaded: no lock is taken here.
+    for client in list(_live_clients):
+        client._forked = True
+        client._fork_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_mark_clients_forked)
+
+
+def _transport_error(err: BaseException, where: str) -> TTransportException:
+    if isinstance(err, TTransportException):
+        return err
+    if isinstance(err, socket.timeout):
+        return TTransportException(TTransportException.TIMED_OUT, "%s timed out" % where)
+    return TTransportException(TTransportException.UNKNOWN, "%s failed: %s: %s" % (where, type(err).__name__, err))
 
 
 def _unpack(reply: Any) -> Any:
@@ -232,6 +377,10 @@ def build_client(
     config: Union[config_mod.Config, str, "os.PathLike[str]", None] = None,
     env: Optional[str] = None,
     balancer: Optional[Balancer] = None,
+    retry: Optional[Retry] = None,
+    outlier_detection: Optional[OutlierDetector] = None,
+    health_check_interval: Optional[float] = None,
+    empty_grace: float = 10.0,
     max_idle_per_node: int = 32,
 ) -> ProbeClient:
     """Return a client for ``service_name`` of ``appkey``, as defined in the IDL ``thrift_path``.
@@ -241,6 +390,12 @@ def build_client(
     write of a call; ``connect_timeout`` (ms, default: the socket timeout) bounds opening a
     connection. ``config`` is a loaded Config or a path (see ``thriftprobe.config``).
 
+    Resilience (see the README's "Failure behaviour"): ``retry`` says which methods are idempotent
+    and may be sent again after a failure that followed sending (default: none are);
+    ``outlier_detection`` ejects nodes that keep failing (default: ``OutlierDetector()``);
+    ``health_check_interval`` (s) starts an active TCP health check (default: off);
+    ``empty_grace`` (s) is how long the last nodes are kept when the registry suddenly shows none.
+
     Raises InvalidArgument, ConfigError, IdlError, or BackendError when ZooKeeper is unreachable.
     """
     validate_names(appkey, service_name)
@@ -249,25 +404,35 @@ def build_client(
             raise InvalidArgument("%s must be a positive number of milliseconds, got %r" % (label, value))
     if not isinstance(max_idle_per_node, int) or max_idle_per_node < 0:
         raise InvalidArgument("max_idle_per_node must be an integer >= 0, got %r" % (max_idle_per_node,))
+    if empty_grace < 0 or (health_check_interval is not None and health_check_interval <= 0):
+        raise InvalidArgument("empty_grace must be >= 0 and health_check_interval > 0")
     cfg = config_mod.resolve(config, env)
     service = load_service(thrift_path, service_name)
+    outliers = outlier_detection or OutlierDetector()
     pool = ConnectionPool(
         connect_timeout_ms=connect_timeout or socket_timeout,
         socket_timeout_ms=socket_timeout,
         max_idle=max_idle_per_node,
     )
-    table = NodeTable()
-    table.on_remove(lambda node: pool.drop(node.address))
+    table = NodeTable(empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name))
+
+    def node_left(node: Node) -> None:
+        pool.drop(node.address)
+        outliers.forget(node.address)
+
+    table.on_remove(node_left)
     registry = ZooKeeperRegistry(cfg.zookeeper)
     try:
         watch = registry.watch(cfg.env, appkey, service_name, table)
     except BaseException:
         registry.close()
         raise
-    log.info("client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes))
+    log.info(
+        "client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes)
+    )
     return ProbeClient(
         service,
-        env=cfg.env,
+        cfg=cfg,
         appkey=appkey,
         service_name=service_name,
         registry=registry,
@@ -275,4 +440,7 @@ def build_client(
         watch=watch,
         pool=pool,
         balancer=balancer or WeightedRandom(),
+        retry=retry,
+        outliers=outliers,
+        health_check_interval=health_check_interval,
     )

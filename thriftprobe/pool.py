@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import select
 import threading
 from typing import Deque, Dict, Optional, Tuple
@@ -30,16 +31,22 @@ _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 class PooledConnection:
     """One open connection to one node. Used by one thread at a time (the pool hands it out)."""
 
-    __slots__ = ("address", "protocol", "_transport", "_poll", "seqid")
+    __slots__ = ("address", "protocol", "_transport", "_socket", "_default_timeout", "_poll", "seqid")
 
-    def __init__(self, address: Address, transport: TTransportBase, protocol: TProtocolBase, sock_fd: int) -> None:
+    def __init__(self, address: Address, sock: TSocket, transport: TTransportBase, protocol: TProtocolBase) -> None:
         self.address = address
         self.protocol = protocol
         self._transport = transport
+        self._socket = sock.sock
+        self._default_timeout = self._socket.gettimeout()
         poller = select.poll()
-        poller.register(sock_fd, _STALE_EVENTS)
+        poller.register(self._socket.fileno(), _STALE_EVENTS)
         self._poll = poller.poll
         self.seqid = 0
+
+    def set_timeout(self, timeout_ms: Optional[int]) -> None:
+        """Use ``timeout_ms`` for the next reads and writes; None restores the pool's default."""
+        self._socket.settimeout(self._default_timeout if timeout_ms is None else timeout_ms / 1000.0)
 
     def is_stale(self) -> bool:
         """True if the idle socket has anything to report: EOF, reset or unexpected bytes."""
@@ -48,12 +55,17 @@ class PooledConnection:
     def close(self) -> None:
         self._transport.close()
 
+    def forget(self) -> None:
+        """Release this process's handle on the socket without shutting the connection down
+        (after fork, the parent still uses it)."""
+        self._socket.close()
+
 
 class ConnectionPool:
     """Idle connections kept per node address, at most ``max_idle`` each.
 
-    Thread-safe: any number of threads may acquire and release concurrently. Not fork-safe: a
-    child process must build its own client.
+    Thread-safe: any number of threads may acquire and release concurrently. After fork, a child
+    calls ``abandon_after_fork()`` and uses the pool it returns.
     """
 
     def __init__(
@@ -73,6 +85,7 @@ class ConnectionPool:
         self._idle: Dict[Address, Deque[PooledConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.owner_pid = os.getpid()
 
     def acquire(self, address: Address) -> PooledConnection:
         """Lend a live connection to ``address``, opening one if none is idle.
@@ -102,7 +115,7 @@ class ConnectionPool:
         transport = self._trans_factory.get_transport(sock)
         transport.open()  # raises TTransportException(NOT_OPEN); TSocket closes its socket then
         log.debug("opened a connection to %s:%d", *address)
-        return PooledConnection(address, transport, self._proto_factory.get_protocol(transport), sock.sock.fileno())
+        return PooledConnection(address, sock, transport, self._proto_factory.get_protocol(transport))
 
     def release(self, conn: PooledConnection) -> None:
         """Take back a connection whose last call completed cleanly."""
@@ -139,6 +152,21 @@ class ConnectionPool:
             except IndexError:
                 return
             conn.close()
+
+    def abandon_after_fork(self) -> "ConnectionPool":
+        """In a child process: forget the parent's connections (never shutting them down, the
+        parent still uses them) and return an empty pool with the same settings."""
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                conn.forget()
+        self._idle = {}
+        return ConnectionPool(
+            connect_timeout_ms=self._connect_timeout_ms,
+            socket_timeout_ms=self._socket_timeout_ms,
+            max_idle=self._max_idle,
+            proto_factory=self._proto_factory,
+            trans_factory=self._trans_factory,
+        )
 
     def idle_count(self, address: Address) -> int:
         idle = self._idle.get(address)

@@ -64,6 +64,17 @@ def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
         return client
 
 
+def _forget_parent_sessions() -> None:
+    # In a child after fork(): the parent's sessions are not ours to use or to close (closing
+    # would end them for the parent). Start from nothing, with a lock no thread holds.
+    global _sessions_lock
+    _sessions.clear()
+    _sessions_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parent_sessions)
+
+
 def _release(client: KazooClient) -> None:
     with _sessions_lock:
         key = next((k for k, shared in _sessions.items() if shared.client is client), None)

@@ -220,6 +220,7 @@ class RunningService:
         registration: Registration,
         store: NodeSettingsStore,
         stop_timeout: float,
+        drain: float,
     ) -> None:
         self.config = cfg
         self.env = cfg.env
@@ -232,6 +233,7 @@ class RunningService:
         self._registration = registration
         self._store = store
         self._stop_timeout = stop_timeout
+        self._drain = drain
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
@@ -245,14 +247,20 @@ class RunningService:
     def stopped(self) -> bool:
         return self._stopped
 
-    def stop(self, timeout: Optional[float] = None) -> None:
-        """Deregister, stop accepting, finish in-flight calls (up to ``timeout`` s), close ZooKeeper."""
+    def stop(self, timeout: Optional[float] = None, drain: Optional[float] = None) -> None:
+        """Deregister, keep serving for ``drain`` seconds while consumers drop the node, stop
+        accepting, finish in-flight calls (up to ``timeout`` s), close ZooKeeper and Redis.
+        Both default to what ``start_service`` was given."""
         self._stop_requested.set()
         with self._stop_lock:
             if self._stopped:
                 return
             log.info("stopping %s on port %d", self.service_name, self.port)
             self._registration.delete()
+            drain = self._drain if drain is None else drain
+            if drain > 0:
+                log.info("draining %s on port %d for %.1f s", self.service_name, self.port, drain)
+                threading.Event().wait(drain)
             self._server.stop(self._stop_timeout if timeout is None else timeout)
             self._registry.close()
             self._store.close()
@@ -349,6 +357,7 @@ def start_service(
     block: bool = True,
     io_timeout: Optional[int] = 30000,
     stop_timeout: float = 10.0,
+    drain: float = 1.0,
     audit_interval: float = 30.0,
 ) -> RunningService:
     """Serve ``handler`` as ``service_name`` of ``appkey`` and register it for discovery.
@@ -358,6 +367,9 @@ def start_service(
     default) this serves until SIGTERM/SIGINT or ``stop()`` from another thread, then returns the
     stopped handle; with ``block=False`` it returns the running handle at once.
     ``io_timeout`` (ms) bounds reading one request and writing one reply, never idle time.
+    Stopping (``stop()``, SIGTERM, SIGINT) deregisters first, keeps serving for ``drain`` seconds
+    while consumers drop the node, then stops accepting and gives in-flight calls up to
+    ``stop_timeout`` seconds to finish.
     Every ``audit_interval`` seconds, and whenever a lost ZooKeeper session is replaced, the
     node is checked and repaired: re-created if missing, with the settings now in Redis.
 
@@ -370,6 +382,8 @@ def start_service(
         raise InvalidArgument("port must be an integer 0..65535, got %r" % (port,))
     if not audit_interval > 0:
         raise InvalidArgument("audit_interval must be > 0 seconds, got %r" % (audit_interval,))
+    if not (drain >= 0 and stop_timeout >= 0):
+        raise InvalidArgument("drain and stop_timeout must be >= 0 seconds")
     cfg = config_mod.resolve(config, env)
     check_appkey(cfg.mysql, cfg.env, appkey)
     service = load_service(thrift_path, service_name)
@@ -424,6 +438,7 @@ def start_service(
         registration=registration,
         store=store,
         stop_timeout=stop_timeout,
+        drain=drain,
     )
     log.info("serving %s/%s/%s on %s:%d", cfg.env, appkey, service_name, host, bound_port)
     if block:

@@ -3,17 +3,27 @@
 Writers (the registry's watch callbacks) take a lock and publish a new immutable ``Snapshot``;
 readers (every call) read ``table.snapshot`` with no lock at all. A snapshot keeps the nodes that
 may take calls and their cumulative weights, so a weighted pick is one bisect.
+
+Empty-list protection: a removal that would leave the table with no node at all is held for
+``empty_grace`` seconds instead of applied. A registry glitch (a session expiry, a restarted
+ensemble, providers re-registering) therefore never empties a consumer's table: calls keep going
+to the last known nodes, and nodes that re-appear simply stay. A real removal of every provider
+is honoured when the grace period ends: the held nodes that did not come back are removed.
+(Until then, calls to them fail fast with NoAvailableNode as their ports refuse connections.)
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .node import Node
 
 __all__ = ["NodeTable", "Snapshot"]
+
+log = logging.getLogger(__name__)
 
 
 class Snapshot:
@@ -35,11 +45,15 @@ RemovalListener = Callable[[Node], None]
 class NodeTable:
     """Thread-safe: any number of readers and writers."""
 
-    def __init__(self) -> None:
+    def __init__(self, empty_grace: float = 0.0, label: str = "") -> None:
         self._lock = threading.Lock()
-        self._nodes: Dict[str, Node] = {}
-        self._listeners: List[RemovalListener] = []
         self._changed = threading.Condition(self._lock)
+        self._nodes: Dict[str, Node] = {}
+        self._held: Dict[str, Node] = {}
+        self._listeners: List[RemovalListener] = []
+        self._empty_grace = empty_grace
+        self._label = label
+        self._timer: Optional[threading.Timer] = None
         self.snapshot: Snapshot = Snapshot({})
 
     def on_remove(self, listener: RemovalListener) -> None:
@@ -49,6 +63,7 @@ class NodeTable:
 
     def upsert(self, name: str, node: Node) -> None:
         with self._lock:
+            self._held.pop(name, None)
             old = self._nodes.get(name)
             self._nodes[name] = node
             self._publish()
@@ -60,11 +75,39 @@ class NodeTable:
             old = self._nodes.pop(name, None)
             if old is None:
                 return
+            if not self._nodes and self._empty_grace > 0:
+                self._held[name] = old
+                self._arm_timer()
+                log.warning(
+                    "%s: the registry shows no node left; keeping the last %d for %.1f s in case it is a glitch",
+                    self._label, len(self._held), self._empty_grace,
+                )
+                self._publish()
+                return
             self._publish()
             self._removed(old)
 
+    def _arm_timer(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self._empty_grace, self._grace_over)
+            self._timer.name = "thriftprobe-grace-" + self._label
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _grace_over(self) -> None:
+        with self._lock:
+            self._timer = None
+            held, self._held = self._held, {}
+            if not held:
+                return
+            log.warning("%s: %d node(s) did not come back within %.1f s; removing them",
+                        self._label, len(held), self._empty_grace)
+            self._publish()
+            for node in held.values():
+                self._removed(node)
+
     def nodes(self) -> List[Node]:
-        """Every registered node, available or not."""
+        """Every node calls may go to, available or not (held nodes included)."""
         return list(self.snapshot.all_nodes)
 
     def wait_for(self, predicate: Callable[[Snapshot], bool], timeout: float) -> bool:
@@ -72,8 +115,26 @@ class NodeTable:
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self.snapshot), timeout)
 
+    def close(self) -> None:
+        """Cancel a pending grace timer."""
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def copy_for_child(self) -> "NodeTable":
+        """A new table with this one's nodes, for a child process after fork (locks are fresh)."""
+        table = NodeTable(self._empty_grace, self._label)
+        table._nodes = dict(self._nodes)
+        table._held = {}
+        table._nodes.update({k: v for k, v in self._held.items() if k not in table._nodes})
+        table.snapshot = Snapshot(table._nodes)
+        return table
+
     def _publish(self) -> None:
-        self.snapshot = Snapshot(self._nodes)
+        merged = dict(self._held)
+        merged.update(self._nodes)
+        self.snapshot = Snapshot(merged)
         self._changed.notify_all()
 
     def _removed(self, node: Node) -> None:

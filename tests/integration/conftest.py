@@ -193,6 +193,7 @@ def providers(cfg: config.Config, appkey: str) -> Iterator[Callable[..., object]
     def start(tag: str = "p", port: int = 0, **kwargs: object):  # type: ignore[no-untyped-def]
         kwargs.setdefault("config", cfg)
         kwargs.setdefault("bind_host", "127.0.0.1")
+        kwargs.setdefault("drain", 0)  # tests that need a drain period ask for one
         svc = start_service(IDL, appkey, "Calculator", Handler(tag), port, block=False, **kwargs)
         started.append(svc)
         return svc
@@ -200,7 +201,7 @@ def providers(cfg: config.Config, appkey: str) -> Iterator[Callable[..., object]
     start.started = started  # type: ignore[attr-defined]
     yield start
     for svc in started:
-        svc.stop(timeout=2.0)
+        svc.stop(timeout=2.0, drain=0)
 
 
 def free_port() -> int:
