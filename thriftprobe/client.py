@@ -32,7 +32,7 @@ from .retry import Retry
 from .table import NodeTable
 
 try:  # the compiled protocol's own error type, when thriftpy2 was built with Cython
-    from thriftpy2.protocol.cybin import ProtocolError as _CyProtocolError
+    from thriftpy2.protocol.cybin import ProtocolError as _CyProtocolError  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover
     _CyProtocolError = TProtocolException  # type: ignore[misc,assignment]
 

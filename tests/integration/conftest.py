@@ -221,6 +221,7 @@ def spawn_provider(config_path: str, env: str, appkey: str, tag: str, port: int 
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
+    proc.stdout.close()  # the provider closes its end after READY; keep no pipe open
     if not line.startswith("READY"):
         proc.kill()
         proc.wait()

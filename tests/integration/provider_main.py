@@ -1,7 +1,7 @@
 """A provider in its own process, for tests that kill or signal it.
 
 usage: provider_main.py CONFIG ENV APPKEY TAG PORT
-Prints "READY <port>" once registered, then serves until SIGTERM/SIGINT.
+Prints "READY <port>" once registered (then closes stdout), and serves until SIGTERM/SIGINT.
 """
 
 import sys
@@ -29,8 +29,9 @@ def main() -> None:
         block=False,
     )
     print("READY %d" % svc.port, flush=True)
+    sys.stdout.close()
     svc.serve_forever()
-    print("STOPPED threads=%d" % threading.active_count(), flush=True)
+    print("provider %s stopped, %d thread(s) left" % (tag, threading.active_count()), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

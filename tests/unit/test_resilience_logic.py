@@ -1,0 +1,115 @@
+"""Pure logic of the resilience parts: retry budget, outlier ejection, empty-list protection."""
+
+import threading
+
+import pytest
+
+from thriftprobe.health import OutlierDetector
+from thriftprobe.node import Node
+from thriftprobe.retry import Retry, RetryBudget
+from thriftprobe.table import NodeTable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+A, B, C, D = ("a", 1), ("b", 1), ("c", 1), ("d", 1)
+
+
+def test_budget_allows_its_burst_then_a_share_of_calls():
+    budget = RetryBudget(ratio=0.1, min_per_second=0, window_calls=50)
+    assert sum(budget.withdraw() for _ in range(100)) == 5  # the burst: 0.1 * 50
+    for _ in range(30):
+        budget.deposit()
+    assert sum(budget.withdraw() for _ in range(100)) == 3  # 10 % of 30 calls
+
+
+def test_retry_only_idempotent_methods_within_attempts():
+    retry = Retry(idempotent={"get"}, attempts=3)
+    assert retry.may_retry("get", 1) and retry.may_retry("get", 2)
+    assert not retry.may_retry("get", 3)
+    assert not retry.may_retry("put", 1)
+    with pytest.raises(TypeError):
+        Retry(idempotent="get")
+
+
+def test_consecutive_failures_eject_for_a_growing_time():
+    clock = Clock()
+    d = OutlierDetector(consecutive_failures=3, base_ejection=1.0, max_ejection=3.0, max_ejected_share=1.0, clock=clock)
+    d.failure(A, 4)
+    d.failure(A, 4)
+    d.success(A)  # a success resets the count
+    d.failure(A, 4)
+    d.failure(A, 4)
+    assert d.excluded() == frozenset()
+    d.failure(A, 4)
+    assert d.excluded() == {A}
+    clock.now += 1.01
+    assert d.excluded() == frozenset()  # eligible again: the next call probes it
+    d.failure(A, 4)  # the probe failed: ejected again, for twice as long
+    assert d.excluded() == {A}
+    clock.now += 1.5
+    assert d.excluded() == {A}
+    clock.now += 0.6
+    assert d.excluded() == frozenset()
+    d.success(A)  # the probe succeeded: record cleared, back to three failures needed
+    d.failure(A, 4)
+    assert d.excluded() == frozenset()
+
+
+def test_ejection_never_exceeds_the_share():
+    d = OutlierDetector(consecutive_failures=1, max_ejected_share=0.5, clock=Clock())
+    for node in (A, B, C, D):
+        d.failure(node, 4)
+    assert d.excluded() == {A, B}
+
+
+def test_active_probe_recovers_and_forget_drops():
+    d = OutlierDetector(consecutive_failures=1, max_ejected_share=1.0, clock=Clock())
+    d.failure(A, 2)
+    d.failure(B, 2)
+    d.recovered(A)
+    d.forget(B)
+    assert d.excluded() == frozenset()
+
+
+def test_removal_of_the_last_node_is_held_for_the_grace_period():
+    t = NodeTable(empty_grace=0.2)
+    removed = []
+    gone = threading.Event()
+    t.on_remove(lambda n: (removed.append(n.port), gone.set()))
+    t.upsert("x_h_1", Node("h", 1))
+    t.upsert("x_h_2", Node("h", 2))
+    t.remove("x_h_1")
+    assert removed == [1]  # not the last one: removed at once
+    t.remove("x_h_2")
+    assert [n.port for n in t.snapshot.all_nodes] == [2] and removed == [1]  # held
+    assert gone.wait(0)  # (the event was set by the first removal)
+    gone.clear()
+    assert gone.wait(5)
+    assert removed == [1, 2] and t.snapshot.all_nodes == ()
+    t.close()
+
+
+def test_a_held_node_that_comes_back_stays():
+    t = NodeTable(empty_grace=0.2)
+    removed = []
+    t.on_remove(lambda n: removed.append(n.port))
+    t.upsert("x_h_1", Node("h", 1))
+    t.remove("x_h_1")
+    t.upsert("x_h_1", Node("h", 1, weight=5))
+    assert not t.wait_for(lambda s: not s.all_nodes, timeout=0.5)
+    assert removed == [] and t.snapshot.all_nodes[0].weight == 5
+    t.close()
+
+
+def test_without_grace_removal_is_immediate():
+    t = NodeTable()
+    t.upsert("x_h_1", Node("h", 1))
+    t.remove("x_h_1")
+    assert t.snapshot.all_nodes == ()
