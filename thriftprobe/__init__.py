@@ -17,6 +17,8 @@ from .errors import (  # noqa: E402
     SettingsError,
     ThriftProbeError,
 )
+from .health import OutlierDetector  # noqa: E402
+from .retry import Retry, RetryBudget  # noqa: E402
 from .server import RunningService, start_service  # noqa: E402
 
 __all__ = [
@@ -26,6 +28,9 @@ __all__ = [
     "RunningService",
     "ProbeClient",
     "Config",
+    "Retry",
+    "RetryBudget",
+    "OutlierDetector",
     "ThriftProbeError",
     "ConfigError",
     "InvalidArgument",
