@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "console": ["Flask>=2.3"],
-        "test": ["pytest>=7", "Flask>=2.3", "playwright>=1.40"],
+        "test": ["pytest>=7", "Flask>=2.3", "playwright>=1.40", "scipy>=1.9"],
     },
     entry_points={"console_scripts": ["thriftprobe = thriftprobe.cli:main"]},
     classifiers=[

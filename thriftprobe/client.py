@@ -112,7 +112,21 @@ class ProbeClient(TClient):
         self._fork_lock = threading.Lock()
         self._next_watch_attempt = 0.0
         self._start_health_check()
+        for name in self._methods:
+            # A real attribute per IDL method spares every call TClient.__getattr__ and a new
+            # functools.partial. Names the class already uses (close...) keep TClient's rules.
+            if not hasattr(ProbeClient, name):
+                setattr(self, name, self._method_caller(name))
         _live_clients.add(self)
+
+    def _method_caller(self, api: str) -> Any:
+        call = self._call
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return call(api, None, args, kwargs)
+
+        method.__name__ = method.__qualname__ = api
+        return method
 
     # -- the call path -------------------------------------------------------------------------
 

@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 
 
 class Snapshot:
-    """An immutable view of the table: ``available`` nodes (valid, weight > 0) in a stable order,
-    ``cumulative`` weights aligned with them, and their ``total``."""
+    """An immutable view of the table: ``available`` nodes (valid, weight > 0), ``cumulative``
+    weights aligned with them, and their ``total``. Built in O(n) on every change."""
 
     __slots__ = ("available", "cumulative", "total", "all_nodes")
 
     def __init__(self, nodes: Dict[str, Node]) -> None:
-        self.all_nodes: Tuple[Node, ...] = tuple(nodes[name] for name in sorted(nodes))
+        self.all_nodes: Tuple[Node, ...] = tuple(nodes.values())
         self.available: Tuple[Node, ...] = tuple(n for n in self.all_nodes if n.available)
         self.cumulative: Tuple[int, ...] = tuple(itertools.accumulate(n.weight for n in self.available))
         self.total: int = self.cumulative[-1] if self.cumulative else 0
