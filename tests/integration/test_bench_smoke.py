@@ -1,0 +1,28 @@
+"""The benchmark command keeps working (a --quick run), and its structural claims hold.
+
+Speed is not asserted here (machines are noisy); what the benchmark counts is: one ZooKeeper
+read when one of 1,000 nodes changes, two when one joins.
+"""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_quick_benchmark_runs_and_one_node_change_costs_one_read(tmp_path, services):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "bench.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1. call path" in done.stdout and "5. distribution" in done.stdout
+    results = json.loads(out.read_text())
+    assert set(results["call_path_1_thread"]) == {"raw", "thriftprobe", "seed"}
+    assert results["scale"]["nodes"] == 1000
+    assert results["scale"]["zk_reads_one_node_changed"] == 1
+    assert sum(results["scale"]["zk_reads_one_node_joined"].values()) == 2
+    assert set(results["propagation"]) == {"join", "leave", "weight change", "switch off"}
+    assert 0 <= results["distribution"]["p_value"] <= 1
