@@ -35,9 +35,9 @@ from thriftpy2.rpc import make_client
 from thriftpy2.transport import TBufferedTransportFactory, TSocket
 
 from thriftprobe import build_client, config
+from thriftprobe.appkeys import add_appkey
 from thriftprobe.balancer import WeightedRandom
 from thriftprobe.db import create_schema
-from thriftprobe.appkeys import add_appkey
 from thriftprobe.node import Node, parse_znode_name, service_path
 from thriftprobe.table import NodeTable
 

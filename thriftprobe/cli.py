@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, TextIO
 
 from thriftpy2.transport import TTransportException
 
-from . import __version__, appkeys, db
+from . import __version__, appkeys, audit, db
 from . import config as config_mod
 from .errors import InvalidArgument, ThriftProbeError
 from .governance import Governance, check_weight
@@ -172,8 +172,8 @@ def cmd_node(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_history(args: argparse.Namespace, out: Output) -> int:
-    with Governance(_cfg(args)) as gov:
-        entries = gov.history(args.appkey, args.service, args.limit)
+    cfg = _cfg(args)
+    entries = audit.history(cfg.mysql, cfg.env, args.appkey, args.service, args.limit)  # MySQL alone
     out.data([e.to_dict() for e in entries])
     for e in entries:
         out.line(e.describe())

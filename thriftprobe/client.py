@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import types
 import weakref
 from typing import Any, Dict, FrozenSet, Optional, Tuple, Union
@@ -22,6 +21,7 @@ from thriftpy2.transport import TTransportException
 
 from . import config as config_mod
 from .balancer import Balancer, WeightedRandom
+from .cache import TableCache
 from .errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
 from .health import HealthChecker, OutlierDetector
 from .idl import load_service
@@ -82,9 +82,9 @@ class ProbeClient(TClient):
         cfg: config_mod.Config,
         appkey: str,
         service_name: str,
-        registry: ZooKeeperRegistry,
+        registry: Optional[ZooKeeperRegistry],
         table: NodeTable,
-        watch: ServiceWatch,
+        watch: Optional[ServiceWatch],
         pool: ConnectionPool,
         balancer: Balancer,
         retry: Optional[Retry],
@@ -110,7 +110,13 @@ class ProbeClient(TClient):
         self._closed = False
         self._forked = False
         self._fork_lock = threading.Lock()
-        self._next_watch_attempt = 0.0
+        # A connection coming back to the pool for an address without an idle list is kept only
+        # if its node is still in the (current) table.
+        pool.set_keep(lambda address: address in self.table.snapshot.addresses)
+        self._attacher: Optional[threading.Thread] = None
+        self._attach_stop = threading.Event()
+        if registry is None:  # started from the node cache while ZooKeeper was unreachable
+            self._start_attaching(first_wait=1.0)
         self._start_health_check()
         for name in self._methods:
             # A real attribute per IDL method spares every call TClient.__getattr__ and a new
@@ -165,7 +171,7 @@ class ProbeClient(TClient):
                 reply = self._exchange(conn, method, kwargs, timeout_ms)
             except _TRANSPORT_ERRORS as err:
                 self._pool.discard(conn)
-                self._outliers.failure(conn.address, len(self.table.snapshot.all_nodes))
+                self._outliers.failure(conn.address, len(self.table.snapshot.all_nodes), after_send=True)
                 if retry is not None and retry.may_retry(api, attempt):
                     log.debug("%s.%s failed on %s:%d (%s); retrying", self.service_name, api, *conn.address, err)
                     avoid = avoid | {conn.address}
@@ -252,33 +258,67 @@ class ProbeClient(TClient):
     # -- fork ----------------------------------------------------------------------------------
 
     def _adopt_after_fork(self) -> None:
-        """First call in a child process: replace what was inherited from the parent."""
+        """First call in a child process: replace what was inherited from the parent.
+
+        Nothing inherited is closed (that would shut the parent's sockets or end its session):
+        it is forgotten. The child starts from the inherited table and attaches to ZooKeeper on
+        a background thread, so no call waits for ZooKeeper.
+        """
         with self._fork_lock:
             if not self._forked:
                 return
-            if self._pool.owner_pid != os.getpid():
-                self._pool = self._pool.abandon_after_fork()
-                self.table = self.table.copy_for_child()
-                self.table.on_remove(self._node_left)
-                self._outliers.reinit_after_fork()
-                self._close_lock = threading.Lock()
-                self._start_health_check()
-            if time.monotonic() < self._next_watch_attempt:
-                return  # ZooKeeper was unreachable a moment ago: serve from the inherited table
-            try:
-                registry = ZooKeeperRegistry(self._cfg.zookeeper)
-            except BackendError as err:
-                self._next_watch_attempt = time.monotonic() + 1.0
-                log.warning("after fork: %s; calling the inherited nodes meanwhile", err)
-                return
-            try:
-                self._watch = registry.watch(self.env, self.appkey, self.service_name, self.table)
-            except BaseException:
-                registry.close()
-                raise
-            self._registry = registry
+            self._pool = self._pool.abandon_after_fork()
+            self.table = self.table.copy_for_child()
+            self.table.on_remove(self._node_left)
+            self._outliers.reinit_after_fork()
+            if self._retry is not None:
+                self._retry.budget.reinit_after_fork()
+            self._close_lock = threading.Lock()
+            self._registry = self._watch = None  # the parent's
+            self._attach_stop = threading.Event()
+            self._start_attaching(first_wait=0.0)
+            self._start_health_check()
             self._forked = False
-            log.info("client for %s/%s rebuilt after fork in pid %d", self.appkey, self.service_name, os.getpid())
+            log.info("client for %s/%s adopted after fork in pid %d", self.appkey, self.service_name, os.getpid())
+
+    def _start_attaching(self, first_wait: float) -> None:
+        self._attacher = threading.Thread(
+            target=self._keep_attaching,
+            args=(first_wait,),
+            name="thriftprobe-attach-%s-%s" % (self.appkey, self.service_name),
+            daemon=True,
+        )
+        self._attacher.start()
+
+    def _attach(self) -> None:
+        """Open (a share of) a ZooKeeper session and watch the service into the table. The
+        registry's list is authoritative: nodes it does not have (inherited from a parent, or
+        read from the cache file) leave the table. Raises BackendError."""
+        registry = ZooKeeperRegistry(self._cfg.zookeeper)
+        try:
+            watch = registry.watch(self.env, self.appkey, self.service_name, self.table)
+        except BaseException:
+            registry.close()
+            raise
+        with self._close_lock:
+            if self._closed:
+                watch.close()
+                registry.close()
+                return
+            self._registry, self._watch = registry, watch
+        watch.retain_only_watched(self.table)
+
+    def _keep_attaching(self, first_wait: float = 1.0) -> None:
+        wait = first_wait
+        while not self._attach_stop.wait(wait):
+            wait = 1.0
+            try:
+                self._attach()
+            except BackendError as err:
+                log.debug("ZooKeeper still unreachable: %s", err)
+                continue
+            log.info("ZooKeeper reachable: %s/%s now follows the registry", self.appkey, self.service_name)
+            return
 
     def _node_left(self, node: Node) -> None:
         self._pool.drop(node.address)
@@ -302,12 +342,19 @@ class ProbeClient(TClient):
                 return
             self._closed = True
         _live_clients.discard(self)
+        self._attach_stop.set()
+        if self._attacher is not None and self._attacher is not threading.current_thread():
+            self._attacher.join()
         if self._health is not None:
             self._health.close()
         self.table.close()
+        if self._forked:  # a child that never called: everything it holds is the parent's
+            self._pool.abandon_after_fork()
+            return
         self._pool.close()
-        if not self._forked:  # the inherited watch and session belong to the parent
-            self._watch.close()
+        if self._registry is not None:
+            if self._watch is not None:
+                self._watch.close()
             self._registry.close()
 
     def __enter__(self) -> "ProbeClient":
@@ -349,6 +396,7 @@ def _mark_clients_forked() -> None:
     for client in list(_live_clients):
         client._forked = True
         client._fork_lock = threading.Lock()
+        client._close_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_mark_clients_forked)
@@ -395,6 +443,8 @@ def build_client(
     outlier_detection: Optional[OutlierDetector] = None,
     health_check_interval: Optional[float] = None,
     empty_grace: float = 10.0,
+    cache_file: Union[str, "os.PathLike[str]", None] = None,
+    cache_max_age: float = 3600.0,
     max_idle_per_node: int = 32,
 ) -> ProbeClient:
     """Return a client for ``service_name`` of ``appkey``, as defined in the IDL ``thrift_path``.
@@ -409,6 +459,9 @@ def build_client(
     ``outlier_detection`` ejects nodes that keep failing (default: ``OutlierDetector()``);
     ``health_check_interval`` (s) starts an active TCP health check (default: off);
     ``empty_grace`` (s) is how long the last nodes are kept when the registry suddenly shows none.
+    ``cache_file``: keep the last known nodes in this file, and start from it (if younger than
+    ``cache_max_age`` s) when ZooKeeper is unreachable; the client then attaches to ZooKeeper
+    in the background as soon as it answers.
 
     Raises InvalidArgument, ConfigError, IdlError, or BackendError when ZooKeeper is unreachable.
     """
@@ -418,8 +471,8 @@ def build_client(
             raise InvalidArgument("%s must be a positive number of milliseconds, got %r" % (label, value))
     if not isinstance(max_idle_per_node, int) or max_idle_per_node < 0:
         raise InvalidArgument("max_idle_per_node must be an integer >= 0, got %r" % (max_idle_per_node,))
-    if empty_grace < 0 or (health_check_interval is not None and health_check_interval <= 0):
-        raise InvalidArgument("empty_grace must be >= 0 and health_check_interval > 0")
+    if empty_grace < 0 or cache_max_age < 0 or (health_check_interval is not None and health_check_interval <= 0):
+        raise InvalidArgument("empty_grace and cache_max_age must be >= 0, health_check_interval > 0")
     cfg = config_mod.resolve(config, env)
     service = load_service(thrift_path, service_name)
     outliers = outlier_detection or OutlierDetector()
@@ -435,12 +488,31 @@ def build_client(
         outliers.forget(node.address)
 
     table.on_remove(node_left)
-    registry = ZooKeeperRegistry(cfg.zookeeper)
+    cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
+    registry: Optional[ZooKeeperRegistry] = None
+    watch: Optional[ServiceWatch] = None
     try:
-        watch = registry.watch(cfg.env, appkey, service_name, table)
-    except BaseException:
-        registry.close()
-        raise
+        registry = ZooKeeperRegistry(cfg.zookeeper)
+    except BackendError as err:
+        if cache is None:
+            raise
+        try:
+            cached, age = cache.load(cache_max_age)
+        except ThriftProbeError as cache_err:
+            raise BackendError("%s; and %s" % (err, cache_err)) from err
+        for name, node in cached.items():
+            table.upsert(name, node)
+        log.warning("%s; starting %s/%s from %d cached node(s), %.0f s old", err, appkey, service_name,
+                    len(cached), age)
+    if registry is not None:
+        try:
+            watch = registry.watch(cfg.env, appkey, service_name, table)
+        except BaseException:
+            registry.close()
+            raise
+    if cache is not None:
+        table.on_change(cache.save)
+        cache.save(table.named())
     log.info(
         "client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes)
     )

@@ -247,9 +247,18 @@ class _Reader:
         elif kind is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
         elif kind is str:
-            if isinstance(value, (str, int)) and not isinstance(value, bool):
-                return str(value)
+            if isinstance(value, str):
+                return value
+            # YAML reads 0123 as 83 and 0x1F as 31: a number here would silently be the wrong text.
+            raise ConfigError(
+                "config file %s: key %s must be a string; quote it (got %r)" % (self.path, where, value)
+            )
         raise ConfigError("config file %s: key %s must be %s, got %r" % (self.path, where, kind.__name__, value))
 
     def port(self, sect: Mapping[str, Any], section: str, key: str = "port") -> int:

@@ -51,10 +51,12 @@ def create_app(gov: Governance, console: ConsoleConfig) -> Any:
 
     @app.post("/login")
     def login() -> Any:
-        user_ok = hmac.compare_digest(request.form.get("username", ""), console.username)
-        pass_ok = hmac.compare_digest(request.form.get("password", ""), console.password)
+        # Compare bytes: compare_digest refuses non-ASCII str.
+        user_ok = hmac.compare_digest(request.form.get("username", "").encode(), console.username.encode())
+        pass_ok = hmac.compare_digest(request.form.get("password", "").encode(), console.password.encode())
         if not (user_ok and pass_ok):
-            log.warning("console: failed login for %r from %s", request.form.get("username", ""), request.remote_addr)
+            # The attempted name is not logged: it is often a password typed in the wrong field.
+            log.warning("console: failed login from %s", request.remote_addr)
             return render_template_string(_LOGIN_PAGE, error="Wrong user name or password.", env=gov.env), 401
         session.clear()
         session["user"] = console.username
@@ -97,13 +99,15 @@ def create_app(gov: Governance, console: ConsoleConfig) -> Any:
             if not isinstance(port, int):
                 raise InvalidArgument("port must be an integer")
             valid = body.get("valid")
+            if valid is not None and not isinstance(valid, bool):
+                raise InvalidArgument("valid must be true or false")
             change = gov.set_node(
                 str(body.get("appkey", "")),
                 str(body.get("service", "")),
                 str(body.get("host", "")),
                 port,
                 weight=body.get("weight"),
-                valid=None if valid is None else bool(valid),
+                valid=valid,
                 actor="console:" + session["user"],
             )
         except InvalidArgument as err:

@@ -10,6 +10,7 @@ import redis
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
+from redis.exceptions import RedisClusterException
 
 from . import config as config_mod
 from .db import missing_schema
@@ -60,7 +61,7 @@ def _redis(cfg: config_mod.Config) -> Check:
             client.ping()
             kind = client.type(hash_key(cfg.env))
             kind = kind.decode() if isinstance(kind, bytes) else kind
-    except (ThriftProbeError, redis.RedisError) as err:
+    except (ThriftProbeError, redis.RedisError, RedisClusterException) as err:
         return Check("redis", False, "%s unreachable: %s" % (cfg.redis.describe(), err))
     if kind not in ("hash", "none"):
         return Check("redis", False, "%s: key %s is a %s, not a hash" % (cfg.redis.describe(), hash_key(cfg.env), kind))

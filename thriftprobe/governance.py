@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.recipe.watchers import ChildrenWatch
@@ -219,32 +219,49 @@ class Governance:
             check_weight(weight)
         if not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
-        if not host or "|" in host or "/" in host:
+        if not isinstance(host, str) or not host or any(c in host for c in "_|/ "):
             raise InvalidArgument("host %r is invalid" % (host,))
         check_appkey(self.cfg.mysql, self.env, appkey)
         audit.check_ready(self.cfg.mysql)  # fail before changing anything, not after
         old, new = self._store.update(appkey, service, host, port, weight, valid)
-        live = self._registry.apply_settings(self.env, appkey, service, new) is not None
+        # Persisted: from here on the change is real (providers apply it at their next audit),
+        # so it is audited whatever happens to the live update.
+        live_error: Optional[BackendError] = None
+        try:
+            live = self._registry.apply_settings(self.env, appkey, service, new) is not None
+        except BackendError as err:
+            live, live_error = False, err
         change = Change(self.env, appkey, service, old, new, live)
-        audit.record(
-            self.cfg.mysql,
-            audit.AuditEntry(
-                changed_at="",
-                actor=actor or current_user(),
-                source=self._source,
-                env=self.env,
-                appkey=appkey,
-                service=service,
-                host=host,
-                port=port,
-                old_weight=None if old is None else old.weight,
-                old_valid=None if old is None else old.valid,
-                new_weight=new.weight,
-                new_valid=new.valid,
-                rev=new.rev,
-                live=live,
-            ),
-        )
+        try:
+            audit.record(
+                self.cfg.mysql,
+                audit.AuditEntry(
+                    changed_at="",
+                    actor=actor or current_user(),
+                    source=self._source,
+                    env=self.env,
+                    appkey=appkey,
+                    service=service,
+                    host=host,
+                    port=port,
+                    old_weight=None if old is None else old.weight,
+                    old_valid=None if old is None else old.valid,
+                    new_weight=new.weight,
+                    new_valid=new.valid,
+                    rev=new.rev,
+                    live=live,
+                ),
+            )
+        except BackendError as err:
+            raise BackendError(
+                "the change (rev %d) is stored%s, but its audit record failed: %s"
+                % (new.rev, " and live" if live else "", err)
+            ) from err
+        if live_error is not None:
+            raise BackendError(
+                "the change (rev %d) is stored and audited, but the live node was not updated (%s); "
+                "its provider applies it at its next audit" % (new.rev, live_error)
+            ) from live_error
         log.info(
             "%s set %s/%s/%s %s:%d to weight %d valid %d (rev %d, %s)",
             actor or current_user(),
@@ -338,6 +355,10 @@ class _EventSink:
         old = self._nodes.pop(name, None)
         if old is not None:
             self._emit(FleetEvent("leave", self._appkey, name.rsplit("_", 2)[0], old))
+
+    def remove_many(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.remove(name)
 
     def _emit(self, event: FleetEvent) -> None:
         if not self._stopped.is_set():

@@ -32,12 +32,13 @@ Address = Tuple[str, int]
 
 
 class _Record:
-    __slots__ = ("failures", "ejections", "until")
+    __slots__ = ("failures", "ejections", "until", "after_send")
 
     def __init__(self) -> None:
         self.failures = 0
         self.ejections = 0
         self.until = 0.0
+        self.after_send = False  # failed after a request was sent: a TCP probe proves nothing
 
 
 class OutlierDetector:
@@ -93,17 +94,25 @@ class OutlierDetector:
                     del self._records[address]
 
     def recovered(self, address: Address) -> None:
-        """An active probe reached the node: end its ejection and clear its record."""
+        """An active probe reached the node: end its ejection and clear its record, unless it
+        failed after requests were sent (a node that accepts but never answers stays ejected
+        until its time is up)."""
         if address in self._records:
             with self._lock:
-                if self._records.pop(address, None) is not None and address in self._ejected:
+                record = self._records.get(address)
+                if record is None or record.after_send:
+                    return
+                del self._records[address]
+                if address in self._ejected:
                     log.info("node %s:%d answered a health check; no longer ejected", *address)
                     self._publish(self._ejected - {address})
 
-    def failure(self, address: Address, table_size: int) -> None:
-        """Count a failure; eject the node if it reached the threshold and the cap allows."""
+    def failure(self, address: Address, table_size: int, after_send: bool = False) -> None:
+        """Count a failure (``after_send``: of a call, not of a connect); eject the node if it
+        reached the threshold and the cap allows."""
         with self._lock:
             record = self._records.setdefault(address, _Record())
+            record.after_send = record.after_send or after_send
             if address in self._ejected:
                 return
             record.failures += 1

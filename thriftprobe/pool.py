@@ -12,8 +12,9 @@ import collections
 import logging
 import os
 import select
+import socket
 import threading
-from typing import Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.protocol.base import TProtocolBase, TProtocolFactory
@@ -76,16 +77,23 @@ class ConnectionPool:
         max_idle: int = 32,
         proto_factory: Optional[TProtocolFactory] = None,
         trans_factory: Optional[TTransportFactory] = None,
+        keep: Optional[Callable[[Address], bool]] = None,
     ) -> None:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
         self._max_idle = max_idle
         self._proto_factory = proto_factory or TBinaryProtocolFactory()
         self._trans_factory = trans_factory or TBufferedTransportFactory()
+        # Whether a connection to an address is still worth keeping when it comes back and the
+        # address has no idle list (the node may have left while the call was out).
+        self._keep = keep or (lambda address: True)
         self._idle: Dict[Address, Deque[PooledConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.owner_pid = os.getpid()
+
+    def set_keep(self, keep: Callable[[Address], bool]) -> None:
+        self._keep = keep
 
     def acquire(self, address: Address) -> PooledConnection:
         """Lend a live connection to ``address``, opening one if none is idle.
@@ -109,6 +117,7 @@ class ConnectionPool:
         sock = TSocket(
             address[0],
             address[1],
+            socket_family=socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
             socket_timeout=self._socket_timeout_ms,
             connect_timeout=self._connect_timeout_ms,
         )
@@ -121,6 +130,9 @@ class ConnectionPool:
         """Take back a connection whose last call completed cleanly."""
         idle = self._idle.get(conn.address)
         if idle is None:
+            if not self._keep(conn.address):  # its node left while the call was out
+                conn.close()
+                return
             with self._lock:
                 if self._closed:
                     conn.close()
@@ -166,6 +178,7 @@ class ConnectionPool:
             max_idle=self._max_idle,
             proto_factory=self._proto_factory,
             trans_factory=self._trans_factory,
+            keep=self._keep,
         )
 
     def idle_count(self, address: Address) -> int:

@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Set, Tuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
@@ -27,6 +27,9 @@ from kazoo.recipe.watchers import ChildrenWatch
 from .config import ZooKeeperConfig
 from .errors import BackendError, ThriftProbeError
 from .node import Node, parse_znode_name, service_path
+
+if TYPE_CHECKING:  # only for annotations: registry must not import the consumer's table at run time
+    from .table import NodeTable
 
 __all__ = ["ZooKeeperRegistry", "Registration", "ServiceWatch", "NodeSink", "apply_settings"]
 
@@ -51,17 +54,49 @@ def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
         shared = _sessions.get(key)
         if shared is not None:  # kazoo reconnects a shared session by itself
             shared.refs += 1
+    if shared is not None:
+        # Another user's session may be reconnecting: a request now would wait for as long as
+        # that takes, so wait for it like for a new connection, within connect_timeout.
+        if _wait_connected(shared.client, cfg.connect_timeout):
             return shared.client
-        client = KazooClient(hosts=cfg.hosts, timeout=cfg.session_timeout)
-        try:
-            client.start(timeout=cfg.connect_timeout)
-        except (KazooTimeoutError, KazooException) as err:
-            raise BackendError(
-                "cannot connect to %s within %.1f s: %s" % (cfg.describe(), cfg.connect_timeout, err)
-            ) from err
-        _sessions[key] = _Shared(client, 1)
-        log.info("ZooKeeper session opened to %s (session timeout %.1f s)", cfg.hosts, cfg.session_timeout)
-        return client
+        _release(shared.client)
+        raise BackendError("cannot reach %s within %.1f s (the process's session to it is reconnecting)"
+                           % (cfg.describe(), cfg.connect_timeout))
+    # Connect without holding the lock: other registries of the process must not wait on an
+    # unreachable ensemble. Two threads racing here both connect; the loser closes its session.
+    client = KazooClient(hosts=cfg.hosts, timeout=cfg.session_timeout)
+    try:
+        client.start(timeout=cfg.connect_timeout)
+    except (KazooTimeoutError, KazooException) as err:
+        raise BackendError(
+            "cannot connect to %s within %.1f s: %s" % (cfg.describe(), cfg.connect_timeout, err)
+        ) from err
+    with _sessions_lock:
+        shared = _sessions.get(key)
+        if shared is None:
+            _sessions[key] = _Shared(client, 1)
+            log.info("ZooKeeper session opened to %s (session timeout %.1f s)", cfg.hosts, cfg.session_timeout)
+            return client
+        shared.refs += 1
+    client.stop()
+    client.close()
+    return shared.client
+
+
+def _wait_connected(client: KazooClient, timeout: float) -> bool:
+    if client.connected:
+        return True
+    connected = threading.Event()
+
+    def listener(state: str) -> None:  # kazoo's connection thread: set a flag, nothing more
+        if state == KazooState.CONNECTED:
+            connected.set()
+
+    client.add_listener(listener)
+    try:
+        return client.connected or connected.wait(timeout)
+    finally:
+        client.remove_listener(listener)
 
 
 def _forget_parent_sessions() -> None:
@@ -227,7 +262,8 @@ class Registration:
                 zk.create(self.path, data, ephemeral=True)
             except NodeExistsError:
                 stat = zk.exists(self.path)
-                if stat is not None and stat.ephemeralOwner == zk.client_id[0]:
+                session = zk.client_id
+                if stat is not None and session is not None and stat.ephemeralOwner == session[0]:
                     zk.set(self.path, data)
                 else:
                     if stat is not None:
@@ -243,7 +279,11 @@ class Registration:
 
     def start_keeping(self) -> None:
         """Reconcile once now (settings changed since they were read win), then keep the node."""
-        self._audit()
+        try:
+            self._audit()
+        except (KazooException, ThriftProbeError) as err:  # the node exists; the keeper retries
+            log.warning("first audit of %s failed (%s); the keeper retries", self.path, err)
+            self._wake.set()
         self._client.add_listener(self._on_state)
         self._keeper = threading.Thread(
             target=self._keep, name="thriftprobe-keeper-" + self.path.rsplit("/", 1)[1], daemon=True
@@ -270,10 +310,14 @@ class Registration:
             except (KazooException, ThriftProbeError) as err:
                 log.warning("audit of %s failed (%s); retrying", self.path, err)
                 delay = min(1.0, self._audit_interval)
+            except Exception:  # the keeper must outlive any surprise, or the node is never repaired
+                log.exception("audit of %s failed unexpectedly; retrying", self.path)
+                delay = min(1.0, self._audit_interval)
 
     def _audit(self) -> None:
         zk = self._client
-        if not zk.connected:
+        session = zk.client_id  # None while disconnected; read once, it can change under us
+        if not zk.connected or session is None:
             return  # the CONNECTED state wakes us again
         try:
             current = self._refresh(self.node)
@@ -287,7 +331,7 @@ class Registration:
             )
             current = self.node
         stat = zk.exists(self.path)
-        if stat is None or stat.ephemeralOwner != zk.client_id[0]:
+        if stat is None or stat.ephemeralOwner != session[0]:
             self.node = current
             if not self._stopping:
                 self.create()
@@ -303,12 +347,17 @@ class Registration:
         if self._keeper is not None:
             self._keeper.join()
             self._client.remove_listener(self._on_state)
+        zk = self._client
+        if not zk.connected:
+            # A request now would wait for a reconnection that may never come. The node is
+            # ephemeral: it goes when the session is closed or expires.
+            log.warning("ZooKeeper unreachable: %s goes when its session ends", self.path)
+            return
         try:
-            self._client.delete(self.path)
+            zk.delete_async(self.path).get(timeout=self._cfg.session_timeout)
         except NoNodeError:
             return
-        except KazooException as err:
-            # The session is closing anyway; its ephemeral node goes with it.
+        except (KazooException, KazooTimeoutError) as err:
             log.warning("could not delete %s (%s); it goes when the session ends", self.path, err)
             return
         log.info("deregistered %s", self.path)
@@ -358,6 +407,8 @@ class NodeSink(Protocol):
     def upsert(self, name: str, node: Node) -> None: ...
 
     def remove(self, name: str) -> None: ...
+
+    def remove_many(self, names: Iterable[str]) -> None: ...
 
 
 class ServiceWatch:
@@ -411,9 +462,11 @@ class ServiceWatch:
             if parsed is not None and (self._service is None or parsed[0] == self._service):
                 mine.add(name)
         with self._lock:
-            for name in set(self._tokens) - mine:
+            gone = set(self._tokens) - mine
+            for name in gone:
                 self._tokens.pop(name).cancelled = True
-                self._table.remove(name)
+            if gone:
+                self._table.remove_many(gone)  # at once: all N gone at once is one glitch, not N removals
             fresh = {name: _Token() for name in mine - set(self._tokens)}
             self._tokens.update(fresh)
             if self._initial is None:
@@ -489,6 +542,17 @@ class ServiceWatch:
             except KazooException as err:
                 log.debug("re-reading %s/%s failed (%s)", self._path, name, err)
                 return
+
+    def names(self) -> Set[str]:
+        """The znode names of the nodes this watch follows now."""
+        with self._lock:
+            return set(self._tokens)
+
+    def retain_only_watched(self, table: "NodeTable") -> None:
+        """Drop from ``table`` the nodes this watch does not follow (cached or inherited ones the
+        registry no longer has). Under the watch's lock, so no node joining meanwhile is lost."""
+        with self._lock:
+            table.retain(set(self._tokens))
 
     def close(self) -> None:
         """Stop updating the table. Idempotent."""

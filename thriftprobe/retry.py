@@ -20,7 +20,7 @@ class RetryBudget:
     making few calls can still retry. Tokens: each call deposits ``ratio``; each retry withdraws
     one; the balance is capped at ``ratio * window_calls + min_per_second`` (the burst).
 
-    Thread-safe.
+    Thread-safe (deposits are approximate under contention, withdrawals exact).
     """
 
     def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0, window_calls: int = 100) -> None:
@@ -34,10 +34,13 @@ class RetryBudget:
         self._lock = threading.Lock()
 
     def deposit(self) -> None:
-        """Called once per call (not per retry)."""
-        if self.ratio:
-            with self._lock:
-                self._tokens = min(self._cap, self._tokens + self.ratio)
+        """Called once per call (not per retry). Lock-free on purpose: it is on every call, and
+        a deposit lost to a concurrent one only makes the budget a little stricter."""
+        if self.ratio and self._tokens < self._cap:
+            self._tokens = min(self._cap, self._tokens + self.ratio)
+
+    def reinit_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def withdraw(self) -> bool:
         """Take one retry from the budget; False when it is spent."""

@@ -108,7 +108,12 @@ class _Server:
                         log.error("%s: cannot accept a connection: %s", self._label, err)
                         select.select([self._wake_r], [], [], 0.1)  # back off, but wake at stop
                     continue
-                self._spawn(sock)
+                try:
+                    self._spawn(sock)
+                except Exception:  # e.g. no thread can be started: drop this one, keep accepting
+                    log.exception("%s: cannot serve a new connection", self._label)
+                    sock.close()
+                    select.select([self._wake_r], [], [], 0.1)
         finally:
             listener.close()
 
@@ -116,6 +121,12 @@ class _Server:
         sock.setblocking(True)
         sock.settimeout(self._io_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Idle connections are never timed out, so a consumer host that vanishes without a FIN
+        # must be found by TCP keepalive (about 2 minutes), or its thread would wait forever.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         with self._lock:
             self._count += 1
             thread = threading.Thread(
@@ -177,7 +188,8 @@ class _Server:
     def stop(self, timeout: float) -> None:
         """Stop accepting, let in-flight calls finish for up to ``timeout`` seconds, then cut the rest."""
         os.write(self._wake_w, b"x")  # never drained: every poller sees it from now on
-        self._accept_thread.join()
+        if self._accept_thread.ident is not None:
+            self._accept_thread.join()
         deadline = time.monotonic() + timeout
         with self._lock:
             threads = list(self._conns)
@@ -299,6 +311,10 @@ class RunningService:
         )
 
 
+def _valid_host(host: object) -> bool:
+    return isinstance(host, str) and not any(c in host for c in "_/| \t")
+
+
 def _check_handler(handler: object, service: types.ModuleType, service_name: str) -> None:
     if handler is None:
         raise InvalidArgument("handler for service %r is None" % service_name)
@@ -384,6 +400,12 @@ def start_service(
         raise InvalidArgument("audit_interval must be > 0 seconds, got %r" % (audit_interval,))
     if not (drain >= 0 and stop_timeout >= 0):
         raise InvalidArgument("drain and stop_timeout must be >= 0 seconds")
+    if io_timeout is not None and (not isinstance(io_timeout, int) or io_timeout <= 0):
+        raise InvalidArgument("io_timeout must be a positive number of milliseconds or None, got %r" % (io_timeout,))
+    for label, value in (("bind_host", bind_host), ("advertise_host", advertise_host)):
+        if value is not None and not _valid_host(value):
+            raise InvalidArgument("%s %r is invalid: no '_', '/', '|' or spaces (it becomes part of the znode name)"
+                                  % (label, value))
     cfg = config_mod.resolve(config, env)
     check_appkey(cfg.mysql, cfg.env, appkey)
     service = load_service(thrift_path, service_name)

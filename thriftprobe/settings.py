@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Tuple, Union
 
 import redis
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from .config import RedisConfig
 from .errors import BackendError, SettingsError
@@ -23,6 +24,9 @@ __all__ = ["NodeSettingsStore", "hash_key"]
 log = logging.getLogger(__name__)
 
 RedisClient = Union[redis.Redis, RedisCluster]
+
+# RedisClusterException (no node of the cluster answers) is not a RedisError.
+_REDIS_ERRORS = (redis.RedisError, RedisClusterException)
 
 _CAS_ATTEMPTS = 50
 # Replace a hash field only if it still holds the value the caller read ('' = absent). One key,
@@ -64,7 +68,7 @@ class NodeSettingsStore:
             if cfg.cluster:
                 return RedisCluster(host=cfg.host, port=cfg.port, **common)  # type: ignore[arg-type]
             return redis.Redis(host=cfg.host, port=cfg.port, **common)  # type: ignore[arg-type]
-        except redis.RedisError as err:  # RedisCluster contacts the cluster in its constructor
+        except _REDIS_ERRORS as err:  # RedisCluster contacts the cluster in its constructor
             raise BackendError("cannot connect to %s: %s" % (cfg.describe(), err)) from err
 
     def _where(self, fieldname: str) -> str:
@@ -75,7 +79,7 @@ class NodeSettingsStore:
         fieldname = settings_field(appkey, self._env, service, host, port)
         try:
             raw = self._client.hget(self._key, fieldname)
-        except redis.RedisError as err:
+        except _REDIS_ERRORS as err:
             raise BackendError("cannot read %s: %s" % (self._where(fieldname), err)) from err
         if raw is None:
             return None
@@ -95,7 +99,7 @@ class NodeSettingsStore:
         defaults = Node(node.host, node.port, DEFAULT_WEIGHT, True)
         try:
             created = self._client.hsetnx(self._key, fieldname, defaults.to_json())
-        except redis.RedisError as err:
+        except _REDIS_ERRORS as err:
             raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
         if created:
             log.info("stored default settings for %s: weight %d, valid 1", fieldname, DEFAULT_WEIGHT)
@@ -119,7 +123,7 @@ class NodeSettingsStore:
         for _ in range(_CAS_ATTEMPTS):
             try:
                 raw = self._client.hget(self._key, fieldname)
-            except redis.RedisError as err:
+            except _REDIS_ERRORS as err:
                 raise BackendError("cannot read %s: %s" % (self._where(fieldname), err)) from err
             old = None
             if raw is not None:
@@ -137,7 +141,7 @@ class NodeSettingsStore:
             )
             try:
                 swapped = self._client.eval(_CAS_SCRIPT, 1, self._key, fieldname, raw or b"", new.to_json())
-            except redis.RedisError as err:
+            except _REDIS_ERRORS as err:
                 raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
             if swapped:
                 return old, new
@@ -159,7 +163,7 @@ class NodeSettingsStore:
                     yield parts[0], parts[2], Node.from_json(raw)
                 except ValueError as err:
                     log.warning("skipping corrupt settings in %s: %s", self._where(name), err)
-        except redis.RedisError as err:
+        except _REDIS_ERRORS as err:
             raise BackendError("cannot scan hash %s in %s: %s" % (self._key, self._cfg.describe(), err)) from err
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from .node import Node
 
@@ -30,16 +30,18 @@ class Snapshot:
     """An immutable view of the table: ``available`` nodes (valid, weight > 0), ``cumulative``
     weights aligned with them, and their ``total``. Built in O(n) on every change."""
 
-    __slots__ = ("available", "cumulative", "total", "all_nodes")
+    __slots__ = ("available", "cumulative", "total", "all_nodes", "addresses")
 
     def __init__(self, nodes: Dict[str, Node]) -> None:
         self.all_nodes: Tuple[Node, ...] = tuple(nodes.values())
+        self.addresses: FrozenSet[Tuple[str, int]] = frozenset(n.address for n in self.all_nodes)
         self.available: Tuple[Node, ...] = tuple(n for n in self.all_nodes if n.available)
         self.cumulative: Tuple[int, ...] = tuple(itertools.accumulate(n.weight for n in self.available))
         self.total: int = self.cumulative[-1] if self.cumulative else 0
 
 
 RemovalListener = Callable[[Node], None]
+ChangeListener = Callable[[Dict[str, Node]], None]
 
 
 class NodeTable:
@@ -51,6 +53,7 @@ class NodeTable:
         self._nodes: Dict[str, Node] = {}
         self._held: Dict[str, Node] = {}
         self._listeners: List[RemovalListener] = []
+        self._change_listeners: List[ChangeListener] = []
         self._empty_grace = empty_grace
         self._label = label
         self._timer: Optional[threading.Timer] = None
@@ -61,9 +64,22 @@ class NodeTable:
         with self._lock:
             self._listeners.append(listener)
 
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call ``listener(nodes)`` (under the table's lock) with every node, after each change."""
+        with self._lock:
+            self._change_listeners.append(listener)
+
+    def retain(self, names: AbstractSet[str]) -> None:
+        """Remove every node whose name is not in ``names`` (the registry's own list), by the
+        usual rules: a removal that would empty the table is held for the grace period."""
+        with self._lock:
+            stale = [name for name in self._nodes if name not in names]
+        self.remove_many(stale)
+
     def upsert(self, name: str, node: Node) -> None:
         with self._lock:
-            self._held.pop(name, None)
+            if self._held.pop(name, None) is not None and not self._held:
+                self._cancel_timer()  # everything held came back: the next glitch gets a full grace
             old = self._nodes.get(name)
             self._nodes[name] = node
             self._publish()
@@ -71,12 +87,17 @@ class NodeTable:
                 self._removed(old)
 
     def remove(self, name: str) -> None:
+        self.remove_many((name,))
+
+    def remove_many(self, names: Iterable[str]) -> None:
+        """Remove nodes in one step. If that leaves no node at all, they are held instead (see
+        the module docstring): a registry that suddenly lists none of N nodes keeps all N."""
         with self._lock:
-            old = self._nodes.pop(name, None)
-            if old is None:
+            gone = [(name, node) for name, node in ((n, self._nodes.pop(n, None)) for n in names) if node is not None]
+            if not gone:
                 return
             if not self._nodes and self._empty_grace > 0:
-                self._held[name] = old
+                self._held.update(gone)
                 self._arm_timer()
                 log.warning(
                     "%s: the registry shows no node left; keeping the last %d for %.1f s in case it is a glitch",
@@ -85,17 +106,26 @@ class NodeTable:
                 self._publish()
                 return
             self._publish()
-            self._removed(old)
+            for _, node in gone:
+                self._removed(node)
 
     def _arm_timer(self) -> None:
         if self._timer is None:
-            self._timer = threading.Timer(self._empty_grace, self._grace_over)
+            timer = threading.Timer(self._empty_grace, lambda: self._grace_over(timer))
+            self._timer = timer
             self._timer.name = "thriftprobe-grace-" + self._label
             self._timer.daemon = True
             self._timer.start()
 
-    def _grace_over(self) -> None:
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _grace_over(self, timer: threading.Timer) -> None:
         with self._lock:
+            if self._timer is not timer:  # cancelled after it fired: a newer hold owns the held nodes
+                return
             self._timer = None
             held, self._held = self._held, {}
             if not held:
@@ -105,6 +135,13 @@ class NodeTable:
             self._publish()
             for node in held.values():
                 self._removed(node)
+
+    def named(self) -> Dict[str, Node]:
+        """Every node by znode name (held ones included): a copy."""
+        with self._lock:
+            merged = dict(self._held)
+            merged.update(self._nodes)
+            return merged
 
     def nodes(self) -> List[Node]:
         """Every node calls may go to, available or not (held nodes included)."""
@@ -125,6 +162,7 @@ class NodeTable:
     def copy_for_child(self) -> "NodeTable":
         """A new table with this one's nodes, for a child process after fork (locks are fresh)."""
         table = NodeTable(self._empty_grace, self._label)
+        table._change_listeners = list(self._change_listeners)  # e.g. the cache file; removal listeners are the caller's
         table._nodes = dict(self._nodes)
         table._held = {}
         table._nodes.update({k: v for k, v in self._held.items() if k not in table._nodes})
@@ -136,6 +174,8 @@ class NodeTable:
         merged.update(self._nodes)
         self.snapshot = Snapshot(merged)
         self._changed.notify_all()
+        for listener in self._change_listeners:
+            listener(merged)
 
     def _removed(self, node: Node) -> None:
         for listener in self._listeners:

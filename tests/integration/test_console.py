@@ -54,6 +54,15 @@ def test_api_needs_login_and_csrf(console, providers):
     assert page.geturl().endswith("/login")
 
 
+def test_wrong_non_ascii_login_is_refused_not_a_server_error(console):
+    body = "username=ops&password=%C3%A9t%C3%A9".encode()
+    request = urllib.request.Request(console.url + "login", data=body,
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(request, timeout=5)
+    assert exc.value.code == 401
+
+
 def test_operator_disables_a_live_node_in_the_browser(console, browser, providers, cfg, appkey):
     keep = providers("keep")
     target = providers("target")

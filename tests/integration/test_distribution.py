@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import IDL, ROOT, TEST_ENV, free_port, wait_until
+from conftest import IDL, ROOT, free_port, wait_until
 
 import thriftprobe
 

@@ -20,7 +20,7 @@ from kazoo.client import KazooClient
 from thriftpy2.transport import TTransportException
 from zk_ensemble import ZkEnsemble
 
-from thriftprobe import NoAvailableNode, build_client, config
+from thriftprobe import BackendError, NoAvailableNode, build_client, config
 from thriftprobe.balancer import WeightedRandom
 from thriftprobe.health import OutlierDetector
 from thriftprobe.node import Node
@@ -366,3 +366,59 @@ def test_client_built_before_fork_works_in_children(providers, cfg, appkey):
             _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0
         assert {c.ping() for _ in range(100)} == {"a", "b"}  # and after the children closed theirs
+
+
+def test_consumer_starting_during_an_outage_uses_the_fresh_cache_then_attaches(ensemble, tmp_path, appkey, providers):
+    cfg = config.load(write_config(tmp_path / "c.yml", ensemble.hosts), TEST_ENV)
+    short = config.Config(cfg.path, cfg.env, cfg.mysql, cfg.redis,
+                          config.ZooKeeperConfig(ensemble.hosts, session_timeout=2.1, connect_timeout=1.0))
+    cache = tmp_path / "calc.nodes.json"
+    a = providers("a", config=cfg)
+    with build_client(IDL, appkey, "Calculator", config=short, cache_file=cache) as c:
+        assert c.ping() == "a"
+    assert json.loads(cache.read_text())["nodes"]
+    ensemble.kill()
+    with pytest.raises(BackendError, match="zookeeper"):
+        build_client(IDL, appkey, "Calculator", config=short)  # no cache: no table, no client
+    shared = config.Config(cfg.path, cfg.env, cfg.mysql, cfg.redis,
+                           config.ZooKeeperConfig(ensemble.hosts, session_timeout=2.0, connect_timeout=1.0))
+    began = time.monotonic()
+    with pytest.raises(BackendError, match="reconnecting"):  # shares the provider's session, which is down
+        build_client(IDL, appkey, "Calculator", config=shared)
+    assert time.monotonic() - began < 5
+    with pytest.raises(BackendError, match="old"):
+        build_client(IDL, appkey, "Calculator", config=short, cache_file=cache, cache_max_age=0)
+    with build_client(IDL, appkey, "Calculator", config=short, cache_file=cache) as c:
+        assert c._registry is None
+        assert {c.ping() for _ in range(20)} == {"a"}  # served from the cached table
+        ensemble.start()
+        ensemble.wait_ready()
+        wait_until(lambda: c._registry is not None, 30, "the client to attach to ZooKeeper")
+        # It now follows the registry: a weight change arrives.
+        zk = c._registry.client
+        wait_until(lambda: zk.exists(a.znode_path), 20, "the provider to re-register")
+        data, _ = zk.get(a.znode_path)
+        zk.set(a.znode_path, Node.from_json(data).with_settings(55, True, 1000).to_json())
+        assert c.table.wait_for(lambda s: [n.weight for n in s.all_nodes] == [55], 10)
+
+
+def test_a_child_closing_an_unused_inherited_client_leaves_the_parents_connections_alone(providers, cfg, appkey):
+    svc = providers("a")
+    with build_client(IDL, appkey, "Calculator", config=cfg) as c:
+        assert c.ping() == "a"
+        address = ("127.0.0.1", svc.port)
+        assert c._pool.idle_count(address) == 1
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                c.close()  # never called in the child: everything it holds is the parent's
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        conn = c._pool.acquire(address)
+        assert not conn.is_stale()  # the parent's pooled connection was not shut down
+        c._pool.release(conn)
+        assert c.ping() == "a"

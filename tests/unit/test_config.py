@@ -154,3 +154,28 @@ def test_shipped_template_and_dev_config_load(monkeypatch):
         environ={"THRIFTPROBE_MYSQL_PASSWORD": "a", "THRIFTPROBE_REDIS_PASSWORD": "b"},
     )
     assert prod.redis.cluster and prod.mysql.ssl
+
+
+def test_numbers_where_text_is_expected_must_be_quoted(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        mysql: {dev: {host: h, port: 1, username: u, password: 0123, database: d}}
+        redis: {dev: {host: h, port: 1}}
+        zkserver: {dev: {host: h, port: 2181}}
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"mysql\.dev\.password must be a string; quote it"):
+        cfgmod.load(path, "dev", environ={})
+
+
+def test_times_may_come_from_environment_variables(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        mysql: {dev: {host: h, port: 1, username: u, database: d}}
+        redis: {dev: {host: h, port: 1}}
+        zkserver: {dev: {host: h, port: 2181, session_timeout: "${ZK_TIMEOUT}"}}
+        """,
+    )
+    assert cfgmod.load(path, "dev", environ={"ZK_TIMEOUT": "2500"}).zookeeper.session_timeout == 2.5

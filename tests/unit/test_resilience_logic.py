@@ -113,3 +113,19 @@ def test_without_grace_removal_is_immediate():
     t.upsert("x_h_1", Node("h", 1))
     t.remove("x_h_1")
     assert t.snapshot.all_nodes == ()
+
+
+def test_a_registry_listing_none_of_many_nodes_keeps_them_all():
+    t = NodeTable(empty_grace=5.0)
+    for port in range(1, 6):
+        t.upsert("x_h_%d" % port, Node("h", port))
+    t.remove_many(["x_h_%d" % port for port in range(1, 6)])
+    assert sorted(n.port for n in t.snapshot.all_nodes) == [1, 2, 3, 4, 5]
+    t.close()
+
+
+def test_tcp_probe_does_not_restore_a_node_that_failed_after_sending():
+    d = OutlierDetector(consecutive_failures=1, max_ejected_share=1.0, clock=Clock())
+    d.failure(A, 2, after_send=True)
+    d.recovered(A)
+    assert d.excluded() == {A}
