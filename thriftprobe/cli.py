@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import threading
 from typing import Any, Callable, Dict, Optional, Sequence, TextIO
@@ -338,8 +337,8 @@ def main(argv: Optional[Sequence[str]] = None, stream: Optional[TextIO] = None) 
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    # The command is an application, so it, unlike the library, owns logging.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # No logging set-up: with no handler configured, Python's last-resort handler prints
+    # warnings and errors to stderr, and a program embedding main() keeps its own logging.
     out = Output(args.json, stream or sys.stdout)
     try:
         return int(args.func(args, out))
