@@ -113,6 +113,7 @@ class ProbeClient(TClient):
         # A connection coming back to the pool for an address without an idle list is kept only
         # if its node is still in the (current) table.
         pool.set_keep(lambda address: address in self.table.snapshot.addresses)
+        table.on_remove(self._node_left)
         self._attacher: Optional[threading.Thread] = None
         self._attach_stop = threading.Event()
         if registry is None:  # started from the node cache while ZooKeeper was unreachable
@@ -482,12 +483,6 @@ def build_client(
         max_idle=max_idle_per_node,
     )
     table = NodeTable(empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name))
-
-    def node_left(node: Node) -> None:
-        pool.drop(node.address)
-        outliers.forget(node.address)
-
-    table.on_remove(node_left)
     cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
     registry: Optional[ZooKeeperRegistry] = None
     watch: Optional[ServiceWatch] = None

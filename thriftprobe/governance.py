@@ -221,6 +221,7 @@ class Governance:
             raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
         if not isinstance(host, str) or not host or any(c in host for c in "_|/ "):
             raise InvalidArgument("host %r is invalid" % (host,))
+        actor = actor or current_user()
         check_appkey(self.cfg.mysql, self.env, appkey)
         audit.check_ready(self.cfg.mysql)  # fail before changing anything, not after
         old, new = self._store.update(appkey, service, host, port, weight, valid)
@@ -237,7 +238,7 @@ class Governance:
                 self.cfg.mysql,
                 audit.AuditEntry(
                     changed_at="",
-                    actor=actor or current_user(),
+                    actor=actor,
                     source=self._source,
                     env=self.env,
                     appkey=appkey,
@@ -264,7 +265,7 @@ class Governance:
             ) from live_error
         log.info(
             "%s set %s/%s/%s %s:%d to weight %d valid %d (rev %d, %s)",
-            actor or current_user(),
+            actor,
             self.env,
             appkey,
             service,

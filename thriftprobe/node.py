@@ -60,10 +60,6 @@ class Node:
     def with_settings(self, weight: int, valid: bool, rev: int) -> "Node":
         return replace(self, weight=weight, valid=valid, rev=rev)
 
-    def settings_only(self) -> "Node":
-        """The node as stored in Redis: address, weight, valid and revision, no extras."""
-        return Node(self.host, self.port, self.weight, self.valid, rev=self.rev)
-
     def to_dict(self) -> Dict[str, Any]:
         data: Dict[str, Any] = dict(self.extras)
         data.update(host=self.host, port=self.port, weight=self.weight, valid=1 if self.valid else 0)

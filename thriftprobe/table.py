@@ -143,10 +143,6 @@ class NodeTable:
             merged.update(self._nodes)
             return merged
 
-    def nodes(self) -> List[Node]:
-        """Every node calls may go to, available or not (held nodes included)."""
-        return list(self.snapshot.all_nodes)
-
     def wait_for(self, predicate: Callable[[Snapshot], bool], timeout: float) -> bool:
         """Block until ``predicate(snapshot)`` holds or ``timeout`` seconds pass; return whether it held."""
         with self._changed:
@@ -162,7 +158,8 @@ class NodeTable:
     def copy_for_child(self) -> "NodeTable":
         """A new table with this one's nodes, for a child process after fork (locks are fresh)."""
         table = NodeTable(self._empty_grace, self._label)
-        table._change_listeners = list(self._change_listeners)  # e.g. the cache file; removal listeners are the caller's
+        # Change listeners (the cache file) carry over; removal listeners are the caller's to add.
+        table._change_listeners = list(self._change_listeners)
         table._nodes = dict(self._nodes)
         table._held = {}
         table._nodes.update({k: v for k, v in self._held.items() if k not in table._nodes})
