@@ -112,7 +112,8 @@ def test_two_operators_at_once_lose_no_update(providers, cfg, appkey, settings):
     stored = Node.from_json(settings.get(svc.port))
     assert stored.rev == 40  # every one of the 40 updates landed on top of the previous one
     assert stored.weight == 29 and stored.valid is True
-    assert len(Governance(cfg).history(appkey, limit=100)) == 40
+    with Governance(cfg) as g:
+        assert len(g.history(appkey, limit=100)) == 40
 
 
 def test_stale_settings_never_overwrite_newer_ones(providers, zk):
