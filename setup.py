@@ -1,4 +1,4 @@
-"""Packaging for thriftprobe. The version has one source: thriftprobe/__init__.py."""
+"""Packaging for thriftprobe. The version has one source: thriftprobe/_version.py."""
 
 import re
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
-VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "thriftprobe" / "__init__.py").read_text(), re.M).group(1)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "thriftprobe" / "_version.py").read_text(), re.M).group(1)
 
 setup(
     name="thriftprobe",
@@ -42,7 +42,7 @@ setup(
             "pypiserver>=2.1",
         ],
     },
-    entry_points={"console_scripts": ["thriftprobe = thriftprobe.cli:main"]},
+    entry_points={"console_scripts": ["thriftprobe = thriftprobe.admin.cli:main"]},
     classifiers=[
         "Development Status :: 4 - Beta",
         "Intended Audience :: Developers",

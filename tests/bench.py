@@ -35,11 +35,11 @@ from thriftpy2.rpc import make_client
 from thriftpy2.transport import TBufferedTransportFactory, TSocket
 
 from thriftprobe import build_client, config
-from thriftprobe.appkeys import add_appkey
-from thriftprobe.balancer import WeightedRandom
-from thriftprobe.db import create_schema
+from thriftprobe.stores.appkeys import add_appkey
+from thriftprobe.consumer.balancer import WeightedRandom
+from thriftprobe.stores.mysql import create_schema
 from thriftprobe.node import Node, parse_znode_name, service_path
-from thriftprobe.table import NodeTable
+from thriftprobe.consumer.table import NodeTable
 
 ROOT = Path(__file__).resolve().parents[1]
 IDL = str(ROOT / "idl" / "demo.thrift")

@@ -19,7 +19,7 @@ import thriftpy2
 from thriftpy2.rpc import make_client
 
 from thriftprobe import build_client, config, start_service
-from thriftprobe.governance import Governance
+from thriftprobe.admin.governance import Governance
 
 ROOT = Path(__file__).resolve().parents[1]
 IDL = str(ROOT / "idl" / "demo.thrift")

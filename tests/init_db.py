@@ -2,7 +2,9 @@
 
 import argparse
 
-from thriftprobe import appkeys, config, db
+from thriftprobe import config
+from thriftprobe.stores import appkeys
+from thriftprobe.stores import mysql
 
 
 def main() -> None:
@@ -12,7 +14,7 @@ def main() -> None:
     parser.add_argument("--appkey", action="append", default=[], help="appkey to register (repeatable)")
     args = parser.parse_args()
     cfg = config.load(args.config, args.env)
-    db.create_schema(cfg.mysql)
+    mysql.create_schema(cfg.mysql)
     for key in args.appkey:
         added = appkeys.add_appkey(cfg.mysql, key, owner="demo", description="registered by tests/init_db.py")
         print("appkey %s %s in %s" % (key, "registered" if added else "already registered", cfg.mysql.describe()))

@@ -1,13 +1,18 @@
 """thriftprobe: service discovery, weighted balancing and live governance for thriftpy2 services.
 
 Providers call ``start_service``; consumers call ``build_client``. Everything else is detail.
+
+The package has wings over a shared vocabulary (``errors``, ``config``, ``node``, ``idl``):
+``registry`` and ``stores`` below, ``provider`` and ``consumer`` above them, and ``admin`` (the
+operators' tools) on top. Importing the package loads no part of ``admin``.
 """
 
-__version__ = "0.1.0"
-
-from .client import ProbeClient, build_client  # noqa: E402
-from .config import Config  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .config import Config
+from .consumer import ProbeClient, build_client
+from .consumer.health import OutlierDetector
+from .consumer.retry import Retry, RetryBudget
+from .errors import (
     AppkeyNotRegistered,
     BackendError,
     ConfigError,
@@ -17,9 +22,7 @@ from .errors import (  # noqa: E402
     SettingsError,
     ThriftProbeError,
 )
-from .health import OutlierDetector  # noqa: E402
-from .retry import Retry, RetryBudget  # noqa: E402
-from .server import RunningService, start_service  # noqa: E402
+from .provider import RunningService, start_service
 
 __all__ = [
     "__version__",

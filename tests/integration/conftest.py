@@ -20,9 +20,11 @@ import redis
 import redis.cluster
 from kazoo.client import KazooClient
 
-from thriftprobe import appkeys, config, db, start_service
+from thriftprobe import config, start_service
+from thriftprobe.stores import appkeys
+from thriftprobe.stores import mysql
 from thriftprobe.node import settings_field
-from thriftprobe.settings import hash_key
+from thriftprobe.stores.settings import hash_key
 
 ROOT = Path(__file__).resolve().parents[2]
 IDL = str(ROOT / "idl" / "demo.thrift")
@@ -63,7 +65,7 @@ def config_path(services: None, tmp_path_factory: pytest.TempPathFactory) -> str
     path = tmp_path_factory.mktemp("config") / "config.yml"
     path.write_text(CONFIG_TEXT)
     cfg = config.load(path, TEST_ENV)
-    db.create_schema(cfg.mysql)
+    mysql.create_schema(cfg.mysql)
     _wipe_test_envs(cfg)
     return str(path)
 
@@ -83,7 +85,7 @@ def _wipe_test_envs(cfg: config.Config) -> None:
         r.delete(hash_key(TEST_ENV))
     with redis.cluster.RedisCluster(host="127.0.0.1", port=7001) as rc:
         rc.delete(hash_key(CLUSTER_ENV))
-    with db.connect(cfg.mysql) as conn, conn.cursor() as cur:
+    with mysql.connect(cfg.mysql) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM settings_audit")
         cur.execute("DELETE FROM serviceapp")
 

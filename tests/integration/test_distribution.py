@@ -103,7 +103,7 @@ def test_wheel_holds_the_package_and_nothing_else(dist):
     for name, minimum in LOWEST.items():
         assert "Requires-Dist: %s>=%s" % (name, minimum) in meta
     entry_points = wheel.read("thriftprobe-%s.dist-info/entry_points.txt" % version).decode()
-    assert "thriftprobe = thriftprobe.cli:main" in entry_points
+    assert "thriftprobe = thriftprobe.admin.cli:main" in entry_points
 
 
 def test_sdist_holds_no_local_config(dist):

@@ -21,10 +21,10 @@ from thriftpy2.transport import TTransportException
 from zk_ensemble import ZkEnsemble
 
 from thriftprobe import BackendError, NoAvailableNode, build_client, config
-from thriftprobe.balancer import WeightedRandom
-from thriftprobe.health import OutlierDetector
+from thriftprobe.consumer.balancer import WeightedRandom
+from thriftprobe.consumer.health import OutlierDetector
 from thriftprobe.node import Node
-from thriftprobe.retry import Retry
+from thriftprobe.consumer.retry import Retry
 
 
 class Load:
@@ -153,7 +153,7 @@ def test_rolling_restart_of_every_provider_loses_no_call(config_path, appkey, pr
 
 
 def test_session_expiry_under_load_re_registers_with_current_settings(cfg, appkey, providers, zk):
-    from thriftprobe.governance import Governance
+    from thriftprobe.admin.governance import Governance
 
     own = config.Config(cfg.path, cfg.env, cfg.mysql, cfg.redis, config.ZooKeeperConfig(cfg.zookeeper.hosts, 2.3))
     victim = providers("victim", config=own)

@@ -12,10 +12,10 @@ from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 from redis.exceptions import RedisClusterException
 
-from . import config as config_mod
-from .db import missing_schema
-from .errors import ThriftProbeError
-from .settings import NodeSettingsStore, hash_key
+from .. import config as config_mod
+from ..stores.mysql import missing_schema
+from ..errors import ThriftProbeError
+from ..stores.settings import NodeSettingsStore, hash_key
 
 __all__ = ["Check", "run_checks"]
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 from conftest import IDL, TEST_ENV, free_port, wait_until
 
-from thriftprobe import cli
+from thriftprobe.admin import cli
 
 COMMANDS = [[], ["db"], ["db", "init"], ["appkey"], ["appkey", "add"], ["appkey", "list"], ["appkey", "remove"],
             ["ls"], ["node"], ["history"], ["watch"], ["call"], ["doctor"], ["console"]]

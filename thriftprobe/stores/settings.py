@@ -15,9 +15,9 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
-from .config import RedisConfig
-from .errors import BackendError, SettingsError
-from .node import DEFAULT_WEIGHT, Node, settings_field
+from ..config import RedisConfig
+from ..errors import BackendError, SettingsError
+from ..node import DEFAULT_WEIGHT, Node, settings_field
 
 __all__ = ["NodeSettingsStore", "hash_key"]
 

@@ -1,12 +1,12 @@
-"""ZooKeeper: register a provider's node, and watch a service's nodes into a NodeTable.
+"""The ZooKeeper registry: register a provider's node, and watch a service's nodes into a listener.
 
 A process keeps ONE ZooKeeper session per ensemble (per connection string and session timeout),
 shared by every provider and client in it and reference counted: it is closed when the last
 ``ZooKeeperRegistry`` using it is closed. The key includes the process id, so a child process
 after ``fork()`` opens its own session instead of reusing the parent's socket.
 
-``ZooKeeperRegistry`` is the seam for other registry backends: ``register`` and ``watch`` are
-all the provider and consumer use.
+Layout: one ephemeral znode per node, ``/services/<env>/<appkey>/<service>_<ip>_<port>``,
+holding the node's JSON (see ``thriftprobe.node``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
@@ -24,14 +24,12 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.watchers import ChildrenWatch
 
-from .config import ZooKeeperConfig
-from .errors import BackendError, ThriftProbeError
-from .node import Node, parse_znode_name, service_path
+from ..config import ZooKeeperConfig
+from ..errors import BackendError, ThriftProbeError
+from ..node import Node, parse_znode_name, service_path
+from . import NodeListener, Refresh, Registration, Registry, Retainer
 
-if TYPE_CHECKING:  # only for annotations: registry must not import the consumer's table at run time
-    from .table import NodeTable
-
-__all__ = ["ZooKeeperRegistry", "Registration", "ServiceWatch", "NodeSink", "apply_settings"]
+__all__ = ["ZooKeeperRegistry", "ZooKeeperRegistration", "ServiceWatch", "apply_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +121,7 @@ def _release(client: KazooClient) -> None:
     log.info("ZooKeeper session to %s closed", key[0] if key else client.hosts)
 
 
-class ZooKeeperRegistry:
+class ZooKeeperRegistry(Registry):
     """A handle on the process's shared session to one ZooKeeper ensemble.
 
     Thread-safe; one instance per user (provider or client), each closed by its owner.
@@ -145,16 +143,13 @@ class ZooKeeperRegistry:
         appkey: str,
         service: str,
         node: Node,
-        refresh: Callable[[Node], Node],
+        refresh: Refresh,
         audit_interval: float = 30.0,
-    ) -> "Registration":
-        """Create the node's ephemeral znode and keep it (see Registration) until ``delete()``.
-
-        ``refresh(node)`` returns the node with its current settings; it is called after creation
-        and at every audit, and may raise ThriftProbeError (the node then keeps its settings).
-        """
+    ) -> "ZooKeeperRegistration":
+        """Create the node's ephemeral znode and keep it (see ZooKeeperRegistration) until
+        ``deregister``. ``refresh`` is called after creation and at every audit."""
         path = service_path(env, appkey) + "/" + node.znode_name(service)
-        reg = Registration(self.client, self._cfg, path, node, refresh, audit_interval)
+        reg = ZooKeeperRegistration(self.client, self._cfg, path, node, refresh, audit_interval)
         reg.create()
         try:
             reg.start_keeping()
@@ -163,7 +158,12 @@ class ZooKeeperRegistry:
             raise
         return reg
 
-    def apply_settings(self, env: str, appkey: str, service: str, settings: Node) -> Optional[Node]:
+    def deregister(self, registration: Registration) -> None:
+        if not isinstance(registration, ZooKeeperRegistration):
+            raise TypeError("not a ZooKeeper registration: %r" % (registration,))
+        registration.delete()
+
+    def update(self, env: str, appkey: str, service: str, settings: Node) -> Optional[Node]:
         """Apply an operator's settings to the node's live znode, if it is registered (see apply_settings)."""
         path = service_path(env, appkey) + "/" + settings.znode_name(service)
         try:
@@ -171,10 +171,28 @@ class ZooKeeperRegistry:
         except KazooException as err:
             raise BackendError("cannot update %s in %s: %s" % (path, self._cfg.describe(), err)) from err
 
-    def watch(self, env: str, appkey: str, service: Optional[str], table: "NodeSink") -> "ServiceWatch":
-        """Fill ``table`` with the service's nodes now (every service's if None), and keep it
+    def watch(self, env: str, appkey: str, service: Optional[str], listener: NodeListener) -> "ServiceWatch":
+        """Fill ``listener`` with the service's nodes now (every service's if None), and keep it
         current until the watch is closed."""
-        return ServiceWatch(self.client, self._cfg, env, appkey, service, table)
+        return ServiceWatch(self.client, self._cfg, env, appkey, service, listener)
+
+    def watch_appkeys(self, env: str, on_appkeys: Callable[[List[str]], None]) -> Callable[[], None]:
+        """A ChildrenWatch on ``/services/<env>``; the returned function ends it."""
+        stopped = threading.Event()
+
+        def on_children(children: List[str]) -> Optional[bool]:
+            if stopped.is_set():
+                return False  # ends kazoo's watch
+            on_appkeys(children)
+            return None
+
+        path = "/services/%s" % env
+        try:
+            self.client.ensure_path(path)
+            ChildrenWatch(self.client, path, on_children)
+        except KazooException as err:
+            raise BackendError("cannot watch %s in %s: %s" % (path, self._cfg.describe(), err)) from err
+        return stopped.set
 
     def appkeys(self, env: str) -> List[str]:
         """The appkeys that have (or had) nodes registered in ``env``."""
@@ -221,7 +239,7 @@ class ZooKeeperRegistry:
         self.close()
 
 
-class Registration:
+class ZooKeeperRegistration:
     """One provider node's ephemeral znode, kept alive and current until ``delete()``.
 
     A keeper thread (``thriftprobe-keeper-<znode>``) re-creates the node after the session was
@@ -237,7 +255,7 @@ class Registration:
         cfg: ZooKeeperConfig,
         path: str,
         node: Node,
-        refresh: Callable[[Node], Node],
+        refresh: Refresh,
         audit_interval: float,
     ) -> None:
         self._client = client
@@ -401,27 +419,16 @@ class _Token:
         self.mzxid = -1  # the newest version applied, so a late reply never wins over a newer one
 
 
-class NodeSink(Protocol):
-    """Where a ServiceWatch reports nodes: NodeTable for clients, an event printer for operators."""
-
-    def upsert(self, name: str, node: Node) -> None: ...
-
-    def remove(self, name: str) -> None: ...
-
-    def remove_many(self, names: Iterable[str]) -> None: ...
-
-
 class ServiceWatch:
-    """Keeps a NodeTable (or another NodeSink) in step with the znodes of one service, or of
-    every service of the appkey when ``service`` is None.
+    """Keeps a NodeListener (a client's node table, an operator's event printer) in step with
+    the znodes of one service, or of every service of the appkey when ``service`` is None.
 
     A ChildrenWatch on the appkey folder notices joins and leaves. Each node of the service has a
     one-shot data watch, re-armed by the read that each change triggers, so a change to one node
     costs one read of that node, never a re-read of every node. Reads are asynchronous: the
     first fill of 1,000 nodes is 1,000 reads in flight at once, not 1,000 round trips in a row.
     kazoo drops every watch when the connection drops; when it is back, every node is read
-    again. Callbacks run on kazoo's threads and never block; the table is safe to read from any
-    thread.
+    again. The listener is called on kazoo's threads, under the watch's lock: it must not block.
     """
 
     def __init__(
@@ -431,11 +438,11 @@ class ServiceWatch:
         env: str,
         appkey: str,
         service: Optional[str],
-        table: NodeSink,
+        listener: NodeListener,
     ) -> None:
         self._client = client
         self._service = service
-        self._table = table
+        self._listener = listener
         self._path = service_path(env, appkey)
         self._lock = threading.Lock()
         self._tokens: Dict[str, _Token] = {}
@@ -466,7 +473,7 @@ class ServiceWatch:
             for name in gone:
                 self._tokens.pop(name).cancelled = True
             if gone:
-                self._table.remove_many(gone)  # at once: all N gone at once is one glitch, not N removals
+                self._listener.remove_many(gone)  # at once: all N gone at once is one glitch, not N removals
             fresh = {name: _Token() for name in mine - set(self._tokens)}
             self._tokens.update(fresh)
             if self._initial is None:
@@ -506,16 +513,16 @@ class ServiceWatch:
                 token.cancelled = True
                 if self._tokens.get(name) is token:
                     del self._tokens[name]
-                self._table.remove(name)
+                self._listener.remove(name)
             elif stat.mzxid > token.mzxid:
                 token.mzxid = stat.mzxid
                 try:
                     node = Node.from_json(data or b"")
                 except ValueError as err:
                     log.warning("skipping znode %s/%s with bad data %r: %s", self._path, name, data, err)
-                    self._table.remove(name)
+                    self._listener.remove(name)
                 else:
-                    self._table.upsert(name, node)
+                    self._listener.upsert(name, node)
         self._initial_read_done(name)
 
     def _initial_read_done(self, name: str) -> None:
@@ -548,14 +555,14 @@ class ServiceWatch:
         with self._lock:
             return set(self._tokens)
 
-    def retain_only_watched(self, table: "NodeTable") -> None:
-        """Drop from ``table`` the nodes this watch does not follow (cached or inherited ones the
+    def retain_only_watched(self, listener: Retainer) -> None:
+        """Drop from ``listener`` the nodes this watch does not follow (cached or inherited ones the
         registry no longer has). Under the watch's lock, so no node joining meanwhile is lost."""
         with self._lock:
-            table.retain(set(self._tokens))
+            listener.retain(set(self._tokens))
 
     def close(self) -> None:
-        """Stop updating the table. Idempotent."""
+        """Stop calling the listener. Idempotent."""
         with self._lock:
             self._closed = True
             for token in self._tokens.values():

@@ -6,7 +6,7 @@ import bisect
 import random
 from typing import AbstractSet, Optional, Protocol, Tuple
 
-from .node import Node
+from ..node import Node
 from .table import Snapshot
 
 __all__ = ["Balancer", "WeightedRandom"]

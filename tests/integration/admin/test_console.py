@@ -16,7 +16,7 @@ from conftest import IDL, ROOT, wait_until
 
 from thriftprobe import build_client
 from thriftprobe.config import ConsoleConfig
-from thriftprobe.console import ConsoleServer
+from thriftprobe.admin.console import ConsoleServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

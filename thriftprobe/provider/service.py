@@ -3,18 +3,13 @@
 Start order (nothing is left behind when a step fails: no znode, no bound port, no thread):
 validate -> config -> appkey in MySQL -> IDL -> bind -> node settings from Redis -> ephemeral
 znode -> accept connections. Stop order: delete the znode, stop accepting, let in-flight calls
-finish, release ZooKeeper.
-
-The server runs one thread per connection and never drops an idle connection (thriftpy2's
-``make_server`` closes connections idle for 3 s, which would break every pooled client).
+finish, release ZooKeeper. The server itself is ``server.py``.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import select
 import signal
 import socket
 import threading
@@ -22,196 +17,23 @@ import time
 import types
 from typing import Any, Dict, Optional, Union
 
-from thriftpy2.protocol import TBinaryProtocolFactory
-from thriftpy2.thrift import TApplicationException, TProcessor
-from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
+from thriftpy2.thrift import TProcessor
 
-from . import __version__
-from . import config as config_mod
-from .appkeys import check_appkey
-from .errors import InvalidArgument, ThriftProbeError
-from .idl import load_service
-from .node import Node, validate_names
-from .registry import Registration, ZooKeeperRegistry
-from .settings import NodeSettingsStore
+from .. import config as config_mod
+from .._version import __version__
+from ..errors import InvalidArgument, ThriftProbeError
+from ..idl import load_service
+from ..node import Node, validate_names
+from ..registry import Registration, Registry, open_registry
+from ..stores.appkeys import check_appkey
+from ..stores.settings import NodeSettingsStore
+from .server import Server
 
 __all__ = ["start_service", "RunningService"]
 
 log = logging.getLogger(__name__)
 
 _WILDCARDS = ("", "0.0.0.0", "::")
-
-
-class _ConnTransport(TSocket):
-    """A server-side socket that, between messages, waits for either data or the stop signal.
-
-    ``at_boundary`` is set by the serving loop before each message. The first read of a message
-    polls the socket and the server's wake pipe together: if only the wake pipe fires, the server
-    is stopping and the idle connection ends; a connection in the middle of a call is never cut.
-    """
-
-    def __init__(self, sock: socket.socket, wake_fd: int) -> None:
-        super().__init__(sock=sock)
-        self.at_boundary = True
-        self._fd = sock.fileno()
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN | select.POLLPRI)
-        poller.register(wake_fd, select.POLLIN)
-        self._poll = poller.poll
-
-    def read(self, sz: int) -> bytes:
-        if self.at_boundary:
-            self.at_boundary = False
-            events = self._poll()
-            if not any(fd == self._fd for fd, _ in events):
-                raise TTransportException(TTransportException.END_OF_FILE, "server stopping")
-        return super().read(sz)  # type: ignore[no-any-return]
-
-
-class _Server:
-    """Accepts connections on a bound socket and serves each on its own named daemon thread."""
-
-    def __init__(self, processor: TProcessor, listener: socket.socket, label: str, io_timeout: Optional[float]) -> None:
-        self._processor = processor
-        self._listener = listener
-        self._label = label
-        self._io_timeout = io_timeout
-        self._trans_factory = TBufferedTransportFactory()
-        self._proto_factory = TBinaryProtocolFactory()
-        self._wake_r, self._wake_w = os.pipe()
-        self._lock = threading.Lock()
-        self._conns: Dict[threading.Thread, socket.socket] = {}
-        self._count = 0
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name="thriftprobe-accept-" + label, daemon=True
-        )
-
-    def start(self) -> None:
-        self._accept_thread.start()
-
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        listener.setblocking(False)
-        poller = select.poll()
-        poller.register(listener.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        try:
-            while True:
-                if any(fd == self._wake_r for fd, _ in poller.poll()):
-                    return
-                try:
-                    sock, _peer = listener.accept()
-                except BlockingIOError:
-                    continue
-                except OSError as err:
-                    if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("%s: cannot accept a connection: %s", self._label, err)
-                        select.select([self._wake_r], [], [], 0.1)  # back off, but wake at stop
-                    continue
-                try:
-                    self._spawn(sock)
-                except Exception:  # e.g. no thread can be started: drop this one, keep accepting
-                    log.exception("%s: cannot serve a new connection", self._label)
-                    sock.close()
-                    select.select([self._wake_r], [], [], 0.1)
-        finally:
-            listener.close()
-
-    def _spawn(self, sock: socket.socket) -> None:
-        sock.setblocking(True)
-        sock.settimeout(self._io_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Idle connections are never timed out, so a consumer host that vanishes without a FIN
-        # must be found by TCP keepalive (about 2 minutes), or its thread would wait forever.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        with self._lock:
-            self._count += 1
-            thread = threading.Thread(
-                target=self._serve_conn,
-                args=(sock,),
-                name="thriftprobe-conn-%s-%d" % (self._label, self._count),
-                daemon=True,
-            )
-            self._conns[thread] = sock
-        thread.start()
-
-    def _serve_conn(self, sock: socket.socket) -> None:
-        raw = _ConnTransport(sock, self._wake_r)
-        trans = self._trans_factory.get_transport(raw)
-        proto = self._proto_factory.get_protocol(trans)
-        try:
-            while True:
-                raw.at_boundary = True
-                self._process(proto)
-        except TTransportException:
-            pass  # peer closed, or the server is stopping
-        except OSError as err:
-            log.debug("%s: connection ended: %s", self._label, err)
-        except Exception:
-            log.exception("%s: connection failed", self._label)
-        finally:
-            trans.close()
-            with self._lock:
-                self._conns.pop(threading.current_thread(), None)
-
-    def _process(self, proto: Any) -> None:
-        processor = self._processor
-        api, seqid, result, call = processor.process_in(proto)
-        if isinstance(result, TApplicationException):
-            processor.send_exception(proto, api, result, seqid)
-            return
-        assert call is not None
-        try:
-            result.success = call()
-        except TApplicationException as exc:
-            processor.send_exception(proto, api, exc, seqid)
-            return
-        except Exception as exc:
-            if not processor.handle_exception(exc, result):
-                log.exception("%s: %s raised an exception the IDL does not declare", self._label, api)
-                if not result.oneway:
-                    processor.send_exception(
-                        proto,
-                        api,
-                        TApplicationException(
-                            TApplicationException.INTERNAL_ERROR, "%s: %s" % (type(exc).__name__, exc)
-                        ),
-                        seqid,
-                    )
-                return
-        if not result.oneway:
-            processor.send_result(proto, api, result, seqid)
-
-    def stop(self, timeout: float) -> None:
-        """Stop accepting, let in-flight calls finish for up to ``timeout`` seconds, then cut the rest."""
-        os.write(self._wake_w, b"x")  # never drained: every poller sees it from now on
-        if self._accept_thread.ident is not None:
-            self._accept_thread.join()
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            threads = list(self._conns)
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            stuck = dict(self._conns)
-        for thread, sock in stuck.items():
-            log.warning("%s: %s still busy after %.1f s; closing its connection", self._label, thread.name, timeout)
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in stuck:
-            thread.join(1.0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def close_unstarted(self) -> None:
-        self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
 
 class RunningService:
@@ -227,8 +49,8 @@ class RunningService:
         cfg: config_mod.Config,
         appkey: str,
         service_name: str,
-        server: _Server,
-        registry: ZooKeeperRegistry,
+        server: Server,
+        registry: Registry,
         registration: Registration,
         store: NodeSettingsStore,
         stop_timeout: float,
@@ -268,7 +90,7 @@ class RunningService:
             if self._stopped:
                 return
             log.info("stopping %s on port %d", self.service_name, self.port)
-            self._registration.delete()
+            self._registry.deregister(self._registration)
             drain = self._drain if drain is None else drain
             if drain > 0:
                 log.info("draining %s on port %d for %.1f s", self.service_name, self.port, drain)
@@ -426,7 +248,7 @@ def start_service(
         store = NodeSettingsStore(cfg.redis, cfg.env)
         node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras))
         label = "%s-%d" % (service_name, bound_port)
-        server = _Server(TProcessor(service, handler), listener, label, io_timeout / 1000.0 if io_timeout else None)
+        server = Server(TProcessor(service, handler), listener, label, io_timeout / 1000.0 if io_timeout else None)
     except BaseException:
         listener.close()
         if store is not None:
@@ -440,9 +262,9 @@ def start_service(
             return current
         return current.with_settings(stored.weight, stored.valid, stored.rev)
 
-    registry: Optional[ZooKeeperRegistry] = None
+    registry: Optional[Registry] = None
     try:
-        registry = ZooKeeperRegistry(cfg.zookeeper)
+        registry = open_registry(cfg)
         registration = registry.register(cfg.env, appkey, service_name, node, refresh, audit_interval)
     except BaseException:
         server.close_unstarted()

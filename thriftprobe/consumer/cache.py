@@ -16,8 +16,8 @@ import tempfile
 import time
 from typing import Dict, Tuple, Union
 
-from .errors import ThriftProbeError
-from .node import Node
+from ..errors import ThriftProbeError
+from ..node import Node
 
 __all__ = ["TableCache"]
 

@@ -19,15 +19,15 @@ from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.thrift import TApplicationException, TClient, TDecodeException, TMessageType, args_to_kwargs
 from thriftpy2.transport import TTransportException
 
-from . import config as config_mod
+from .. import config as config_mod
 from .balancer import Balancer, WeightedRandom
 from .cache import TableCache
-from .errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
+from ..errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
 from .health import HealthChecker, OutlierDetector
-from .idl import load_service
-from .node import Node, validate_names
+from ..idl import load_service
+from ..node import Node, validate_names
+from ..registry import Registry, Watch, open_registry
 from .pool import ConnectionPool, PooledConnection
-from .registry import ServiceWatch, ZooKeeperRegistry
 from .retry import Retry
 from .table import NodeTable
 
@@ -82,9 +82,9 @@ class ProbeClient(TClient):
         cfg: config_mod.Config,
         appkey: str,
         service_name: str,
-        registry: Optional[ZooKeeperRegistry],
+        registry: Optional[Registry],
         table: NodeTable,
-        watch: Optional[ServiceWatch],
+        watch: Optional[Watch],
         pool: ConnectionPool,
         balancer: Balancer,
         retry: Optional[Retry],
@@ -295,7 +295,7 @@ class ProbeClient(TClient):
         """Open (a share of) a ZooKeeper session and watch the service into the table. The
         registry's list is authoritative: nodes it does not have (inherited from a parent, or
         read from the cache file) leave the table. Raises BackendError."""
-        registry = ZooKeeperRegistry(self._cfg.zookeeper)
+        registry = open_registry(self._cfg)
         try:
             watch = registry.watch(self.env, self.appkey, self.service_name, self.table)
         except BaseException:
@@ -484,10 +484,10 @@ def build_client(
     )
     table = NodeTable(empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name))
     cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
-    registry: Optional[ZooKeeperRegistry] = None
-    watch: Optional[ServiceWatch] = None
+    registry: Optional[Registry] = None
+    watch: Optional[Watch] = None
     try:
-        registry = ZooKeeperRegistry(cfg.zookeeper)
+        registry = open_registry(cfg)
     except BackendError as err:
         if cache is None:
             raise

@@ -14,9 +14,9 @@ from typing import Any, Dict, Tuple, Union
 from thriftpy2.protocol.json import json_value, obj_value, struct_to_json
 from thriftpy2.thrift import TApplicationException, TException
 
-from .client import build_client
-from .config import Config
-from .errors import InvalidArgument
+from ..consumer import build_client
+from ..config import Config
+from ..errors import InvalidArgument
 
 __all__ = ["call_method"]
 

@@ -13,8 +13,8 @@ from typing import Iterator, List, Tuple
 
 import pymysql
 
-from .config import MysqlConfig
-from .errors import BackendError
+from ..config import MysqlConfig
+from ..errors import BackendError
 
 __all__ = ["connect", "create_schema", "missing_schema", "TABLES"]
 

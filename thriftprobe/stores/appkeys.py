@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-from .config import MysqlConfig
-from .db import connect
-from .errors import AppkeyNotRegistered
+from ..config import MysqlConfig
+from .mysql import connect
+from ..errors import AppkeyNotRegistered
 
 __all__ = ["Appkey", "TABLE", "add_appkey", "remove_appkey", "list_appkeys", "check_appkey"]
 

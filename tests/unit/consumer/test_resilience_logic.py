@@ -4,10 +4,10 @@ import threading
 
 import pytest
 
-from thriftprobe.health import OutlierDetector
+from thriftprobe.consumer.health import OutlierDetector
 from thriftprobe.node import Node
-from thriftprobe.retry import Retry, RetryBudget
-from thriftprobe.table import NodeTable
+from thriftprobe.consumer.retry import Retry, RetryBudget
+from thriftprobe.consumer.table import NodeTable
 
 
 class Clock:

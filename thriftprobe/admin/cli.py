@@ -14,9 +14,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, TextIO
 
 from thriftpy2.transport import TTransportException
 
-from . import __version__, appkeys, audit, db
-from . import config as config_mod
-from .errors import InvalidArgument, ThriftProbeError
+from .._version import __version__
+from ..stores import appkeys, audit, mysql
+from .. import config as config_mod
+from ..errors import InvalidArgument, ThriftProbeError
 from .governance import Governance, check_weight
 
 __all__ = ["main"]
@@ -53,7 +54,7 @@ def _cfg(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_db_init(args: argparse.Namespace, out: Output) -> int:
     cfg = _cfg(args)
-    done = db.create_schema(cfg.mysql)
+    done = mysql.create_schema(cfg.mysql)
     out.data({"database": cfg.mysql.describe(), "changes": done})
     for line in done:
         out.line(line)
@@ -63,7 +64,7 @@ def cmd_db_init(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_appkey_add(args: argparse.Namespace, out: Output) -> int:
     cfg = _cfg(args)
-    from .node import validate_names
+    from ..node import validate_names
 
     validate_names(args.appkey, "x")
     added = appkeys.add_appkey(cfg.mysql, args.appkey, args.owner, args.description)

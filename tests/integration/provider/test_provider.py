@@ -22,7 +22,7 @@ from thriftprobe import (
     start_service,
 )
 from thriftprobe.node import settings_field
-from thriftprobe.settings import hash_key
+from thriftprobe.stores.settings import hash_key
 
 
 def children(zk, appkey, env=TEST_ENV):
@@ -230,7 +230,7 @@ def test_restart_on_same_port_replaces_a_stale_znode(config_path, appkey, zk, cf
 def test_redis_cluster_mode(cluster_cfg, zk, services):
     import redis.cluster
 
-    from thriftprobe import appkeys
+    from thriftprobe.stores import appkeys
 
     appkey = "t.cluster.%s" % uuid.uuid4().hex[:12]
     appkeys.add_appkey(cluster_cfg.mysql, appkey)

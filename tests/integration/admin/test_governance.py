@@ -11,9 +11,9 @@ from conftest import IDL, free_port, wait_until
 from kazoo.client import KazooClient
 
 from thriftprobe import AppkeyNotRegistered, InvalidArgument, build_client, config
-from thriftprobe.governance import Governance
+from thriftprobe.admin.governance import Governance
 from thriftprobe.node import Node
-from thriftprobe.registry import apply_settings
+from thriftprobe.registry.zookeeper import apply_settings
 
 
 @pytest.fixture

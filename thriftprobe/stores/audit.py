@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
-from .config import MysqlConfig
-from .db import connect
+from ..config import MysqlConfig
+from .mysql import connect
 
 __all__ = ["AuditEntry", "check_ready", "record", "history"]
 

@@ -13,7 +13,7 @@ from thriftpy2.thrift import TApplicationException, TClient
 from thriftpy2.transport import TTransportException
 
 from thriftprobe import BackendError, IdlError, InvalidArgument, NoAvailableNode, ThriftProbeError, build_client
-from thriftprobe.balancer import WeightedRandom
+from thriftprobe.consumer.balancer import WeightedRandom
 from thriftprobe.node import Node
 
 # Upper critical value of chi-square with 2 degrees of freedom at p = 0.0001.

@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import AbstractSet, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from .node import Node
+from ..node import Node
 
 __all__ = ["NodeTable", "Snapshot"]
 

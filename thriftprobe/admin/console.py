@@ -15,8 +15,8 @@ import secrets
 import threading
 from typing import Any, Callable
 
-from .config import Config, ConsoleConfig
-from .errors import InvalidArgument, ThriftProbeError
+from ..config import Config, ConsoleConfig
+from ..errors import InvalidArgument, ThriftProbeError
 from .governance import Governance
 
 __all__ = ["create_app", "ConsoleServer", "serve"]

@@ -21,16 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-from kazoo.exceptions import KazooException, NoNodeError
-from kazoo.recipe.watchers import ChildrenWatch
-
-from . import audit
-from .appkeys import check_appkey
-from .config import Config
-from .errors import BackendError, InvalidArgument
-from .node import MAX_WEIGHT, Node, validate_names
-from .registry import ServiceWatch, ZooKeeperRegistry
-from .settings import NodeSettingsStore
+from ..stores import audit
+from ..stores.appkeys import check_appkey
+from ..config import Config
+from ..errors import BackendError, InvalidArgument
+from ..node import MAX_WEIGHT, Node, validate_names
+from ..registry import Watch, open_registry
+from ..stores.settings import NodeSettingsStore
 
 __all__ = ["Governance", "NodeView", "Change", "FleetEvent", "current_user"]
 
@@ -158,7 +155,7 @@ class Governance:
         self._source = source
         self._store = NodeSettingsStore(cfg.redis, cfg.env)
         try:
-            self._registry = ZooKeeperRegistry(cfg.zookeeper)
+            self._registry = open_registry(cfg)
         except BaseException:
             self._store.close()
             raise
@@ -229,7 +226,7 @@ class Governance:
         # so it is audited whatever happens to the live update.
         live_error: Optional[BackendError] = None
         try:
-            live = self._registry.apply_settings(self.env, appkey, service, new) is not None
+            live = self._registry.update(self.env, appkey, service, new) is not None
         except BackendError as err:
             live, live_error = False, err
         change = Change(self.env, appkey, service, old, new, live)
@@ -289,9 +286,9 @@ class Governance:
         thread: keep it short.
         """
         lock = threading.Lock()
-        watches: Dict[str, ServiceWatch] = {}
+        watches: Dict[str, Watch] = {}
         stopped = threading.Event()
-        zk = self._registry.client
+        stop_appkeys: Optional[Callable[[], None]] = None
 
         def follow(key: str) -> None:
             with lock:
@@ -303,21 +300,16 @@ class Governance:
             follow(appkey)
         else:
 
-            def on_appkeys(children: List[str]) -> Optional[bool]:
-                if stopped.is_set():
-                    return False
+            def on_appkeys(children: List[str]) -> None:
                 for key in children:
                     follow(key)
-                return None
 
-            try:
-                zk.ensure_path("/services/%s" % self.env)
-                ChildrenWatch(zk, "/services/%s" % self.env, on_appkeys)
-            except (KazooException, NoNodeError) as err:
-                raise BackendError("cannot watch /services/%s: %s" % (self.env, err)) from err
+            stop_appkeys = self._registry.watch_appkeys(self.env, on_appkeys)
 
         def stop() -> None:
             stopped.set()
+            if stop_appkeys is not None:
+                stop_appkeys()
             with lock:
                 for w in watches.values():
                     w.close()
@@ -337,7 +329,7 @@ class Governance:
 
 
 class _EventSink:
-    """A NodeSink that turns a ServiceWatch's updates into FleetEvents for one appkey."""
+    """A NodeListener that turns a registry watch's updates into FleetEvents for one appkey."""
 
     def __init__(self, appkey: str, on_event: Callable[[FleetEvent], None], stopped: threading.Event) -> None:
         self._appkey = appkey

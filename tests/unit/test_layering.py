@@ -1,0 +1,113 @@
+"""The package's wings import one way: admin -> provider/consumer -> registry/stores -> vocabulary.
+
+Every import of every module is read from its source (those inside functions too), so an arrow
+that runs back up fails here before it reaches a reader.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, Set, Tuple
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "thriftprobe"
+
+VOCABULARY = {"_version", "errors", "config", "node", "idl"}
+LEVEL = {"registry": 1, "stores": 1, "provider": 2, "consumer": 2, "admin": 3}
+
+
+def _modules() -> Dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _wing(module: str) -> Tuple[str, int]:
+    """(wing, level) of a module of the package; the root package is the public API."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "api", 4
+    top = parts[1]
+    if top in VOCABULARY:
+        return "vocabulary", 0
+    return top, LEVEL[top]
+
+
+def _imports(module: str, path: Path) -> Iterator[str]:
+    """The package modules that ``module`` imports, relative imports resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "thriftprobe":
+                    yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != "thriftprobe":
+                continue
+            for alias in node.names:
+                target = base + "." + alias.name
+                yield target if target in MODULES else base
+
+
+def _arrows() -> Set[Tuple[str, str]]:
+    return {(module, target) for module, path in MODULES.items() for target in _imports(module, path)}
+
+
+def test_every_module_belongs_to_a_known_wing() -> None:
+    for module in MODULES:
+        _wing(module)  # KeyError names a module outside the wings
+
+
+def test_imports_run_one_way() -> None:
+    wrong = []
+    for module, target in sorted(_arrows()):
+        wing, level = _wing(module)
+        target_wing, target_level = _wing(target)
+        if target == "thriftprobe":
+            wrong.append("%s imports the package root (the public API)" % module)
+        elif wing == target_wing:
+            continue
+        elif target_level >= level:
+            wrong.append("%s (%s) imports %s (%s)" % (module, wing, target, target_wing))
+    assert not wrong, "imports that run against the wings:\n" + "\n".join(wrong)
+
+
+def test_the_public_api_imports_no_operator_tool() -> None:
+    arrows = [target for module, target in _arrows() if module == "thriftprobe"]
+    assert arrows and not [t for t in arrows if _wing(t)[0] == "admin"]
+
+
+def test_the_checker_sees_a_backward_arrow(tmp_path: Path) -> None:
+    # The check must be able to fail: a registry module importing the consumer's table is caught.
+    bad = tmp_path / "zookeeper.py"
+    bad.write_text("from ..consumer.table import NodeTable\nfrom . import Registry\n")
+    targets = set(_imports("thriftprobe.registry.zookeeper", bad))
+    assert targets == {"thriftprobe.consumer.table", "thriftprobe.registry"}
+    assert _wing("thriftprobe.consumer.table")[1] > _wing("thriftprobe.registry.zookeeper")[1]
+
+
+@pytest.mark.parametrize("statement", ["import thriftprobe", "from thriftprobe import start_service, build_client"])
+def test_importing_the_package_loads_no_admin_module_and_no_flask(statement: str) -> None:
+    code = (
+        statement + "\nimport sys\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith('thriftprobe.admin') or m == 'flask')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""

@@ -1,0 +1,7 @@
+"""The consumer wing: ``build_client`` and the ``ProbeClient`` it returns, and what a call goes
+through: the node ``table`` the registry keeps current, the ``balancer`` that picks a node, the
+connection ``pool``, ``health`` (outlier ejection, active checks), ``retry`` and the node ``cache``."""
+
+from .client import ProbeClient, build_client
+
+__all__ = ["build_client", "ProbeClient"]

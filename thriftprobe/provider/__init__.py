@@ -1,0 +1,6 @@
+"""The provider wing: ``start_service`` (``service``) checks the appkey, merges the node's
+settings, starts the ``server`` core and registers the node; ``RunningService`` stops it."""
+
+from .service import RunningService, start_service
+
+__all__ = ["start_service", "RunningService"]

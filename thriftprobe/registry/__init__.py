@@ -1,0 +1,141 @@
+"""Where live nodes are published and watched: the interface the rest of the package codes against.
+
+A provider publishes its node with ``register`` and the registry keeps it (re-publishes it after
+a lost session, applies newer settings) until ``deregister``. Operators change a live node with
+``update``. A consumer hands ``watch`` a ``NodeListener`` (its node table implements one) and the
+registry keeps it current. The registry never imports the wings above it: it only calls the
+listeners and callbacks they hand it.
+
+ZooKeeper (``registry.zookeeper``) is the one backend today. The interface is written so that
+another (an etcd v3 one is planned) fits behind ``open_registry`` without the wings above changing.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Iterable, List, Optional, Protocol, Set, Tuple
+
+from ..config import Config
+from ..node import Node
+
+__all__ = [
+    "NodeListener",
+    "Retainer",
+    "Registration",
+    "Watch",
+    "Refresh",
+    "Registry",
+    "open_registry",
+]
+
+Refresh = Callable[[Node], Node]
+"""``refresh(node)`` returns the node with its current settings (read from Redis in a provider);
+it may raise ThriftProbeError, and the node then keeps the settings it has."""
+
+
+class NodeListener(Protocol):
+    """Receives the nodes of a watched service, keyed by their name in the registry.
+
+    Called on the registry's own threads: implementations return quickly and never block.
+    """
+
+    def upsert(self, name: str, node: Node) -> None:
+        """A node joined, or its data changed."""
+
+    def remove(self, name: str) -> None:
+        """A node left."""
+
+    def remove_many(self, names: Iterable[str]) -> None:
+        """Several nodes left at once (one glitch, not one removal per node)."""
+
+
+class Retainer(Protocol):
+    """A listener that can also drop every node but the named ones (see ``Watch.retain_only_watched``)."""
+
+    def retain(self, names: Set[str]) -> None: ...
+
+
+class Registration(Protocol):
+    """One published node, kept alive and current until its registry's ``deregister``."""
+
+    path: str
+    """Where the node is published (a znode path for ZooKeeper)."""
+
+    node: Node
+    """The node as last published: address, current weight and valid flag, extras."""
+
+
+class Watch(Protocol):
+    """A running watch of one service (or of every service of an appkey) into a NodeListener."""
+
+    def names(self) -> Set[str]:
+        """The names of the nodes the watch follows now."""
+
+    def retain_only_watched(self, listener: Retainer) -> None:
+        """Drop from ``listener`` every node the watch does not follow, so that nodes known from
+        elsewhere (a cache file, a parent process) leave once the registry is the source."""
+
+    def close(self) -> None:
+        """Stop calling the listener. Idempotent."""
+
+
+class Registry(abc.ABC):
+    """A handle on one registry backend. Thread-safe; one per user (a provider, a client, an
+    operator's tool), closed by its owner; usable in ``with``."""
+
+    @abc.abstractmethod
+    def register(
+        self, env: str, appkey: str, service: str, node: Node, refresh: Refresh, audit_interval: float = 30.0
+    ) -> Registration:
+        """Publish ``node`` as one of ``service``'s and keep it published and current until
+        ``deregister``: re-published after a lost session, audited every ``audit_interval``
+        seconds against ``refresh(node)``. Raises BackendError."""
+
+    @abc.abstractmethod
+    def deregister(self, registration: Registration) -> None:
+        """Stop keeping the node and withdraw it. Idempotent; never raises for an unreachable
+        backend (the node then goes when the backend ends its session or lease)."""
+
+    @abc.abstractmethod
+    def update(self, env: str, appkey: str, service: str, settings: Node) -> Optional[Node]:
+        """Apply an operator's settings (weight, valid, rev) to the node's live entry, if it is
+        registered. Only a higher revision replaces what is there. Returns the node now live, or
+        None when no such node is registered. Raises BackendError."""
+
+    @abc.abstractmethod
+    def watch(self, env: str, appkey: str, service: Optional[str], listener: NodeListener) -> Watch:
+        """Fill ``listener`` with the nodes of ``service`` (of every service of the appkey if
+        None) now, and keep it current until the watch is closed. Raises BackendError."""
+
+    @abc.abstractmethod
+    def watch_appkeys(self, env: str, on_appkeys: Callable[[List[str]], None]) -> Callable[[], None]:
+        """Call ``on_appkeys(names)`` with the appkeys of ``env`` now and after every change, on
+        the registry's thread (keep it short). Returns a function that stops it. Raises BackendError."""
+
+    @abc.abstractmethod
+    def appkeys(self, env: str) -> List[str]:
+        """The appkeys that have (or had) nodes registered in ``env``, read once."""
+
+    @abc.abstractmethod
+    def nodes(self, env: str, appkey: str) -> List[Tuple[str, Node]]:
+        """(service, node) for every live, well-formed node of an appkey, read once."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release this handle. Idempotent."""
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_registry(cfg: Config) -> Registry:
+    """Open a handle on the registry ``cfg`` names (ZooKeeper, the only backend today).
+
+    Raises BackendError when it cannot be reached within the configured connect timeout.
+    """
+    from .zookeeper import ZooKeeperRegistry  # the backend is chosen here, and only here
+
+    return ZooKeeperRegistry(cfg.zookeeper)
