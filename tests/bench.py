@@ -35,11 +35,11 @@ from thriftpy2.rpc import make_client
 from thriftpy2.transport import TBufferedTransportFactory, TSocket
 
 from thriftprobe import build_client, config
-from thriftprobe.stores.appkeys import add_appkey
 from thriftprobe.consumer.balancer import WeightedRandom
-from thriftprobe.stores.mysql import create_schema
-from thriftprobe.node import Node, parse_znode_name, service_path
 from thriftprobe.consumer.table import NodeTable
+from thriftprobe.node import Node, parse_znode_name, service_path
+from thriftprobe.stores.appkeys import add_appkey
+from thriftprobe.stores.mysql import create_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 IDL = str(ROOT / "idl" / "demo.thrift")
@@ -138,7 +138,7 @@ def threaded(make_calls: Dict[str, Callable[[int], Callable[[], Any]]], threads:
             calls = [make(i) for i in range(threads)]
             barrier = threading.Barrier(threads + 1)
 
-            def work(call: Callable[[], Any]) -> None:
+            def work(call: Callable[[], Any], barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
                 for _ in range(per_thread):
                     call()
@@ -165,19 +165,19 @@ def propagation(zk: KazooClient, client: Any, repeats: int) -> Dict[str, Any]:
         path = folder + "/" + node.znode_name("Calculator")
         began = time.perf_counter()
         zk.create(path, node.to_json(), ephemeral=True)
-        table.wait_for(lambda s: any(n.port == port for n in s.all_nodes), 5)
+        table.wait_for(lambda s, port=port: any(n.port == port for n in s.all_nodes), 5)
         results["join"].append(time.perf_counter() - began)
         began = time.perf_counter()
         zk.set(path, node.with_settings(7, True, 1).to_json())
-        table.wait_for(lambda s: any(n.port == port and n.weight == 7 for n in s.all_nodes), 5)
+        table.wait_for(lambda s, port=port: any(n.port == port and n.weight == 7 for n in s.all_nodes), 5)
         results["weight change"].append(time.perf_counter() - began)
         began = time.perf_counter()
         zk.set(path, node.with_settings(7, False, 2).to_json())
-        table.wait_for(lambda s: any(n.port == port and not n.valid for n in s.all_nodes), 5)
+        table.wait_for(lambda s, port=port: any(n.port == port and not n.valid for n in s.all_nodes), 5)
         results["switch off"].append(time.perf_counter() - began)
         began = time.perf_counter()
         zk.delete(path)
-        table.wait_for(lambda s: not any(n.port == port for n in s.all_nodes), 5)
+        table.wait_for(lambda s, port=port: not any(n.port == port for n in s.all_nodes), 5)
         results["leave"].append(time.perf_counter() - began)
     return {k: {"p50_ms": statistics.median(v) * 1000, "p99_ms": pct(v, 0.99) * 1000, "n": len(v)}
             for k, v in results.items()}
@@ -353,7 +353,10 @@ def main() -> None:
             return lambda: raws[i].echo(PAYLOAD)
 
         results["call_path_16_threads"] = threaded(
-            {"raw (16 clients)": raw_for_thread, "thriftprobe (1 shared client)": lambda i: lambda: client.echo(PAYLOAD)},
+            {
+                "raw (16 clients)": raw_for_thread,
+                "thriftprobe (1 shared client)": lambda i: lambda: client.echo(PAYLOAD),
+            },
             16, 2 if quick else 6, 100 if quick else 300,
         )
         t16 = results["call_path_16_threads"]

@@ -1,5 +1,6 @@
-# Sourced by tests/run.sh and tests/demo.sh: a virtualenv with thriftprobe installed from this
-# checkout, and the local servers (ZooKeeper, Redis, Redis Cluster, MariaDB) up on 127.0.0.1.
+# Sourced by tests/run.sh, tests/demo.sh, tests/bench.sh and tests/lint.sh: a virtualenv with
+# thriftprobe installed from this checkout (with its test and lint tools), and the local servers
+# (ZooKeeper, Redis, Redis Cluster, MariaDB) up on 127.0.0.1 unless THRIFTPROBE_NO_SERVICES=1.
 # Works on a fresh Debian machine (installs what is missing) and is quick when all is in place.
 set -euo pipefail
 
@@ -17,15 +18,17 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     fi
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install -q -e "$ROOT[test]"
+"$PY" -m pip install -q -e "$ROOT[test,lint]"
 
-# The console's browser test drives Debian's Chromium with Playwright (no browser download).
-if [[ ! -x /usr/bin/chromium ]]; then
-    echo "[bootstrap] installing chromium for the console's browser test" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+if [[ "${THRIFTPROBE_NO_SERVICES:-0}" != 1 ]]; then
+    # The console's browser test drives Debian's Chromium with Playwright (no browser download).
+    if [[ ! -x /usr/bin/chromium ]]; then
+        echo "[bootstrap] installing chromium for the console's browser test" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    fi
+
+    export THRIFTPROBE_PYTHON="$PY"
+    bash "$ROOT/tests/services.sh" start
+    export THRIFTPROBE_SERVICES_READY=1
 fi
-
-export THRIFTPROBE_PYTHON="$PY"
-bash "$ROOT/tests/services.sh" start
-export THRIFTPROBE_SERVICES_READY=1

@@ -3,8 +3,7 @@
 import argparse
 
 from thriftprobe import config
-from thriftprobe.stores import appkeys
-from thriftprobe.stores import mysql
+from thriftprobe.stores import appkeys, mysql
 
 
 def main() -> None:

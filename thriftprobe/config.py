@@ -29,11 +29,11 @@ __all__ = [
     "MysqlConfig",
     "RedisConfig",
     "ZooKeeperConfig",
+    "find_config_path",
     "load",
     "load_console",
     "resolve",
     "resolve_env",
-    "find_config_path",
 ]
 
 CONFIG_ENV_VAR = "THRIFTPROBE_CONFIG"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 __all__ = [
-    "ThriftProbeError",
-    "ConfigError",
-    "InvalidArgument",
-    "IdlError",
     "AppkeyNotRegistered",
     "BackendError",
-    "SettingsError",
+    "ConfigError",
+    "IdlError",
+    "InvalidArgument",
     "NoAvailableNode",
+    "SettingsError",
+    "ThriftProbeError",
 ]
 
 

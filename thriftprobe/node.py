@@ -22,12 +22,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from .errors import InvalidArgument
 
 __all__ = [
-    "Node",
     "DEFAULT_WEIGHT",
-    "parse_znode_name",
-    "settings_field",
-    "service_path",
     "MAX_WEIGHT",
+    "Node",
+    "parse_znode_name",
+    "service_path",
+    "settings_field",
     "validate_names",
 ]
 
@@ -78,7 +78,7 @@ class Node:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError("not JSON: %s" % err) from err
         if not isinstance(data, dict):
-            raise ValueError("not a JSON object: %r" % (data,))
+            raise ValueError("not a JSON object: %r" % (data,))  # noqa: TRY004 - callers catch ValueError for any bad data
         return cls.from_dict(data)
 
     @classmethod

@@ -21,9 +21,8 @@ import redis.cluster
 from kazoo.client import KazooClient
 
 from thriftprobe import config, start_service
-from thriftprobe.stores import appkeys
-from thriftprobe.stores import mysql
 from thriftprobe.node import settings_field
+from thriftprobe.stores import appkeys, mysql
 from thriftprobe.stores.settings import hash_key
 
 ROOT = Path(__file__).resolve().parents[2]

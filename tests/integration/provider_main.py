@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import IDL, Handler  # noqa: E402
+from conftest import IDL, Handler
 
-from thriftprobe import start_service  # noqa: E402
+from thriftprobe import start_service
 
 
 def main() -> None:

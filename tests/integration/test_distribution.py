@@ -61,14 +61,14 @@ print(json.dumps(result))
 
 def pythons() -> Dict[str, str]:
     """One interpreter per minor version >= 3.9 found on this machine, by version."""
-    candidates = [sys.executable] + sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
+    candidates = [sys.executable, *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))]
     candidates += sorted(glob.glob("/usr/bin/python3.[0-9]*"))
     found: Dict[str, str] = {}
     for exe in candidates:
         if not re.search(r"python3(\.\d+)?$", exe) or not os.access(exe, os.X_OK):
             continue
         done = subprocess.run([exe, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         version = done.stdout.strip()
         if done.returncode == 0 and tuple(map(int, version.split("."))) >= (3, 9):
             found.setdefault(version, exe)
@@ -79,7 +79,7 @@ PYTHONS = pythons()
 
 
 def run(*argv: str, **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=600, **kwargs)
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=600, check=False, **kwargs)
     assert done.returncode == 0, "%s failed:\n%s\n%s" % (" ".join(argv), done.stdout[-3000:], done.stderr[-3000:])
     return done
 

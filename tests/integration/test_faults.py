@@ -23,8 +23,8 @@ from zk_ensemble import ZkEnsemble
 from thriftprobe import BackendError, NoAvailableNode, build_client, config
 from thriftprobe.consumer.balancer import WeightedRandom
 from thriftprobe.consumer.health import OutlierDetector
-from thriftprobe.node import Node
 from thriftprobe.consumer.retry import Retry
+from thriftprobe.node import Node
 
 
 class Load:
@@ -104,52 +104,50 @@ def procs():
 
 def test_provider_kill_9_under_load_loses_no_idempotent_call(config_path, appkey, procs, cfg):
     procs.extend(spawn_provider(config_path, TEST_ENV, appkey, "p%d" % i) for i in range(3))
-    with no_leaks():
-        with build_client(IDL, appkey, "Calculator", config=cfg, retry=Retry(idempotent={"ping"}, attempts=3)) as c:
-            wait_until(lambda: len(c.table.snapshot.available) == 3, what="three nodes")
-            with Load(c) as load:
-                load.more()
-                procs[0].kill()
-                killed = time.monotonic()
-                load.more(500)
-                wait_until(lambda: len(c.table.snapshot.all_nodes) == 2, 8, "the dead node's session to expire")
-                print("kill -9: node left the consumer's table %.2f s later (session timeout 2 s)"
-                      % (time.monotonic() - killed))
-                load.more()
-            assert load.failures == []
-            assert set(load.tags) == {"p0", "p1", "p2"}
+    retry = Retry(idempotent={"ping"}, attempts=3)
+    with no_leaks(), build_client(IDL, appkey, "Calculator", config=cfg, retry=retry) as c:
+        wait_until(lambda: len(c.table.snapshot.available) == 3, what="three nodes")
+        with Load(c) as load:
+            load.more()
+            procs[0].kill()
+            killed = time.monotonic()
+            load.more(500)
+            wait_until(lambda: len(c.table.snapshot.all_nodes) == 2, 8, "the dead node's session to expire")
+            print("kill -9: node left the consumer's table %.2f s later (session timeout 2 s)"
+                  % (time.monotonic() - killed))
+            load.more()
+        assert load.failures == []
+        assert set(load.tags) == {"p0", "p1", "p2"}
 
 
 def test_provider_sigterm_under_load_loses_no_call(config_path, appkey, procs, cfg):
     procs.extend(spawn_provider(config_path, TEST_ENV, appkey, "p%d" % i) for i in range(3))
-    with no_leaks():
-        with build_client(IDL, appkey, "Calculator", config=cfg) as c:  # no retries at all
-            wait_until(lambda: len(c.table.snapshot.available) == 3, what="three nodes")
-            with Load(c) as load:
-                procs[0].send_signal(signal.SIGTERM)
-                assert procs[0].wait(15) == 0
-                load.more(500)
-            assert load.failures == []
-            assert len(c.table.snapshot.all_nodes) == 2
+    with no_leaks(), build_client(IDL, appkey, "Calculator", config=cfg) as c:  # no retries at all
+        wait_until(lambda: len(c.table.snapshot.available) == 3, what="three nodes")
+        with Load(c) as load:
+            procs[0].send_signal(signal.SIGTERM)
+            assert procs[0].wait(15) == 0
+            load.more(500)
+        assert load.failures == []
+        assert len(c.table.snapshot.all_nodes) == 2
 
 
 def test_rolling_restart_of_every_provider_loses_no_call(config_path, appkey, procs, cfg):
     ports = [free_port() for _ in range(3)]
     procs.extend(spawn_provider(config_path, TEST_ENV, appkey, "v1-%d" % i, port) for i, port in enumerate(ports))
-    with no_leaks():
-        with build_client(IDL, appkey, "Calculator", config=cfg) as c:  # no retries at all
-            wait_until(lambda: len(c.table.snapshot.available) == 3, what="three nodes")
-            with Load(c) as load:
-                for i, port in enumerate(ports):
-                    procs[i].send_signal(signal.SIGTERM)
-                    assert procs[i].wait(15) == 0
-                    procs.append(spawn_provider(config_path, TEST_ENV, appkey, "v2-%d" % i, port))
-                    wait_until(lambda: len(c.table.snapshot.available) == 3, what="the restarted node")
-                    load.more(300)
-                before = load.tags.copy()
+    with no_leaks(), build_client(IDL, appkey, "Calculator", config=cfg) as c:  # no retries at all
+        wait_until(lambda: len(c.table.snapshot.available) == 3, what="three nodes")
+        with Load(c) as load:
+            for i, port in enumerate(ports):
+                procs[i].send_signal(signal.SIGTERM)
+                assert procs[i].wait(15) == 0
+                procs.append(spawn_provider(config_path, TEST_ENV, appkey, "v2-%d" % i, port))
+                wait_until(lambda: len(c.table.snapshot.available) == 3, what="the restarted node")
                 load.more(300)
-            assert load.failures == []
-            assert {t for t in load.tags if load.tags[t] > before[t]} == {"v2-0", "v2-1", "v2-2"}
+            before = load.tags.copy()
+            load.more(300)
+        assert load.failures == []
+        assert {t for t in load.tags if load.tags[t] > before[t]} == {"v2-0", "v2-1", "v2-2"}
 
 
 def test_session_expiry_under_load_re_registers_with_current_settings(cfg, appkey, providers, zk):
@@ -241,8 +239,9 @@ def test_redis_stopped_during_operation_leaves_calls_unaffected(tmp_path, appkey
         stdout=subprocess.DEVNULL,
     )
     try:
-        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout
-                   == b"PONG\n", what="the private Redis")
+        ping = ["redis-cli", "-p", str(port), "ping"]
+        wait_until(lambda: subprocess.run(ping, capture_output=True, check=False).stdout == b"PONG\n",
+                   what="the private Redis")
         cfg = config.load(write_config(tmp_path / "c.yml", "127.0.0.1:2181", port), TEST_ENV)
         svc = providers("a", config=cfg, audit_interval=0.2)
         with build_client(IDL, appkey, "Calculator", config=cfg) as c, Load(c) as load:
@@ -308,18 +307,17 @@ def test_failing_node_is_ejected_and_health_check_brings_it_back(config_path, ap
     port = procs[0].port
     procs.append(spawn_provider(config_path, TEST_ENV, appkey, "b"))
     detector = OutlierDetector(consecutive_failures=2, base_ejection=30.0, max_ejected_share=0.5)
-    with no_leaks():
-        with build_client(IDL, appkey, "Calculator", config=cfg, outlier_detection=detector,
-                          health_check_interval=0.2, empty_grace=0) as c:
-            wait_until(lambda: len(c.table.snapshot.available) == 2, what="both nodes")
-            procs[0].send_signal(signal.SIGSTOP)
-            os.kill(procs[0].pid, signal.SIGKILL)  # its znode lingers until its session expires
-            procs[0].wait()
-            wait_until(lambda: ("127.0.0.1", port) in detector.excluded(), 5, "the idle client to eject it")
-            assert {c.ping() for _ in range(50)} == {"b"}
-            procs.append(spawn_provider(config_path, TEST_ENV, appkey, "a2", port))
-            wait_until(lambda: ("127.0.0.1", port) not in detector.excluded(), 5, "the health check to restore it")
-            wait_until(lambda: "a2" in {c.ping() for _ in range(50)}, 5, "calls to reach it again")
+    with no_leaks(), build_client(IDL, appkey, "Calculator", config=cfg, outlier_detection=detector,
+                      health_check_interval=0.2, empty_grace=0) as c:
+        wait_until(lambda: len(c.table.snapshot.available) == 2, what="both nodes")
+        procs[0].send_signal(signal.SIGSTOP)
+        os.kill(procs[0].pid, signal.SIGKILL)  # its znode lingers until its session expires
+        procs[0].wait()
+        wait_until(lambda: ("127.0.0.1", port) in detector.excluded(), 5, "the idle client to eject it")
+        assert {c.ping() for _ in range(50)} == {"b"}
+        procs.append(spawn_provider(config_path, TEST_ENV, appkey, "a2", port))
+        wait_until(lambda: ("127.0.0.1", port) not in detector.excluded(), 5, "the health check to restore it")
+        wait_until(lambda: "a2" in {c.ping() for _ in range(50)}, 5, "calls to reach it again")
 
 
 def test_ejection_is_capped_and_panic_uses_every_node(config_path, appkey, procs, cfg):

@@ -74,13 +74,12 @@ class ZkEnsemble:
         for k in range(self.size) if i is None else [i]:
             if self._procs[k] is None or self._procs[k].poll() is not None:
                 d = self.base / ("zk%d" % (k + 1))
-                log = open(d / "zk.log", "ab")
-                self._procs[k] = subprocess.Popen(
-                    ["java", "-Xmx128m", "-Xms16m", "-XX:+UseSerialGC", "-cp", CLASSPATH,
-                     "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(d / "zoo.cfg")],
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                )
-                log.close()
+                with open(d / "zk.log", "ab") as log:  # the child keeps its own copy of the fd
+                    self._procs[k] = subprocess.Popen(
+                        ["java", "-Xmx128m", "-Xms16m", "-XX:+UseSerialGC", "-cp", CLASSPATH,
+                         "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(d / "zoo.cfg")],
+                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until every running member serves as leader or follower."""

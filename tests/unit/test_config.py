@@ -89,7 +89,7 @@ def test_missing_secret_variable_names_key_and_variable(good):
 
 
 def test_missing_file_names_the_file(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yml not found"):
+    with pytest.raises(ConfigError, match=r"nope\.yml not found"):
         cfgmod.load(tmp_path / "nope.yml", "dev", environ={})
 
 

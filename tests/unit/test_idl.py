@@ -18,5 +18,5 @@ def test_two_files_with_the_same_name_do_not_collide(tmp_path):
 def test_malformed_idl_names_the_file(tmp_path):
     bad = tmp_path / "bad.thrift"
     bad.write_text("service {")
-    with pytest.raises(IdlError, match="cannot load IDL file .*bad.thrift"):
+    with pytest.raises(IdlError, match=r"cannot load IDL file .*bad\.thrift"):
         load_service(bad, "X")

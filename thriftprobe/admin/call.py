@@ -14,8 +14,8 @@ from typing import Any, Dict, Tuple, Union
 from thriftpy2.protocol.json import json_value, obj_value, struct_to_json
 from thriftpy2.thrift import TApplicationException, TException
 
-from ..consumer import build_client
 from ..config import Config
+from ..consumer import build_client
 from ..errors import InvalidArgument
 
 __all__ = ["call_method"]
@@ -34,7 +34,7 @@ def _convert_args(service: Any, method: str, raw: Union[str, None]) -> Dict[str,
     if isinstance(given, list):
         if len(given) > len(names):
             raise InvalidArgument("%s takes %d arguments, got %d" % (method, len(names), len(given)))
-        given = dict(zip(names, given))  # noqa: B905 (lengths checked above)
+        given = dict(zip(names, given))
     if not isinstance(given, dict):
         raise InvalidArgument('JSON_ARGS must be an object {"name": value} or an array')
     unknown = sorted(set(given) - set(names))
@@ -43,7 +43,7 @@ def _convert_args(service: Any, method: str, raw: Union[str, None]) -> Dict[str,
             "%s has no argument %s (it takes: %s)" % (method, ", ".join(unknown), ", ".join(names) or "none")
         )
     kwargs = {}
-    for _, field in spec.items():
+    for field in spec.values():
         ttype, name = field[0], field[1]
         if name in given:
             type_spec = field[2] if len(field) > 3 else None

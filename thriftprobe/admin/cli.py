@@ -10,14 +10,14 @@ import argparse
 import json
 import sys
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, Optional, Sequence, TextIO, Tuple
 
 from thriftpy2.transport import TTransportException
 
-from .._version import __version__
-from ..stores import appkeys, audit, mysql
 from .. import config as config_mod
+from .._version import __version__
 from ..errors import InvalidArgument, ThriftProbeError
+from ..stores import appkeys, audit, mysql
 from .governance import Governance, check_weight
 
 __all__ = ["main"]
@@ -136,7 +136,7 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _address(text: str) -> tuple:
+def _address(text: str) -> Tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, func: Callable[..., int], help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.set_defaults(func=func)
         return p
 

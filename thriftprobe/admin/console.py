@@ -19,7 +19,7 @@ from ..config import Config, ConsoleConfig
 from ..errors import InvalidArgument, ThriftProbeError
 from .governance import Governance
 
-__all__ = ["create_app", "ConsoleServer", "serve"]
+__all__ = ["ConsoleServer", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,9 @@ _MAIN_PAGE = (
 <script>
 const csrf = document.querySelector('meta[name=csrf-token]').content;
 const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
-const uptime = s => s === null ? '-' : s < 3600 ? Math.floor(s/60)+'m'+String(Math.floor(s%60)).padStart(2,'0')+'s'
-                                                 : Math.floor(s/3600)+'h'+String(Math.floor(s%3600/60)).padStart(2,'0')+'m';
+const uptime = s => s === null ? '-'
+                 : s < 3600 ? Math.floor(s/60)+'m'+String(Math.floor(s%60)).padStart(2,'0')+'s'
+                 : Math.floor(s/3600)+'h'+String(Math.floor(s%3600/60)).padStart(2,'0')+'m';
 function status(text, error) { const el = document.getElementById('status'); el.textContent = text;
                                el.className = error ? 'error' : ''; }
 async function api(path, body) {

@@ -13,8 +13,8 @@ from kazoo.handlers.threading import KazooTimeoutError
 from redis.exceptions import RedisClusterException
 
 from .. import config as config_mod
-from ..stores.mysql import missing_schema
 from ..errors import ThriftProbeError
+from ..stores.mysql import missing_schema
 from ..stores.settings import NodeSettingsStore, hash_key
 
 __all__ = ["Check", "run_checks"]

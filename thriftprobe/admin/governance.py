@@ -19,17 +19,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from ..stores import audit
-from ..stores.appkeys import check_appkey
 from ..config import Config
 from ..errors import BackendError, InvalidArgument
 from ..node import MAX_WEIGHT, Node, validate_names
 from ..registry import Watch, open_registry
+from ..stores import audit
+from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
 
-__all__ = ["Governance", "NodeView", "Change", "FleetEvent", "current_user"]
+__all__ = ["Change", "FleetEvent", "Governance", "NodeView", "current_user"]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class Governance:
         """Every node of the environment (or of one appkey / service): live ones from ZooKeeper,
         offline ones from the settings Redis keeps for nodes that are not running."""
         now = time.time()
-        views: Dict[tuple, NodeView] = {}
+        views: Dict[Tuple[str, str, str, int], NodeView] = {}
         for key in [appkey] if appkey else self._registry.appkeys(self.env):
             for svc, node in self._registry.nodes(self.env, key):
                 if service and svc != service:

@@ -4,4 +4,4 @@ connection ``pool``, ``health`` (outlier ejection, active checks), ``retry`` and
 
 from .client import ProbeClient, build_client
 
-__all__ = ["build_client", "ProbeClient"]
+__all__ = ["ProbeClient", "build_client"]

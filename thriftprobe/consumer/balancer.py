@@ -26,7 +26,7 @@ class WeightedRandom:
     """
 
     def __init__(self, rng: Optional[random.Random] = None) -> None:
-        self._random = (rng or random._inst).random  # type: ignore[attr-defined]
+        self._random = (rng or random._inst).random
 
     def pick(self, snapshot: Snapshot, exclude: AbstractSet[Tuple[str, int]] = frozenset()) -> Optional[Node]:
         if not exclude:

@@ -20,13 +20,13 @@ from thriftpy2.thrift import TApplicationException, TClient, TDecodeException, T
 from thriftpy2.transport import TTransportException
 
 from .. import config as config_mod
-from .balancer import Balancer, WeightedRandom
-from .cache import TableCache
 from ..errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
-from .health import HealthChecker, OutlierDetector
 from ..idl import load_service
 from ..node import Node, validate_names
 from ..registry import Registry, Watch, open_registry
+from .balancer import Balancer, WeightedRandom
+from .cache import TableCache
+from .health import HealthChecker, OutlierDetector
 from .pool import ConnectionPool, PooledConnection
 from .retry import Retry
 from .table import NodeTable
@@ -34,9 +34,9 @@ from .table import NodeTable
 try:  # the compiled protocol's own error type, when thriftpy2 was built with Cython
     from thriftpy2.protocol.cybin import ProtocolError as _CyProtocolError  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover
-    _CyProtocolError = TProtocolException  # type: ignore[misc,assignment]
+    _CyProtocolError = TProtocolException
 
-__all__ = ["build_client", "ProbeClient"]
+__all__ = ["ProbeClient", "build_client"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _TRANSPORT_ERRORS = (OSError, EOFError, TTransportException, TProtocolException,
 class _Method:
     """What a call of one IDL method needs, looked up once instead of on every call."""
 
-    __slots__ = ("name", "args_cls", "args_spec", "result_cls", "oneway", "msg_type")
+    __slots__ = ("args_cls", "args_spec", "msg_type", "name", "oneway", "result_cls")
 
     def __init__(self, service: types.ModuleType, name: str) -> None:
         self.name = name
@@ -246,10 +246,7 @@ class ProbeClient(TClient):
                     TTransportException.UNKNOWN,
                     "reply %s#%d does not match request %s#%d" % (fname, rseqid, method.name, seqid),
                 )
-            if mtype == TMessageType.EXCEPTION:
-                reply = TApplicationException()
-            else:
-                reply = method.result_cls()
+            reply = TApplicationException() if mtype == TMessageType.EXCEPTION else method.result_cls()
             reply.read(proto)
             proto.read_message_end()
         if timeout_ms is not None:

@@ -24,7 +24,7 @@ from typing import Callable, Dict, FrozenSet, Iterable, Tuple
 
 from .table import Snapshot
 
-__all__ = ["OutlierDetector", "HealthChecker"]
+__all__ = ["HealthChecker", "OutlierDetector"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ Address = Tuple[str, int]
 
 
 class _Record:
-    __slots__ = ("failures", "ejections", "until", "after_send")
+    __slots__ = ("after_send", "ejections", "failures", "until")
 
     def __init__(self) -> None:
         self.failures = 0

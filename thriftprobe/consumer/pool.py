@@ -32,7 +32,7 @@ _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 class PooledConnection:
     """One open connection to one node. Used by one thread at a time (the pool hands it out)."""
 
-    __slots__ = ("address", "protocol", "_transport", "_socket", "_default_timeout", "_poll", "seqid")
+    __slots__ = ("_default_timeout", "_poll", "_socket", "_transport", "address", "protocol", "seqid")
 
     def __init__(self, address: Address, sock: TSocket, transport: TTransportBase, protocol: TProtocolBase) -> None:
         self.address = address

@@ -30,7 +30,7 @@ class Snapshot:
     """An immutable view of the table: ``available`` nodes (valid, weight > 0), ``cumulative``
     weights aligned with them, and their ``total``. Built in O(n) on every change."""
 
-    __slots__ = ("available", "cumulative", "total", "all_nodes", "addresses")
+    __slots__ = ("addresses", "all_nodes", "available", "cumulative", "total")
 
     def __init__(self, nodes: Dict[str, Node]) -> None:
         self.all_nodes: Tuple[Node, ...] = tuple(nodes.values())

@@ -3,4 +3,4 @@ settings, starts the ``server`` core and registers the node; ``RunningService`` 
 
 from .service import RunningService, start_service
 
-__all__ = ["start_service", "RunningService"]
+__all__ = ["RunningService", "start_service"]

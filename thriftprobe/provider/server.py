@@ -7,6 +7,7 @@ It runs one thread per connection and never drops an idle connection (thriftpy2'
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -34,7 +35,7 @@ class _ConnTransport(TSocket):
     """
 
     def __init__(self, sock: socket.socket, wake_fd: int) -> None:
-        super().__init__(sock=sock)
+        super().__init__(sock=sock)  # type: ignore[no-untyped-call]
         self.at_boundary = True
         self._fd = sock.fileno()
         poller = select.poll()
@@ -48,7 +49,7 @@ class _ConnTransport(TSocket):
             events = self._poll()
             if not any(fd == self._fd for fd, _ in events):
                 raise TTransportException(TTransportException.END_OF_FILE, "server stopping")
-        return super().read(sz)  # type: ignore[no-any-return]
+        return super().read(sz)  # type: ignore[no-untyped-call,no-any-return]
 
 
 class Server:
@@ -185,10 +186,8 @@ class Server:
             stuck = dict(self._conns)
         for thread, sock in stuck.items():
             log.warning("%s: %s still busy after %.1f s; closing its connection", self._label, thread.name, timeout)
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         for thread in stuck:
             thread.join(1.0)
         os.close(self._wake_r)

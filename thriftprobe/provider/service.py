@@ -29,7 +29,7 @@ from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
 from .server import Server
 
-__all__ = ["start_service", "RunningService"]
+__all__ = ["RunningService", "start_service"]
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from ..node import Node
 
 __all__ = [
     "NodeListener",
-    "Retainer",
-    "Registration",
-    "Watch",
     "Refresh",
+    "Registration",
     "Registry",
+    "Retainer",
+    "Watch",
     "open_registry",
 ]
 

@@ -11,6 +11,7 @@ holding the node's JSON (see ``thriftprobe.node``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -29,7 +30,7 @@ from ..errors import BackendError, ThriftProbeError
 from ..node import Node, parse_znode_name, service_path
 from . import NodeListener, Refresh, Registration, Registry, Retainer
 
-__all__ = ["ZooKeeperRegistry", "ZooKeeperRegistration", "ServiceWatch", "apply_settings"]
+__all__ = ["ServiceWatch", "ZooKeeperRegistration", "ZooKeeperRegistry", "apply_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _wait_connected(client: KazooClient, timeout: float) -> bool:
 def _forget_parent_sessions() -> None:
     # In a child after fork(): the parent's sessions are not ours to use or to close (closing
     # would end them for the parent). Start from nothing, with a lock no thread holds.
-    global _sessions_lock
+    global _sessions_lock  # noqa: PLW0603 - the module-level lock itself must be replaced
     _sessions.clear()
     _sessions_lock = threading.Lock()
 
@@ -286,10 +287,8 @@ class ZooKeeperRegistration:
                 else:
                     if stat is not None:
                         log.info("replacing stale znode %s of session 0x%x", self.path, stat.ephemeralOwner)
-                        try:
+                        with contextlib.suppress(NoNodeError):
                             zk.delete(self.path, version=stat.version)
-                        except NoNodeError:
-                            pass
                     zk.create(self.path, data, ephemeral=True)
         except KazooException as err:
             raise BackendError("cannot create %s in %s: %s" % (self.path, self._cfg.describe(), err)) from err

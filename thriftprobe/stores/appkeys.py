@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import List
 
 from ..config import MysqlConfig
-from .mysql import connect
 from ..errors import AppkeyNotRegistered
+from .mysql import connect
 
-__all__ = ["Appkey", "TABLE", "add_appkey", "remove_appkey", "list_appkeys", "check_appkey"]
+__all__ = ["TABLE", "Appkey", "add_appkey", "check_appkey", "list_appkeys", "remove_appkey"]
 
 TABLE = "serviceapp"
 

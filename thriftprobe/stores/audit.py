@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 from ..config import MysqlConfig
 from .mysql import connect
 
-__all__ = ["AuditEntry", "check_ready", "record", "history"]
+__all__ = ["AuditEntry", "check_ready", "history", "record"]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pymysql
 from ..config import MysqlConfig
 from ..errors import BackendError
 
-__all__ = ["connect", "create_schema", "missing_schema", "TABLES"]
+__all__ = ["TABLES", "connect", "create_schema", "missing_schema"]
 
 log = logging.getLogger(__name__)
 

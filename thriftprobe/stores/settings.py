@@ -59,11 +59,11 @@ class NodeSettingsStore:
 
     @staticmethod
     def _make_client(cfg: RedisConfig) -> RedisClient:
-        common = dict(
-            password=cfg.password,
-            socket_timeout=cfg.socket_timeout,
-            socket_connect_timeout=cfg.socket_timeout,
-        )
+        common = {
+            "password": cfg.password,
+            "socket_timeout": cfg.socket_timeout,
+            "socket_connect_timeout": cfg.socket_timeout,
+        }
         try:
             if cfg.cluster:
                 return RedisCluster(host=cfg.host, port=cfg.port, **common)  # type: ignore[arg-type]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import IDL, TEST_ENV, free_port, wait_until
@@ -36,7 +38,10 @@ def test_every_command_has_help(argv, capsys):
 
 
 def test_installed_script_runs():
-    done = subprocess.run(["thriftprobe", "--help"], capture_output=True, text=True, timeout=60)
+    # The script installed beside this interpreter (the project's virtualenv), never one that
+    # PATH happens to find elsewhere on the machine.
+    script = Path(sys.executable).with_name("thriftprobe")
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and "node" in done.stdout and "console" in done.stdout
 
 
@@ -85,7 +90,7 @@ def test_node_not_registered_says_so(run, appkey):
 @pytest.mark.parametrize("args", [["--weight", "1001"], ["--weight", "-1"], ["--weight", "x"],
                                   ["--weight", "5", "--disable"], []])
 def test_node_bad_usage_exits_2(run, appkey, args, capsys):
-    argv = ["node", appkey, "Calculator", "127.0.0.1:9"] + args
+    argv = ["node", appkey, "Calculator", "127.0.0.1:9", *args]
     try:
         run(*argv, expect=2)
     except SystemExit as exc:  # argparse's own usage errors
@@ -116,7 +121,7 @@ def test_watch_streams_events(config_path, providers, appkey, run):
         daemon=True,
     )
     watcher.start()
-    wait_until(lambda: watcher.is_alive(), what="watch to start")
+    wait_until(watcher.is_alive, what="watch to start")
     svc = providers("a")
     wait_until(lambda: '"join"' in out.getvalue(), what="the join event")
     run("node", appkey, "Calculator", "127.0.0.1:%d" % svc.port, "--weight", "12")

@@ -15,8 +15,8 @@ import pytest
 from conftest import IDL, ROOT, wait_until
 
 from thriftprobe import build_client
-from thriftprobe.config import ConsoleConfig
 from thriftprobe.admin.console import ConsoleServer
+from thriftprobe.config import ConsoleConfig
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

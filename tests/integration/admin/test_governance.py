@@ -147,7 +147,7 @@ def test_changing_an_unregistered_node_is_stored_and_applies_when_it_starts(prov
 
 @pytest.mark.parametrize("weight", [-1, 1001, True, "5", 2.5])
 def test_bad_weight_is_a_clear_error(gov, appkey, weight):
-    with pytest.raises(InvalidArgument, match="weight must be an integer 0..1000"):
+    with pytest.raises(InvalidArgument, match=r"weight must be an integer 0\.\.1000"):
         gov.set_node(appkey, "Calculator", "127.0.0.1", 1234, weight=weight)
 
 

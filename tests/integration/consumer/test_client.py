@@ -276,6 +276,6 @@ zkserver: {test: {host: 127.0.0.1, port: 1, connect_timeout: 300}}
 """
     )
     before = threading.active_count()
-    with pytest.raises(BackendError, match="zookeeper 127.0.0.1:1"):
+    with pytest.raises(BackendError, match=r"zookeeper 127\.0\.0\.1:1"):
         build_client(IDL, appkey, "Calculator", config=str(path), env="test")
     wait_until(lambda: threading.active_count() <= before, what="kazoo threads to end")

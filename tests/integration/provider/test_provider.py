@@ -144,7 +144,7 @@ zkserver: {test: {host: 127.0.0.1, port: 2181}}
 """
     )
     port = free_port()
-    with pytest.raises(BackendError, match="redis 127.0.0.1:1"):
+    with pytest.raises(BackendError, match=r"redis 127\.0\.0\.1:1"):
         start_service(IDL, appkey, "Calculator", Handler("x"), port, config=str(path), env="test", block=False)
     assert children(zk, appkey) == []
     assert port_is_free(port)
@@ -286,7 +286,7 @@ zkserver: {test: {host: 127.0.0.1, port: 2181}}
 """
     )
     port = free_port()
-    with pytest.raises(BackendError, match="cannot connect to mysql 127.0.0.1:1/thriftprobe_test"):
+    with pytest.raises(BackendError, match=r"cannot connect to mysql 127\.0\.0\.1:1/thriftprobe_test"):
         start_service(IDL, appkey, "Calculator", Handler("x"), port, config=str(path), env="test", block=False)
     assert children(zk, appkey) == []
     assert port_is_free(port)

@@ -2,8 +2,8 @@ import random
 from collections import Counter
 
 from thriftprobe.consumer.balancer import WeightedRandom
-from thriftprobe.node import Node
 from thriftprobe.consumer.table import NodeTable
+from thriftprobe.node import Node
 
 # Upper critical values of the chi-square distribution at p = 0.001.
 CHI2_CRIT_P001 = {1: 10.828, 2: 13.816, 3: 16.266}

@@ -5,9 +5,9 @@ import threading
 import pytest
 
 from thriftprobe.consumer.health import OutlierDetector
-from thriftprobe.node import Node
 from thriftprobe.consumer.retry import Retry, RetryBudget
 from thriftprobe.consumer.table import NodeTable
+from thriftprobe.node import Node
 
 
 class Clock:
