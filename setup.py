@@ -45,6 +45,7 @@ setup(
             "Flask>=2.3",
             "playwright>=1.40",
             "scipy>=1.9",
+            "thrift>=0.20",  # the Apache Thrift library, for generated peers
             "build>=1.0",
             "twine>=5",
             "pypiserver>=2.1",

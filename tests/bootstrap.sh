@@ -21,11 +21,15 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q -e "$ROOT[test,lint]"
 
 if [[ "${THRIFTPROBE_NO_SERVICES:-0}" != 1 ]]; then
-    # The console's browser test drives Debian's Chromium with Playwright (no browser download).
-    if [[ ! -x /usr/bin/chromium ]]; then
-        echo "[bootstrap] installing chromium for the console's browser test" >&2
+    # Debian packages the tests drive: Chromium (the console's browser test, through Playwright,
+    # with no browser download) and the Apache Thrift compiler (generated peers).
+    missing=()
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    [[ -x /usr/bin/thrift ]] || missing+=(thrift-compiler)
+    if (( ${#missing[@]} )); then
+        echo "[bootstrap] installing ${missing[*]} for the tests" >&2
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 
     export THRIFTPROBE_PYTHON="$PY"

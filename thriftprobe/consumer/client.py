@@ -21,7 +21,7 @@ from thriftpy2.transport import TTransportException
 
 from .. import config as config_mod
 from ..errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
-from ..idl import load_service
+from ..idl import IdlSource, load_service
 from ..node import Node, validate_names
 from ..registry import Registry, Watch, open_registry
 from .balancer import Balancer, WeightedRandom
@@ -428,7 +428,7 @@ def _unpack(reply: Any) -> Any:
 
 
 def build_client(
-    thrift_path: Union[str, "os.PathLike[str]"],
+    thrift_path: IdlSource,
     appkey: str,
     service_name: str,
     socket_timeout: int = 3000,
@@ -445,7 +445,10 @@ def build_client(
     cache_max_age: float = 3600.0,
     max_idle_per_node: int = 32,
 ) -> ProbeClient:
-    """Return a client for ``service_name`` of ``appkey``, as defined in the IDL ``thrift_path``.
+    """Return a client for ``service_name`` of ``appkey``, as defined in the IDL ``thrift_path``:
+    a .thrift file's path, a module thriftpy2 loaded from one, or the service class. The IDL's
+    exceptions are raised as classes of that module; given a path, of the module this process
+    already loaded from that file, if any (so ``except calc_thrift.DivByZero`` matches).
 
     The client watches ``/services/<env>/<appkey>`` in ZooKeeper, so the table of nodes is filled
     before this returns and kept current afterwards. ``socket_timeout`` (ms) bounds each read and

@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-from thriftpy2.protocol import TBinaryProtocolFactory
-from thriftpy2.thrift import TApplicationException, TProcessor
 from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
+
+from .dispatch import Dispatcher
 
 __all__ = ["Server"]
 
@@ -58,13 +58,20 @@ class Server:
     ``start()`` once; ``stop()`` (or ``close_unstarted()`` when it never started) once, from any
     thread but one of its own connection threads."""
 
-    def __init__(self, processor: TProcessor, listener: socket.socket, label: str, io_timeout: Optional[float]) -> None:
-        self._processor = processor
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        listener: socket.socket,
+        label: str,
+        io_timeout: Optional[float],
+        proto_factory: Any,
+    ) -> None:
+        self._dispatcher = dispatcher
         self._listener = listener
         self._label = label
         self._io_timeout = io_timeout
         self._trans_factory = TBufferedTransportFactory()
-        self._proto_factory = TBinaryProtocolFactory()
+        self._proto_factory = proto_factory
         self._wake_r, self._wake_w = os.pipe()
         self._lock = threading.Lock()
         self._conns: Dict[threading.Thread, socket.socket] = {}
@@ -132,7 +139,7 @@ class Server:
         try:
             while True:
                 raw.at_boundary = True
-                self._process(proto)
+                self._dispatcher.handle(proto)
         except TTransportException:
             pass  # peer closed, or the server is stopping
         except OSError as err:
@@ -143,34 +150,6 @@ class Server:
             trans.close()
             with self._lock:
                 self._conns.pop(threading.current_thread(), None)
-
-    def _process(self, proto: Any) -> None:
-        processor = self._processor
-        api, seqid, result, call = processor.process_in(proto)
-        if isinstance(result, TApplicationException):
-            processor.send_exception(proto, api, result, seqid)
-            return
-        assert call is not None
-        try:
-            result.success = call()
-        except TApplicationException as exc:
-            processor.send_exception(proto, api, exc, seqid)
-            return
-        except Exception as exc:
-            if not processor.handle_exception(exc, result):
-                log.exception("%s: %s raised an exception the IDL does not declare", self._label, api)
-                if not result.oneway:
-                    processor.send_exception(
-                        proto,
-                        api,
-                        TApplicationException(
-                            TApplicationException.INTERNAL_ERROR, "%s: %s" % (type(exc).__name__, exc)
-                        ),
-                        seqid,
-                    )
-                return
-        if not result.oneway:
-            processor.send_result(proto, api, result, seqid)
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, let in-flight calls finish for up to ``timeout`` seconds, then cut the rest."""

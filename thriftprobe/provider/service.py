@@ -17,16 +17,17 @@ import time
 import types
 from typing import Any, Dict, Optional, Union
 
-from thriftpy2.thrift import TProcessor
+from thriftpy2.protocol import TBinaryProtocolFactory
 
 from .. import config as config_mod
 from .._version import __version__
 from ..errors import InvalidArgument, ThriftProbeError
-from ..idl import load_service
+from ..idl import IdlSource, load_service
 from ..node import Node, validate_names
 from ..registry import Registration, Registry, open_registry
 from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
+from .dispatch import Dispatcher
 from .server import Server
 
 __all__ = ["RunningService", "start_service"]
@@ -182,7 +183,7 @@ def _advertised_host(bind_host: str, zk_hosts: str) -> str:
 
 
 def start_service(
-    thrift_path: Union[str, "os.PathLike[str]"],
+    thrift_path: IdlSource,
     appkey: str,
     service_name: str,
     handler: object,
@@ -197,9 +198,16 @@ def start_service(
     stop_timeout: float = 10.0,
     drain: float = 1.0,
     audit_interval: float = 30.0,
+    expose_errors: bool = False,
 ) -> RunningService:
     """Serve ``handler`` as ``service_name`` of ``appkey`` and register it for discovery.
 
+    ``thrift_path`` is the IDL: a .thrift file's path, a module thriftpy2 loaded (``calc_thrift =
+    thriftpy2.load("calc.thrift")``) or the service class (``calc_thrift.Calculator``). The
+    handler may raise the IDL's exceptions from any load of that IDL: they are sent as declared.
+    Any other exception reaches the caller as a generic TApplicationException with an error id
+    that the provider logs with the traceback; ``expose_errors=True`` sends the exception's text
+    too (for development: such text often holds addresses, queries or secrets).
     ``port=0`` lets the OS choose; the bound port is the one registered. ``advertise_host`` is
     the address written to ZooKeeper (default: see ``_advertised_host``). With ``block=True`` (the
     default) this serves until SIGTERM/SIGINT or ``stop()`` from another thread, then returns the
@@ -248,7 +256,9 @@ def start_service(
         store = NodeSettingsStore(cfg.redis, cfg.env)
         node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras))
         label = "%s-%d" % (service_name, bound_port)
-        server = Server(TProcessor(service, handler), listener, label, io_timeout / 1000.0 if io_timeout else None)
+        proto_factory = TBinaryProtocolFactory()
+        dispatcher = Dispatcher(service, handler, proto_factory, label=label, expose_errors=expose_errors)
+        server = Server(dispatcher, listener, label, io_timeout / 1000.0 if io_timeout else None, proto_factory)
     except BaseException:
         listener.close()
         if store is not None:
