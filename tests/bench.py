@@ -41,14 +41,17 @@ from thriftprobe.node import Node, parse_znode_name, service_path
 from thriftprobe.stores.appkeys import add_appkey
 from thriftprobe.stores.mysql import create_schema
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported
+from local_servers import MYSQL_PORT, REDIS_PORT, ZK_PORT
+
 ROOT = Path(__file__).resolve().parents[1]
 IDL = str(ROOT / "idl" / "demo.thrift")
 ENV = "bench"
 APPKEY = "bench.calc"
-CONFIG_TEXT = """
-mysql: {bench: {host: 127.0.0.1, port: 3306, username: root, database: thriftprobe_bench}}
-redis: {bench: {host: 127.0.0.1, port: 6379}}
-zkserver: {bench: {host: 127.0.0.1, port: 2181, session_timeout: 4000}}
+CONFIG_TEXT = f"""
+mysql: {{bench: {{host: 127.0.0.1, port: {MYSQL_PORT}, username: root, database: thriftprobe_bench}}}}
+redis: {{bench: {{host: 127.0.0.1, port: {REDIS_PORT}}}}}
+zkserver: {{bench: {{host: 127.0.0.1, port: {ZK_PORT}, session_timeout: 4000}}}}
 """
 PAYLOAD = "x" * 32
 demo = thriftpy2.load(IDL, module_name="demo_thrift")

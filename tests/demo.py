@@ -3,7 +3,8 @@
     python tests/demo.py                 run the whole demo (needs tests/services.sh start)
     python tests/demo.py provider TAG    run one provider in the foreground (Ctrl-C stops it)
 
-Uses config/config.yml (env dev) and the appkey demo.calc that tests/services.sh registers.
+Uses the config tests/services.sh writes (env dev, the ports it used) and the appkey demo.calc
+it registers.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from thriftpy2.rpc import make_client
 from thriftprobe import build_client, config, start_service
 from thriftprobe.admin.governance import Governance
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported
+from local_servers import DEMO_CONFIG
+
 ROOT = Path(__file__).resolve().parents[1]
 IDL = str(ROOT / "idl" / "demo.thrift")
-CONFIG = str(ROOT / "config" / "config.yml")
+CONFIG = str(DEMO_CONFIG)  # written by tests/services.sh with the ports it used
 APPKEY = "demo.calc"
 WEIGHTS = {"alpha": 1, "beta": 3, "gamma": 6}
 BASE_PORT = 19090

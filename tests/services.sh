@@ -20,6 +20,11 @@
 #   THRIFTPROBE_MYSQL_PORT           MariaDB port                  (3306)
 #   THRIFTPROBE_START_TIMEOUT        seconds to wait for a service (30; MariaDB gets twice that)
 #   THRIFTPROBE_PYTHON               Python that creates the schema + demo appkey (python3)
+#
+# `start` writes $THRIFTPROBE_STATE_DIR/config.yml (env dev) with these ports: the demo uses it,
+# the schema and the demo appkey are created through it, and the tests read the same variables
+# (tests/local_servers.py). A port taken by a server that refuses us (MySQL with a root
+# password, Redis with AUTH, not-ZooKeeper) stops the script with the variable to set.
 
 set -euo pipefail
 
@@ -223,7 +228,8 @@ zookeeper_start() {
         die "zookeeper $addr did not become ready"
     fi
     if port_open "$ZK_PORT"; then
-        die "zookeeper: port $ZK_PORT is taken by something that does not answer srvr"
+        die "zookeeper: port $ZK_PORT is taken by something that does not answer srvr;" \
+            "set THRIFTPROBE_ZK_PORT to a free port and this script starts its own ZooKeeper there"
     fi
 
     command -v java >/dev/null 2>&1 || apt_install default-jre-headless
@@ -298,6 +304,20 @@ redis_ping() {
     [[ "$(rcli "$1" ping 2>/dev/null)" == PONG ]]
 }
 
+# refuse_foreign_redis PORT VARIABLE: die, naming VARIABLE, when PORT is taken by a server that
+# does not let us in (a Redis with a password answers PING with NOAUTH) or is not Redis.
+refuse_foreign_redis() {
+    local port="$1" variable="$2" answer
+    port_open "$port" || return 0
+    answer="$(rcli "$port" ping 2>&1 || true)"
+    if [[ "$answer" == *NOAUTH* || "$answer" == *WRONGPASS* ]]; then
+        die "redis: $HOST:$port answers but requires a password (AUTH); the tests need a Redis" \
+            "without one: set $variable to a free port and this script starts its own Redis there"
+    fi
+    die "redis: port $port is taken by something that does not answer PING ($answer);" \
+        "set $variable to a free port and this script starts its own Redis there"
+}
+
 # start_redis_server PORT DIR [EXTRA ARGS...]: daemonised redis-server, pid file in DIR.
 start_redis_server() {
     local port="$1" dir="$2"
@@ -319,9 +339,7 @@ redis_start() {
         log "redis $addr: already running"
         return 0
     fi
-    if port_open "$REDIS_PORT"; then
-        die "redis: port $REDIS_PORT is taken by something that does not answer PING"
-    fi
+    refuse_foreign_redis "$REDIS_PORT" THRIFTPROBE_REDIS_PORT
     ensure_redis_server
     log "redis $addr: starting (log $REDIS_DIR/redis.log)"
     start_redis_server "$REDIS_PORT" "$REDIS_DIR"
@@ -408,9 +426,7 @@ redis_cluster_start() {
         if redis_ping "$port"; then
             continue
         fi
-        if port_open "$port"; then
-            die "redis-cluster: port $port is taken by something that does not answer PING"
-        fi
+        refuse_foreign_redis "$port" THRIFTPROBE_REDIS_CLUSTER_PORTS
         ensure_redis_server
         log "redis-cluster $HOST:$port: starting (log $dir/redis.log)"
         start_redis_server "$port" "$dir" \
@@ -557,7 +573,8 @@ mariadb_start() {
         return 0
     fi
     if mysql_alive || port_open "$MYSQL_PORT"; then
-        die "mariadb: something answers on $addr but root with an empty password cannot log in; not ours, not touching it"
+        die "mariadb: something answers on $addr but root with an empty password cannot log in (not ours," \
+            "not touching it): set THRIFTPROBE_MYSQL_PORT to a free port and this script starts its own MariaDB there"
     fi
 
     local server
@@ -621,8 +638,28 @@ apply_schema() {
         return 0
     fi
     log "schema: creating it in $HOST:$MYSQL_PORT with the demo appkey"
-    (cd "$root" && "$py" tests/init_db.py --config config/config.yml --env dev --appkey demo.calc) ||
+    (cd "$root" && "$py" tests/init_db.py --config "$DEMO_CONFIG" --env dev --appkey demo.calc) ||
         die "schema: tests/init_db.py failed"
+}
+
+# The demo's config (env dev), with the ports this script uses: written on every start, so a
+# port set in the environment reaches everything that reads it.
+DEMO_CONFIG="$STATE/config.yml"
+
+write_config() {
+    mkdir -p "$STATE"
+    cat >"$DEMO_CONFIG.tmp" <<EOF
+# Written by tests/services.sh on every start: the servers it manages, on the ports it used.
+mysql:
+  dev: {host: $HOST, port: $MYSQL_PORT, username: root, password: "", database: thriftprobe}
+redis:
+  dev: {host: $HOST, port: $REDIS_PORT, password: "", cluster: 0}
+zkserver:
+  dev: {host: $HOST, port: $ZK_PORT, session_timeout: 4000}
+console:
+  dev: {username: admin, password: "\${THRIFTPROBE_CONSOLE_PASSWORD}"}
+EOF
+    mv "$DEMO_CONFIG.tmp" "$DEMO_CONFIG"
 }
 
 # ---------------------------------------------------------------------------
@@ -686,13 +723,14 @@ main() {
         start)
             take_lock
             local t0=$SECONDS fn
+            write_config
             for fn in "${fns[@]}"; do
                 "${fn}_start"
             done
             if [[ " ${fns[*]} " == *" mariadb "* ]]; then
                 apply_schema
             fi
-            log "all requested services are up ($((SECONDS - t0))s; state in $STATE)"
+            log "all requested services are up ($((SECONDS - t0))s; state in $STATE; config $DEMO_CONFIG)"
             ;;
         stop)
             take_lock

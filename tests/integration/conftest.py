@@ -26,20 +26,23 @@ from thriftprobe.stores import appkeys, mysql
 from thriftprobe.stores.settings import hash_key
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # local_servers: the ports tests/services.sh uses
+
+from local_servers import CLUSTER_PORT, MYSQL_PORT, REDIS_PORT, ZK, ZK_PORT  # noqa: E402
+
 IDL = str(ROOT / "idl" / "demo.thrift")
-ZK = "127.0.0.1:2181"
 TEST_ENV = "test"
 CLUSTER_ENV = "testcluster"
 
 CONFIG_TEXT = f"""
 mysql:
-  {TEST_ENV}: &mysql {{host: 127.0.0.1, port: 3306, username: root, password: "", database: thriftprobe_test}}
+  {TEST_ENV}: &mysql {{host: 127.0.0.1, port: {MYSQL_PORT}, username: root, password: "", database: thriftprobe_test}}
   {CLUSTER_ENV}: *mysql
 redis:
-  {TEST_ENV}: {{host: 127.0.0.1, port: 6379, cluster: 0}}
-  {CLUSTER_ENV}: {{host: 127.0.0.1, port: 7001, cluster: 1}}
+  {TEST_ENV}: {{host: 127.0.0.1, port: {REDIS_PORT}, cluster: 0}}
+  {CLUSTER_ENV}: {{host: 127.0.0.1, port: {CLUSTER_PORT}, cluster: 1}}
 zkserver:
-  {TEST_ENV}: &zk {{host: 127.0.0.1, port: 2181, session_timeout: 2000}}
+  {TEST_ENV}: &zk {{host: 127.0.0.1, port: {ZK_PORT}, session_timeout: 2000}}
   {CLUSTER_ENV}: *zk
 """
 
@@ -80,9 +83,9 @@ def _wipe_test_envs(cfg: config.Config) -> None:
     finally:
         zk.stop()
         zk.close()
-    with redis.Redis(host="127.0.0.1", port=6379) as r:
+    with redis.Redis(host="127.0.0.1", port=REDIS_PORT) as r:
         r.delete(hash_key(TEST_ENV))
-    with redis.cluster.RedisCluster(host="127.0.0.1", port=7001) as rc:
+    with redis.cluster.RedisCluster(host="127.0.0.1", port=CLUSTER_PORT) as rc:
         rc.delete(hash_key(CLUSTER_ENV))
     with mysql.connect(cfg.mysql) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM settings_audit")
@@ -117,7 +120,7 @@ def zk(services: None) -> Iterator[KazooClient]:
 
 @pytest.fixture(scope="session")
 def rds(services: None) -> Iterator[redis.Redis]:
-    client = redis.Redis(host="127.0.0.1", port=6379)
+    client = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
     yield client
     client.close()
 

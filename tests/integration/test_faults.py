@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator, List
 
 import pytest
-from conftest import IDL, TEST_ENV, free_port, spawn_provider, wait_until
+from conftest import IDL, MYSQL_PORT, REDIS_PORT, TEST_ENV, ZK, free_port, spawn_provider, wait_until
 from kazoo.client import KazooClient
 from thriftpy2.transport import TTransportException
 from zk_ensemble import ZkEnsemble
@@ -82,11 +82,12 @@ def no_leaks() -> Iterator[None]:
     wait_until(lambda: _fds() <= fds, 10, "file descriptors to close")
 
 
-def write_config(path, zk_hosts: str, redis_port: int = 6379) -> str:
+def write_config(path, zk_hosts: str, redis_port: int = REDIS_PORT) -> str:
     path.write_text(
-        "mysql: {test: {host: 127.0.0.1, port: 3306, username: root, database: thriftprobe_test}}\n"
+        "mysql: {test: {host: 127.0.0.1, port: %d, username: root, database: thriftprobe_test}}\n"
         "redis: {test: {host: 127.0.0.1, port: %d, socket_timeout: 500}}\n"
-        'zkserver: {test: {hosts: "%s", session_timeout: 2000, connect_timeout: 10000}}\n' % (redis_port, zk_hosts)
+        'zkserver: {test: {hosts: "%s", session_timeout: 2000, connect_timeout: 10000}}\n'
+        % (MYSQL_PORT, redis_port, zk_hosts)
     )
     return str(path)
 
@@ -242,7 +243,7 @@ def test_redis_stopped_during_operation_leaves_calls_unaffected(tmp_path, appkey
         ping = ["redis-cli", "-p", str(port), "ping"]
         wait_until(lambda: subprocess.run(ping, capture_output=True, check=False).stdout == b"PONG\n",
                    what="the private Redis")
-        cfg = config.load(write_config(tmp_path / "c.yml", "127.0.0.1:2181", port), TEST_ENV)
+        cfg = config.load(write_config(tmp_path / "c.yml", ZK, port), TEST_ENV)
         svc = providers("a", config=cfg, audit_interval=0.2)
         with build_client(IDL, appkey, "Calculator", config=cfg) as c, Load(c) as load:
             redis_proc.kill()

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import IDL, TEST_ENV, free_port, wait_until
+from conftest import IDL, MYSQL_PORT, TEST_ENV, ZK_PORT, free_port, wait_until
 
 from thriftprobe.admin import cli
 
@@ -164,10 +164,10 @@ def test_doctor_passes_on_a_healthy_setup(run):
 def test_doctor_fails_with_a_line_per_problem(tmp_path):
     path = tmp_path / "c.yml"
     path.write_text(
-        """
-mysql: {test: {host: 127.0.0.1, port: 3306, username: root, database: thriftprobe_nothing_here}}
-redis: {test: {host: 127.0.0.1, port: 1, socket_timeout: 300}}
-zkserver: {test: {host: 127.0.0.1, port: 2181}}
+        f"""
+mysql: {{test: {{host: 127.0.0.1, port: {MYSQL_PORT}, username: root, database: thriftprobe_nothing_here}}}}
+redis: {{test: {{host: 127.0.0.1, port: 1, socket_timeout: 300}}}}
+zkserver: {{test: {{host: 127.0.0.1, port: {ZK_PORT}}}}}
 """
     )
     out = io.StringIO()

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import thriftpy2
-from conftest import IDL, TEST_ENV, free_port, spawn_provider, wait_until
+from conftest import IDL, MYSQL_PORT, REDIS_PORT, TEST_ENV, free_port, spawn_provider, wait_until
 from thriftpy2.thrift import TApplicationException, TClient
 from thriftpy2.transport import TTransportException
 
@@ -269,10 +269,10 @@ def test_bad_arguments_are_typed_errors(cfg, appkey):
 def test_unreachable_zookeeper_is_a_backend_error(tmp_path, appkey):
     path = tmp_path / "c.yml"
     path.write_text(
-        """
-mysql: {test: {host: 127.0.0.1, port: 3306, username: root, database: thriftprobe_test}}
-redis: {test: {host: 127.0.0.1, port: 6379}}
-zkserver: {test: {host: 127.0.0.1, port: 1, connect_timeout: 300}}
+        f"""
+mysql: {{test: {{host: 127.0.0.1, port: {MYSQL_PORT}, username: root, database: thriftprobe_test}}}}
+redis: {{test: {{host: 127.0.0.1, port: {REDIS_PORT}}}}}
+zkserver: {{test: {{host: 127.0.0.1, port: 1, connect_timeout: 300}}}}
 """
     )
     before = threading.active_count()

@@ -9,7 +9,19 @@ import threading
 import uuid
 
 import pytest
-from conftest import CLUSTER_ENV, IDL, TEST_ENV, Handler, free_port, spawn_provider, wait_until
+from conftest import (
+    CLUSTER_ENV,
+    CLUSTER_PORT,
+    IDL,
+    MYSQL_PORT,
+    REDIS_PORT,
+    TEST_ENV,
+    ZK_PORT,
+    Handler,
+    free_port,
+    spawn_provider,
+    wait_until,
+)
 
 from thriftprobe import (
     AppkeyNotRegistered,
@@ -88,7 +100,8 @@ def test_unknown_appkey_leaves_no_znode_and_releases_nothing(cfg, zk):
     before = threading.active_count()
     with pytest.raises(
         AppkeyNotRegistered,
-        match=r"appkey 'no.such.app' is not in table serviceapp of mysql 127.0.0.1:3306/thriftprobe_test \(env test\)",
+        match=r"appkey 'no.such.app' is not in table serviceapp of mysql 127.0.0.1:%d/thriftprobe_test \(env test\)"
+        % MYSQL_PORT,
     ):
         start_service(IDL, "no.such.app", "Calculator", Handler("x"), port, config=cfg, block=False)
     assert children(zk, "no.such.app") == []
@@ -137,10 +150,10 @@ def test_port_in_use_is_a_clear_error(providers, cfg, appkey, zk):
 def test_unreachable_redis_is_a_backend_error_and_leaves_nothing(tmp_path, cfg, appkey, zk):
     path = tmp_path / "c.yml"
     path.write_text(
-        """
-mysql: {test: {host: 127.0.0.1, port: 3306, username: root, database: thriftprobe_test}}
-redis: {test: {host: 127.0.0.1, port: 1, socket_timeout: 500}}
-zkserver: {test: {host: 127.0.0.1, port: 2181}}
+        f"""
+mysql: {{test: {{host: 127.0.0.1, port: {MYSQL_PORT}, username: root, database: thriftprobe_test}}}}
+redis: {{test: {{host: 127.0.0.1, port: 1, socket_timeout: 500}}}}
+zkserver: {{test: {{host: 127.0.0.1, port: {ZK_PORT}}}}}
 """
     )
     port = free_port()
@@ -234,7 +247,7 @@ def test_redis_cluster_mode(cluster_cfg, zk, services):
 
     appkey = "t.cluster.%s" % uuid.uuid4().hex[:12]
     appkeys.add_appkey(cluster_cfg.mysql, appkey)
-    rc = redis.cluster.RedisCluster(host="127.0.0.1", port=7001)
+    rc = redis.cluster.RedisCluster(host="127.0.0.1", port=CLUSTER_PORT)
     port = free_port()
     field = settings_field(appkey, CLUSTER_ENV, "Calculator", "127.0.0.1", port)
     rc.hset(hash_key(CLUSTER_ENV), field, json.dumps({"host": "127.0.0.1", "port": port, "weight": 3, "valid": 1}))
@@ -279,10 +292,10 @@ def test_default_advertised_host_is_routable_not_127_0_1_1(providers):
 def test_unreachable_mysql_is_a_backend_error_and_leaves_nothing(tmp_path, appkey, zk):
     path = tmp_path / "c.yml"
     path.write_text(
-        """
-mysql: {test: {host: 127.0.0.1, port: 1, username: root, database: thriftprobe_test, connect_timeout: 500}}
-redis: {test: {host: 127.0.0.1, port: 6379}}
-zkserver: {test: {host: 127.0.0.1, port: 2181}}
+        f"""
+mysql: {{test: {{host: 127.0.0.1, port: 1, username: root, database: thriftprobe_test, connect_timeout: 500}}}}
+redis: {{test: {{host: 127.0.0.1, port: {REDIS_PORT}}}}}
+zkserver: {{test: {{host: 127.0.0.1, port: {ZK_PORT}}}}}
 """
     )
     port = free_port()
