@@ -35,26 +35,43 @@ def state(tmp_path: Path) -> Iterator[Dict[str, str]]:
         "THRIFTPROBE_PYTHON": sys.executable,
         "THRIFTPROBE_START_TIMEOUT": "60",
     }
-    yield env
-    run_script(env, "stop")  # stops only what this script started with this state folder
+    yield env  # a test adds its ports here, so the stop below finds what it started
+    done = run_script(env, "stop")  # stops only what this script started with this state folder
+    assert done.returncode == 0, done.stderr
+
+
+def _started(env: Dict[str, str]) -> list:
+    """The servers still running from this state folder (there must be none after stop)."""
+    folder = env["THRIFTPROBE_STATE_DIR"]
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink("/proc/%s/cwd" % pid).startswith(folder):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
 
 
 def test_a_redis_port_from_the_environment_reaches_the_written_config(state):
     port = free_port()
-    env = {**state, "THRIFTPROBE_REDIS_PORT": str(port)}
-    done = run_script(env, "start", "redis")
+    state["THRIFTPROBE_REDIS_PORT"] = str(port)
+    done = run_script(state, "start", "redis")
     assert done.returncode == 0, done.stderr
     written = Path(state["THRIFTPROBE_STATE_DIR"]) / "config.yml"
     assert config.load(written, "dev").redis.port == port
-    status = run_script(env, "status", "redis")
+    status = run_script(state, "status", "redis")
     assert status.returncode == 0 and "127.0.0.1:%d" % port in status.stdout
+    assert _started(state)
+    assert run_script(state, "stop", "redis").returncode == 0
+    wait_until(lambda: not _started(state), what="the private Redis to stop")
 
 
 @pytest.mark.slow
 def test_a_mysql_port_from_the_environment_gets_the_schema_and_the_demo_appkey(state):
     port = free_port()
-    env = {**state, "THRIFTPROBE_MYSQL_PORT": str(port)}
-    done = run_script(env, "start", "mariadb", timeout=300)
+    state["THRIFTPROBE_MYSQL_PORT"] = str(port)
+    done = run_script(state, "start", "mariadb", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = config.load(Path(state["THRIFTPROBE_STATE_DIR"]) / "config.yml", "dev")
     assert cfg.mysql.port == port
@@ -75,7 +92,8 @@ def test_a_redis_that_wants_a_password_is_named_with_the_variable_to_set(state, 
         wait_until(lambda: subprocess.run(["bash", "-c", ">/dev/tcp/127.0.0.1/%d" % port],
                                           capture_output=True, check=False).returncode == 0,
                    what="the password-protected Redis")
-        done = run_script({**state, "THRIFTPROBE_REDIS_PORT": str(port)}, "start", "redis")
+        state["THRIFTPROBE_REDIS_PORT"] = str(port)
+        done = run_script(state, "start", "redis")
         assert done.returncode != 0
         assert "requires a password" in done.stderr and "THRIFTPROBE_REDIS_PORT" in done.stderr
     finally:
