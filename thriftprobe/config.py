@@ -40,9 +40,11 @@ CONFIG_ENV_VAR = "THRIFTPROBE_CONFIG"
 ENV_ENV_VAR = "THRIFTPROBE_ENV"
 DEFAULT_PATH = Path("config") / "config.yml"
 
-_NAME_RE = re.compile(r"^\w+$")
-_PROD_HOST_RE = re.compile(r"^prod\d+$")
-_VAR_RE = re.compile(r"^\$\{(\w+)\}$")
+# Matched with fullmatch: with re.match, "$" also matches before a final newline.
+_NAME_RE = re.compile(r"\w+")
+_PROD_HOST_RE = re.compile(r"prod[0-9]+")
+_VAR_RE = re.compile(r"\$\{(\w+)\}")
+_DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,8 @@ def resolve_env(
     env = explicit or environ.get(ENV_ENV_VAR) or None
     if env is None:
         short = (hostname if hostname is not None else socket.gethostname()).split(".", 1)[0]
-        env = "prod" if _PROD_HOST_RE.match(short) else "dev"
-    if not _NAME_RE.match(env):
+        env = "prod" if _PROD_HOST_RE.fullmatch(short) else "dev"
+    if not _NAME_RE.fullmatch(env):
         raise ConfigError("environment name %r must match ^\\w+$" % (env,))
     return env
 
@@ -242,7 +244,7 @@ class _Reader:
         elif kind is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.isdigit():
+            if isinstance(value, str) and _DIGITS_RE.fullmatch(value):
                 return int(value)
         elif kind is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -270,7 +272,7 @@ class _Reader:
         return int(port)
 
     def _expand(self, value: str, where: str) -> str:
-        m = _VAR_RE.match(value)
+        m = _VAR_RE.fullmatch(value)
         if not m:
             return value
         name = m.group(1)
@@ -284,7 +286,7 @@ class _Reader:
 def _mysql(r: _Reader, data: Mapping[str, Any]) -> MysqlConfig:
     s = r.section(data, "mysql")
     database = r.get(s, "mysql", "database", str)
-    if not _NAME_RE.match(database):
+    if not _NAME_RE.fullmatch(database):
         raise ConfigError("config file %s: mysql.%s.database must match ^\\w+$" % (r.path, r.env))
     return MysqlConfig(
         host=r.get(s, "mysql", "host", str),

@@ -179,3 +179,31 @@ def test_times_may_come_from_environment_variables(tmp_path):
         """,
     )
     assert cfgmod.load(path, "dev", environ={"ZK_TIMEOUT": "2500"}).zookeeper.session_timeout == 2.5
+
+
+def test_a_trailing_newline_is_not_a_valid_environment_or_database_name(tmp_path):
+    with pytest.raises(ConfigError, match="must match"):
+        cfgmod.resolve_env("dev\n", {}, "x")
+    path = write(
+        tmp_path,
+        """
+        mysql: {dev: {host: h, port: 1, username: u, database: "thriftprobe\\n"}}
+        redis: {dev: {host: h, port: 1}}
+        zkserver: {dev: {host: h, port: 2181}}
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"mysql\.dev\.database must match"):
+        cfgmod.load(path, "dev", environ={})
+
+
+def test_a_port_of_non_ascii_digits_is_a_config_error(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        mysql: {dev: {host: h, port: "²", username: u, database: d}}
+        redis: {dev: {host: h, port: 1}}
+        zkserver: {dev: {host: h, port: 2181}}
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"mysql\.dev\.port must be int"):
+        cfgmod.load(path, "dev", environ={})

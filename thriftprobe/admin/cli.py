@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import threading
 from typing import Any, Callable, Dict, Optional, Sequence, TextIO, Tuple
@@ -23,6 +24,8 @@ from .governance import Governance, check_weight
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMOTE = 0, 1, 2, 3
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit() also accepts "²"
 
 
 class Output:
@@ -138,7 +141,7 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
 
 def _address(text: str) -> Tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not _PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
     return host.strip("[]"), int(port)
 
