@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..config import Config
 from ..errors import BackendError, InvalidArgument
-from ..node import MAX_WEIGHT, Node, validate_names
+from ..node import MAX_WEIGHT, Node, validate_host, validate_names
 from ..registry import Watch, open_registry
 from ..stores import audit
 from ..stores.appkeys import check_appkey
@@ -192,6 +192,41 @@ class Governance:
 
     # -- changing --------------------------------------------------------------------------------
 
+    def _check_target(self, appkey: str, service: str, host: str, port: int, actor: Optional[str]) -> str:
+        """Validate a change's node and actor, and that the appkey is registered; return the actor."""
+        validate_names(appkey, service)
+        validate_host(host)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
+        actor = actor or current_user()
+        if not isinstance(actor, str) or not actor.isprintable():
+            # A newline in the actor would forge a line of 'thriftprobe history'.
+            raise InvalidArgument("actor %r is invalid: it must be printable text" % (actor,))
+        check_appkey(self.cfg.mysql, self.env, appkey)
+        return actor
+
+    def _probe_entry(
+        self, action: str, actor: str, appkey: str, service: str, host: str, port: int
+    ) -> audit.AuditEntry:
+        """The identity of an audit row about to be written, for ``audit.check_ready``."""
+        return audit.AuditEntry(
+            changed_at="",
+            actor=actor,
+            source=self._source,
+            env=self.env,
+            appkey=appkey,
+            service=service,
+            host=host,
+            port=port,
+            old_weight=None,
+            old_valid=None,
+            new_weight=0 if action == "set" else None,
+            new_valid=False if action == "set" else None,
+            rev=0,
+            live=False,
+            action=action,
+        )
+
     def set_node(
         self,
         appkey: str,
@@ -209,18 +244,14 @@ class Governance:
         ``Change.live`` is then False. Raises InvalidArgument (bad weight, names or port),
         AppkeyNotRegistered, SettingsError (corrupt stored settings) or BackendError.
         """
-        validate_names(appkey, service)
         if weight is None and valid is None:
             raise InvalidArgument("nothing to change: give a weight, or switch the node on or off")
         if weight is not None:
             check_weight(weight)
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
-        if not isinstance(host, str) or not host or any(c in host for c in "_|/ "):
-            raise InvalidArgument("host %r is invalid" % (host,))
-        actor = actor or current_user()
-        check_appkey(self.cfg.mysql, self.env, appkey)
-        audit.check_ready(self.cfg.mysql)  # fail before changing anything, not after
+        actor = self._check_target(appkey, service, host, port, actor)
+        # Fail before changing anything, not after: a change the audit table cannot record
+        # (a name longer than its column, no INSERT privilege) is never made.
+        audit.check_ready(self.cfg.mysql, self._probe_entry("set", actor, appkey, service, host, port))
         old, new = self._store.update(appkey, service, host, port, weight, valid)
         # Persisted: from here on the change is real (providers apply it at their next audit),
         # so it is audited whatever happens to the live update.
