@@ -15,6 +15,7 @@ written without it (by the original design) reads as revision 0.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -75,7 +76,9 @@ class Node:
     def from_json(cls, raw: bytes) -> "Node":
         """Decode a znode or Redis value. Raises ValueError on anything but a well-formed node."""
         try:
-            data = json.loads(raw)
+            # Python's json reads NaN, Infinity and 1e400 (inf): no JSON, and no JSON after them
+            # either (an operator's tool would serve them on as invalid JSON).
+            data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError("not JSON: %s" % err) from err
         if not isinstance(data, dict):
@@ -101,6 +104,17 @@ class Node:
             raise ValueError("rev must be an integer >= 0, got %r" % (rev,))
         extras = {k: v for k, v in data.items() if k not in _CORE_KEYS and k != "rev"}
         return cls(host=host, port=int(port), weight=int(weight), valid=bool(valid), extras=extras, rev=rev)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("not JSON: %s is not a JSON value" % name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not JSON: %s is out of a double's range" % text)
+    return value
 
 
 def _is_int(value: Any) -> bool:

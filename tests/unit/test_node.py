@@ -31,6 +31,9 @@ def test_seed_written_json_is_accepted():
         b'{"host": "h", "port": 1, "weight": 1, "valid": 2}',
         b'{"host": "", "port": 1, "weight": 1, "valid": 1}',
         b"\xff\xfe",
+        b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": NaN}',
+        b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": -Infinity}',
+        b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": 1e400}',
     ],
 )
 def test_malformed_node_data_is_rejected(raw):

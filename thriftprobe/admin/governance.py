@@ -14,8 +14,10 @@ Running consumers watch the znode and see the change within milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -44,32 +46,50 @@ def current_user() -> str:
 
 @dataclass(frozen=True)
 class NodeView:
-    """One node as an operator sees it: live (a znode exists) or offline (settings only)."""
+    """One node as an operator sees it: live (a znode exists), offline (settings only), or
+    corrupt (a znode whose data is not a node: ``problem`` says why; weight and valid are then
+    the stored settings, or None without any)."""
 
     env: str
     appkey: str
     service: str
     host: str
     port: int
-    weight: int
-    valid: bool
+    weight: Optional[int]
+    valid: Optional[bool]
     live: bool
     uptime: Optional[float]
     rev: int
+    problem: Optional[str] = None
+
+    @property
+    def state(self) -> str:
+        return "corrupt" if self.problem is not None else "live" if self.live else "offline"
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        data = {
             "env": self.env,
             "appkey": self.appkey,
             "service": self.service,
             "host": self.host,
             "port": self.port,
             "weight": self.weight,
-            "valid": int(self.valid),
-            "state": "live" if self.live else "offline",
+            "valid": None if self.valid is None else int(self.valid),
+            "state": self.state,
             "uptime": None if self.uptime is None else round(self.uptime, 1),
             "rev": self.rev,
         }
+        if self.problem is not None:
+            data["problem"] = self.problem
+        return data
+
+
+def _uptime(now: float, started: object) -> Optional[float]:
+    """Seconds since ``start_time``, or None when it is not a plausible time (a corrupt or foreign znode)."""
+    if not isinstance(started, (int, float)) or isinstance(started, bool) or not math.isfinite(started):
+        return None
+    uptime = now - started
+    return uptime if 0 <= uptime < 1e10 else None
 
 
 @dataclass(frozen=True)
@@ -167,22 +187,30 @@ class Governance:
         offline ones from the settings Redis keeps for nodes that are not running."""
         now = time.time()
         views: Dict[Tuple[str, str, str, int], NodeView] = {}
+        corrupt: Dict[Tuple[str, str, str, int], str] = {}
         for key in [appkey] if appkey else self._registry.appkeys(self.env):
-            for svc, node in self._registry.nodes(self.env, key):
-                if service and svc != service:
+            for entry in self._registry.entries(self.env, key):
+                if service and entry.service != service:
                     continue
-                started = node.extras.get("start_time")
-                uptime = now - started if isinstance(started, (int, float)) else None
-                views[(key, svc, node.host, node.port)] = NodeView(
-                    self.env, key, svc, node.host, node.port, node.weight, node.valid, True, uptime, node.rev
+                where = (key, entry.service, entry.host, entry.port)
+                node = entry.node
+                if node is None:
+                    corrupt[where] = entry.problem or "not a node"
+                    continue
+                uptime = _uptime(now, node.extras.get("start_time"))
+                views[where] = NodeView(
+                    self.env, key, entry.service, node.host, node.port, node.weight, node.valid, True, uptime, node.rev
                 )
         for key, svc, node in self._store.scan(appkey):
             if service and svc != service:
                 continue
-            views.setdefault(
-                (key, svc, node.host, node.port),
-                NodeView(self.env, key, svc, node.host, node.port, node.weight, node.valid, False, None, node.rev),
-            )
+            where = (key, svc, node.host, node.port)
+            view = NodeView(self.env, key, svc, node.host, node.port, node.weight, node.valid, False, None, node.rev)
+            if where in corrupt:
+                view = dataclasses.replace(view, live=True, problem=corrupt.pop(where))
+            views.setdefault(where, view)
+        for (key, svc, host, port), problem in corrupt.items():  # corrupt, and no stored settings
+            views[(key, svc, host, port)] = NodeView(self.env, key, svc, host, port, None, None, True, None, 0, problem)
         return [views[k] for k in sorted(views)]
 
     def history(

@@ -28,7 +28,7 @@ from kazoo.recipe.watchers import ChildrenWatch
 from ..config import ZooKeeperConfig
 from ..errors import BackendError, ThriftProbeError
 from ..node import Node, parse_znode_name, service_path
-from . import NodeListener, Refresh, Registration, Registry, Retainer
+from . import NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
 
 __all__ = ["ServiceWatch", "ZooKeeperRegistration", "ZooKeeperRegistry", "apply_settings"]
 
@@ -204,8 +204,9 @@ class ZooKeeperRegistry(Registry):
         except KazooException as err:
             raise BackendError("cannot list /services/%s in %s: %s" % (env, self._cfg.describe(), err)) from err
 
-    def nodes(self, env: str, appkey: str) -> List[Tuple[str, Node]]:
-        """(service, node) for every live, well-formed znode of an appkey, read once."""
+    def entries(self, env: str, appkey: str) -> List[NodeEntry]:
+        """Every znode of an appkey that is named like a node, read once; one whose data is not a
+        well-formed node is returned with ``problem`` set (and logged)."""
         folder = service_path(env, appkey)
         zk = self.client
         try:
@@ -215,17 +216,23 @@ class ZooKeeperRegistry(Registry):
         except KazooException as err:
             raise BackendError("cannot list %s in %s: %s" % (folder, self._cfg.describe(), err)) from err
         found = []
-        reads = [(name, zk.get_async(folder + "/" + name)) for name in names if parse_znode_name(name)]
-        for name, pending in reads:
+        reads = []
+        for name in names:
+            parsed = parse_znode_name(name)
+            if parsed is not None:
+                reads.append((parsed, zk.get_async(folder + "/" + name)))
+        for (service, host, port), pending in reads:
             try:
                 data, _ = pending.get()
-                found.append((name.rsplit("_", 2)[0], Node.from_json(data)))
             except NoNodeError:
                 continue  # left while we looked
-            except ValueError as err:
-                log.warning("skipping znode %s/%s with bad data: %s", folder, name, err)
             except KazooException as err:
-                raise BackendError("cannot read %s/%s: %s" % (folder, name, err)) from err
+                raise BackendError("cannot read %s/%s: %s" % (folder, "%s_%s_%d" % (service, host, port), err)) from err
+            try:
+                found.append(NodeEntry(service, host, port, Node.from_json(data)))
+            except ValueError as err:
+                log.warning("znode %s/%s_%s_%d holds bad data: %s", folder, service, host, port, err)
+                found.append(NodeEntry(service, host, port, None, str(err)))
         return found
 
     def close(self) -> None:
