@@ -8,9 +8,10 @@ validation restricts to ``^\\w+$``; every value is a query parameter.
 from __future__ import annotations
 
 import logging
+import ssl
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pymysql
 
@@ -97,9 +98,32 @@ _CHANGES: Dict[str, Tuple[Tuple[str, _Column], ...]] = {
 }
 
 
+def _ssl_context(cfg: MysqlConfig) -> ssl.SSLContext:
+    tls = cfg.tls
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca)  # the system's CAs when no ca is given
+        if not tls.verify_cert:  # 'required': encrypted, the certificate not checked
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx.check_hostname = tls.check_hostname
+        if tls.cert:
+            ctx.load_cert_chain(tls.cert, tls.key, tls.key_password)
+    except (OSError, ssl.SSLError) as err:
+        raise BackendError("cannot load the TLS files of %s: %s" % (cfg.describe(), err)) from err
+    return ctx
+
+
 @contextmanager
 def connect(cfg: MysqlConfig, with_database: bool = True) -> Iterator[pymysql.connections.Connection]:
-    """A fresh autocommit connection, closed on exit; MySQL errors become BackendError."""
+    """A fresh autocommit connection, closed on exit; MySQL errors become BackendError.
+
+    With ``mysql.<env>.ssl_mode`` other than disabled, the connection is TLS or nothing: PyMySQL
+    is given an SSL context (which makes recent versions refuse a server without TLS before
+    authenticating), and the session's cipher is checked after connecting, because older
+    PyMySQL versions silently go on in plaintext.
+    """
+    tls: Dict[str, Any] = {"ssl": _ssl_context(cfg)} if cfg.tls.enabled else {"ssl_disabled": True}
     try:
         conn = pymysql.connect(
             host=cfg.host,
@@ -112,16 +136,29 @@ def connect(cfg: MysqlConfig, with_database: bool = True) -> Iterator[pymysql.co
             write_timeout=max(cfg.connect_timeout, 5.0),
             charset="utf8mb4",
             autocommit=True,
-            ssl_disabled=not cfg.ssl,
+            **tls,
         )
     except pymysql.MySQLError as err:
         raise BackendError("cannot connect to %s as %r: %s" % (cfg.describe(), cfg.username, err)) from err
     try:
+        if cfg.tls.enabled:
+            _check_encrypted(cfg, conn)
         yield conn
     except pymysql.MySQLError as err:
         raise BackendError("%s failed: %s" % (cfg.describe(), err)) from err
     finally:
         conn.close()
+
+
+def _check_encrypted(cfg: MysqlConfig, conn: pymysql.connections.Connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        row = cur.fetchone()
+    if not row or not row[1]:
+        raise BackendError(
+            "%s: the connection is not encrypted (the server offers no TLS), and ssl_mode %s forbids plaintext"
+            % (cfg.describe(), cfg.tls.mode)
+        )
 
 
 @dataclass(frozen=True)

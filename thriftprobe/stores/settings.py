@@ -9,7 +9,7 @@ provider restart. A ``NodeSettingsStore`` wraps one redis-py client, which is it
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import redis
 from redis.cluster import RedisCluster
@@ -59,15 +59,25 @@ class NodeSettingsStore:
 
     @staticmethod
     def _make_client(cfg: RedisConfig) -> RedisClient:
-        common = {
+        common: Dict[str, Any] = {
             "password": cfg.password,
             "socket_timeout": cfg.socket_timeout,
             "socket_connect_timeout": cfg.socket_timeout,
         }
+        if cfg.tls.enabled:  # like rediss://; redis-py never falls back to plaintext
+            common.update(
+                ssl=True,
+                ssl_cert_reqs="required" if cfg.tls.verify_cert else "none",
+                ssl_check_hostname=cfg.tls.check_hostname,
+                ssl_ca_certs=cfg.tls.ca,
+                ssl_certfile=cfg.tls.cert,
+                ssl_keyfile=cfg.tls.key,
+                ssl_password=cfg.tls.key_password,
+            )
         try:
             if cfg.cluster:
-                return RedisCluster(host=cfg.host, port=cfg.port, **common)  # type: ignore[arg-type]
-            return redis.Redis(host=cfg.host, port=cfg.port, **common)  # type: ignore[arg-type]
+                return RedisCluster(host=cfg.host, port=cfg.port, **common)
+            return redis.Redis(host=cfg.host, port=cfg.port, **common)
         except _REDIS_ERRORS as err:  # RedisCluster contacts the cluster in its constructor
             raise BackendError("cannot connect to %s: %s" % (cfg.describe(), err)) from err
 
