@@ -33,9 +33,9 @@ def load(tmp_path, section, tls):
 @pytest.mark.parametrize("tls", ["ssl: true", "ssl_mode: required", "ssl_mode: verify_identity"])
 def test_mysql_that_must_be_tls_refuses_a_server_without_it(services, tmp_path, tls):
     cfg = load(tmp_path, "mysql", tls)
-    with pytest.raises(BackendError, match=r"mysql 127.0.0.1:3306/thriftprobe_test \(TLS [a-z_]+\)") as exc:
-        with mysql.connect(cfg.mysql) as conn, conn.cursor() as cur:
-            cur.execute("SELECT 1")
+    refused = pytest.raises(BackendError, match=r"mysql 127.0.0.1:3306/thriftprobe_test \(TLS [a-z_]+\)")
+    with refused as exc, mysql.connect(cfg.mysql) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
     assert "SSL" in str(exc.value) or "not encrypted" in str(exc.value)
 
 

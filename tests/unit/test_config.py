@@ -68,7 +68,8 @@ def test_bad_environment_name_is_a_config_error():
 def test_load_dev(good):
     c = cfgmod.load(good, "dev", environ={})
     assert c.env == "dev" and c.path == str(good)
-    assert (c.mysql.host, c.mysql.port, c.mysql.database, c.mysql.tls.enabled) == ("127.0.0.1", 3306, "thriftprobe", False)
+    assert (c.mysql.host, c.mysql.port, c.mysql.database) == ("127.0.0.1", 3306, "thriftprobe")
+    assert not c.mysql.tls.enabled
     assert c.redis.cluster is False and c.redis.password is None
     assert c.zookeeper.hosts == "127.0.0.1:2181"
     assert c.zookeeper.session_timeout == 10.0
