@@ -12,7 +12,7 @@ import math
 import re
 import sys
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from thriftpy2.transport import TTransportException
 
@@ -117,6 +117,8 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
     with Governance(_cfg(args)) as gov:
         nodes = gov.fleet(args.appkey, args.service)
         env = gov.env
+    if args.hide_offline:
+        nodes = [n for n in nodes if n.state != "offline"]
     out.data({"env": env, "nodes": [n.to_dict() for n in nodes]})
     out.line("env %s" % env)
     appkey = service = None
@@ -196,6 +198,18 @@ def cmd_node(args: argparse.Namespace, out: Output) -> int:
         out.line("applied to the live node; running consumers follow it now")
     else:
         out.line("note: this node is not registered now; the change is stored and applies when it starts")
+    return EXIT_OK
+
+
+def cmd_node_forget(args: argparse.Namespace, out: Output) -> int:
+    host, port = args.address
+    with Governance(_cfg(args)) as gov:
+        removed = gov.forget_node(args.appkey, args.service, host, port, actor=args.actor)
+    out.data({"appkey": args.appkey, "service": args.service, "host": host, "port": port, "removed": removed})
+    if not removed:
+        out.line("%s/%s %s:%d has no stored settings: nothing to forget" % (args.appkey, args.service, host, port))
+        return EXIT_FAILED
+    out.line("%s/%s %s:%d: settings removed (audited)" % (args.appkey, args.service, host, port))
     return EXIT_OK
 
 
@@ -315,8 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ls", cmd_ls, "show env -> appkey -> service -> nodes (weight, on/off, live/offline, uptime)")
     p.add_argument("appkey", nargs="?")
     p.add_argument("service", nargs="?")
+    p.add_argument("--hide-offline", action="store_true", help="leave out nodes with settings but no running provider")
+
+    # 'node forget' is its own command ('node-forget' inside: see main); its name cannot also be
+    # an appkey of 'node APPKEY ...'.
+    p = sub.add_parser(
+        "node-forget",
+        prog="thriftprobe node forget",
+        description="remove the stored settings of a node that is not running (audited)",
+        parents=[common],
+    )
+    p.set_defaults(func=cmd_node_forget, command="node forget")
+    p.add_argument("appkey")
+    p.add_argument("service")
+    p.add_argument("address", metavar="HOST:PORT", type=_address)
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
 
     p = command("node", cmd_node, "set a node's weight, or switch it off or on (live and persisted)")
+    p.epilog = "thriftprobe node forget APPKEY SERVICE HOST:PORT removes the settings of a node that is gone."
     p.add_argument("appkey")
     p.add_argument("service")
     p.add_argument("address", metavar="HOST:PORT", type=_address)
@@ -373,9 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_words(argv: Sequence[str]) -> List[str]:
+    """``node forget ...`` -> ``node-forget ...`` (argparse cannot have both ``node APPKEY`` and
+    ``node forget``); everything else as it is."""
+    words = list(argv)
+    i = 0
+    while i < len(words) and words[i].startswith("-"):
+        i += 2 if words[i] in ("--config", "--env") else 1
+    if words[i : i + 2] == ["node", "forget"]:
+        words[i : i + 2] = ["node-forget"]
+    return words
+
+
 def main(argv: Optional[Sequence[str]] = None, stream: Optional[TextIO] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_subcommand_words(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -334,6 +334,37 @@ class Governance:
         )
         return change
 
+    def forget_node(self, appkey: str, service: str, host: str, port: int, *, actor: Optional[str] = None) -> bool:
+        """Remove the stored settings of a node that is not running (its Redis field grows the hash
+        forever otherwise: a port 0 start, a pod's changing IP), and audit it (action ``forget``).
+
+        Returns False when nothing was stored. Refuses a live node (InvalidArgument): its provider
+        would keep running on settings nothing records, and start on the defaults next time.
+        Raises InvalidArgument, AppkeyNotRegistered or BackendError, all before anything changes.
+        """
+        actor = self._check_target(appkey, service, host, port, actor)
+        audit.check_ready(self.cfg.mysql, self._probe_entry("forget", actor, appkey, service, host, port))
+        if any((e.service, e.host, e.port) == (service, host, port) for e in self._registry.entries(self.env, appkey)):
+            raise InvalidArgument(
+                "%s/%s %s:%d is live: forget only removes the settings of nodes that are gone (stop it first)"
+                % (appkey, service, host, port)
+            )
+        removed, old = self._store.remove(appkey, service, host, port)
+        if not removed:
+            return False
+        entry = dataclasses.replace(
+            self._probe_entry("forget", actor, appkey, service, host, port),
+            old_weight=None if old is None else old.weight,
+            old_valid=None if old is None else old.valid,
+            rev=0 if old is None else old.rev,
+        )
+        try:
+            audit.record(self.cfg.mysql, entry)
+        except BackendError as err:
+            raise BackendError("the settings are removed, but their audit record failed: %s" % err) from err
+        log.info("%s forgot the settings of %s/%s/%s %s:%d", actor, self.env, appkey, service, host, port)
+        return True
+
     # -- following ------------------------------------------------------------------------------
 
     def watch(
