@@ -17,17 +17,19 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import yaml
 
 from .errors import ConfigError
 
 __all__ = [
+    "TLS_MODES",
     "Config",
     "ConsoleConfig",
     "MysqlConfig",
     "RedisConfig",
+    "TlsConfig",
     "ZooKeeperConfig",
     "find_config_path",
     "load",
@@ -40,9 +42,53 @@ CONFIG_ENV_VAR = "THRIFTPROBE_CONFIG"
 ENV_ENV_VAR = "THRIFTPROBE_ENV"
 DEFAULT_PATH = Path("config") / "config.yml"
 
-_NAME_RE = re.compile(r"^\w+$")
-_PROD_HOST_RE = re.compile(r"^prod\d+$")
-_VAR_RE = re.compile(r"^\$\{(\w+)\}$")
+# Matched with fullmatch: with re.match, "$" also matches before a final newline.
+_NAME_RE = re.compile(r"\w+")
+_PROD_HOST_RE = re.compile(r"prod[0-9]+")
+_VAR_RE = re.compile(r"\$\{(\w+)\}")
+_DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
+
+
+TLS_MODES = ("disabled", "required", "verify_ca", "verify_identity")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """How one backend's connections are secured (keys ``ssl_mode``, ``ssl_ca``, ``ssl_cert``,
+    ``ssl_key``, ``ssl_key_password`` of its section). No mode ever falls back to plaintext:
+
+    - ``disabled``: plaintext (the default);
+    - ``required``: TLS or no connection; the server's certificate is not checked, which protects
+      against listening, not against an impostor;
+    - ``verify_ca``: also checks the certificate chain against ``ca`` (else the system's CAs);
+    - ``verify_identity``: also checks that the certificate names the host connected to.
+    """
+
+    mode: str = "disabled"
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    """Client certificate (PEM), for servers that authenticate clients by certificate."""
+    key: Optional[str] = None
+    """The client certificate's private key (PEM); may be in ``cert``'s file instead."""
+    key_password: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+    @property
+    def verify_cert(self) -> bool:
+        return self.mode in ("verify_ca", "verify_identity")
+
+    @property
+    def check_hostname(self) -> bool:
+        return self.mode == "verify_identity"
+
+    def describe(self) -> str:
+        return "" if not self.enabled else " (TLS %s)" % self.mode
+
+
+_PLAINTEXT = TlsConfig()
 
 
 @dataclass(frozen=True)
@@ -52,11 +98,11 @@ class MysqlConfig:
     username: str
     password: str = field(repr=False)
     database: str
-    ssl: bool = False
+    tls: TlsConfig = _PLAINTEXT
     connect_timeout: float = 2.0
 
     def describe(self) -> str:
-        return "mysql %s:%d/%s" % (self.host, self.port, self.database)
+        return "mysql %s:%d/%s%s" % (self.host, self.port, self.database, self.tls.describe())
 
 
 @dataclass(frozen=True)
@@ -66,9 +112,10 @@ class RedisConfig:
     password: Optional[str] = field(repr=False)
     cluster: bool = False
     socket_timeout: float = 2.0
+    tls: TlsConfig = _PLAINTEXT
 
     def describe(self) -> str:
-        return "redis%s %s:%d" % (" cluster" if self.cluster else "", self.host, self.port)
+        return "redis%s %s:%d%s" % (" cluster" if self.cluster else "", self.host, self.port, self.tls.describe())
 
 
 @dataclass(frozen=True)
@@ -79,9 +126,10 @@ class ZooKeeperConfig:
     """Seconds; how long a dead provider's ephemeral node outlives it."""
     connect_timeout: float = 5.0
     """Seconds to wait for the first connection."""
+    tls: TlsConfig = _PLAINTEXT
 
     def describe(self) -> str:
-        return "zookeeper %s" % self.hosts
+        return "zookeeper %s%s" % (self.hosts, self.tls.describe())
 
 
 @dataclass(frozen=True)
@@ -119,8 +167,8 @@ def resolve_env(
     env = explicit or environ.get(ENV_ENV_VAR) or None
     if env is None:
         short = (hostname if hostname is not None else socket.gethostname()).split(".", 1)[0]
-        env = "prod" if _PROD_HOST_RE.match(short) else "dev"
-    if not _NAME_RE.match(env):
+        env = "prod" if _PROD_HOST_RE.fullmatch(short) else "dev"
+    if not _NAME_RE.fullmatch(env):
         raise ConfigError("environment name %r must match ^\\w+$" % (env,))
     return env
 
@@ -172,6 +220,7 @@ def load_console(cfg: Config, environ: Optional[Mapping[str, str]] = None) -> Co
     data = _read(Path(cfg.path))
     r = _Reader(cfg.path, cfg.env, environ)
     s = r.section(data, "console")
+    r.only(s, "console", ("username", "password", "host", "port"))
     password = r.get(s, "console", "password", str)
     if not password:
         raise ConfigError("config file %s: console.%s.password must not be empty" % (cfg.path, cfg.env))
@@ -225,6 +274,15 @@ class _Reader:
             )
         return sect
 
+    def only(self, sect: Mapping[str, Any], section: str, known: Sequence[str]) -> None:
+        """Refuse keys this version does not know: a misspelt ``ssl_mode`` must not mean plaintext."""
+        unknown = sorted(str(k) for k in sect if k not in known)
+        if unknown:
+            raise ConfigError(
+                "config file %s: unknown key%s %s in %s.%s (known: %s)"
+                % (self.path, "s" if len(unknown) > 1 else "", ", ".join(unknown), section, self.env, ", ".join(known))
+            )
+
     def get(self, sect: Mapping[str, Any], section: str, key: str, kind: type, default: Any = ...) -> Any:
         where = "%s.%s.%s" % (section, self.env, key)
         if key not in sect or sect[key] is None:
@@ -242,7 +300,7 @@ class _Reader:
         elif kind is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.isdigit():
+            if isinstance(value, str) and _DIGITS_RE.fullmatch(value):
                 return int(value)
         elif kind is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -270,7 +328,7 @@ class _Reader:
         return int(port)
 
     def _expand(self, value: str, where: str) -> str:
-        m = _VAR_RE.match(value)
+        m = _VAR_RE.fullmatch(value)
         if not m:
             return value
         name = m.group(1)
@@ -281,10 +339,46 @@ class _Reader:
         return self.environ[name]
 
 
+_TLS_KEYS = ("ssl", "ssl_mode", "ssl_ca", "ssl_cert", "ssl_key", "ssl_key_password")
+
+
+def _tls(r: _Reader, s: Mapping[str, Any], section: str) -> TlsConfig:
+    def where(key: str) -> str:
+        return "config file %s: %s.%s.%s" % (r.path, section, r.env, key)
+
+    enabled = r.get(s, section, "ssl", bool, None)
+    mode = r.get(s, section, "ssl_mode", str, None)
+    if mode is None:
+        # 'ssl: true' alone means what it says: secure transport, the certificate checked.
+        mode = "verify_identity" if enabled else "disabled"
+    elif mode not in TLS_MODES:
+        raise ConfigError("%s must be one of %s, got %r" % (where("ssl_mode"), ", ".join(TLS_MODES), mode))
+    elif enabled is not None and enabled != (mode != "disabled"):
+        raise ConfigError("%s contradicts %s.%s.ssl_mode %s" % (where("ssl"), section, r.env, mode))
+    files = {}
+    for key in ("ssl_ca", "ssl_cert", "ssl_key"):
+        path = r.get(s, section, key, str, None)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError("%s: file %s not found" % (where(key), path))
+        files[key] = path
+    key_password = r.get(s, section, "ssl_key_password", str, None)
+    given = [k for k, v in (*files.items(), ("ssl_key_password", key_password)) if v is not None]
+    if mode == "disabled" and given:
+        raise ConfigError("%s is set, but TLS is disabled: set ssl_mode" % where(given[0]))
+    if files["ssl_ca"] and mode == "required":
+        raise ConfigError(
+            "%s is only used to verify the server: set ssl_mode verify_ca or verify_identity" % where("ssl_ca")
+        )
+    if (files["ssl_key"] or key_password) and not files["ssl_cert"]:
+        raise ConfigError("%s needs ssl_cert (the client certificate)" % where("ssl_key"))
+    return TlsConfig(mode, files["ssl_ca"], files["ssl_cert"], files["ssl_key"], key_password)
+
+
 def _mysql(r: _Reader, data: Mapping[str, Any]) -> MysqlConfig:
     s = r.section(data, "mysql")
+    r.only(s, "mysql", ("host", "port", "username", "password", "database", "connect_timeout", *_TLS_KEYS))
     database = r.get(s, "mysql", "database", str)
-    if not _NAME_RE.match(database):
+    if not _NAME_RE.fullmatch(database):
         raise ConfigError("config file %s: mysql.%s.database must match ^\\w+$" % (r.path, r.env))
     return MysqlConfig(
         host=r.get(s, "mysql", "host", str),
@@ -292,24 +386,27 @@ def _mysql(r: _Reader, data: Mapping[str, Any]) -> MysqlConfig:
         username=r.get(s, "mysql", "username", str),
         password=r.get(s, "mysql", "password", str, ""),
         database=database,
-        ssl=r.get(s, "mysql", "ssl", bool, False),
+        tls=_tls(r, s, "mysql"),
         connect_timeout=r.get(s, "mysql", "connect_timeout", float, 2000.0) / 1000.0,
     )
 
 
 def _redis(r: _Reader, data: Mapping[str, Any]) -> RedisConfig:
     s = r.section(data, "redis")
+    r.only(s, "redis", ("host", "port", "password", "cluster", "socket_timeout", *_TLS_KEYS))
     return RedisConfig(
         host=r.get(s, "redis", "host", str),
         port=r.port(s, "redis"),
         password=r.get(s, "redis", "password", str, "") or None,
         cluster=r.get(s, "redis", "cluster", bool, False),
         socket_timeout=r.get(s, "redis", "socket_timeout", float, 2000.0) / 1000.0,
+        tls=_tls(r, s, "redis"),
     )
 
 
 def _zookeeper(r: _Reader, data: Mapping[str, Any]) -> ZooKeeperConfig:
     s = r.section(data, "zkserver")
+    r.only(s, "zkserver", ("host", "port", "hosts", "session_timeout", "connect_timeout", *_TLS_KEYS))
     if "hosts" in s:
         hosts = r.get(s, "zkserver", "hosts", str)
         if not hosts.strip():
@@ -323,4 +420,5 @@ def _zookeeper(r: _Reader, data: Mapping[str, Any]) -> ZooKeeperConfig:
         hosts=hosts.replace(" ", ""),
         session_timeout=session_timeout,
         connect_timeout=r.get(s, "zkserver", "connect_timeout", float, 5000.0) / 1000.0,
+        tls=_tls(r, s, "zkserver"),
     )

@@ -15,6 +15,7 @@ written without it (by the original design) reads as revision 0.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -28,6 +29,7 @@ __all__ = [
     "parse_znode_name",
     "service_path",
     "settings_field",
+    "validate_host",
     "validate_names",
 ]
 
@@ -74,7 +76,9 @@ class Node:
     def from_json(cls, raw: bytes) -> "Node":
         """Decode a znode or Redis value. Raises ValueError on anything but a well-formed node."""
         try:
-            data = json.loads(raw)
+            # Python's json reads NaN, Infinity and 1e400 (inf): no JSON, and no JSON after them
+            # either (an operator's tool would serve them on as invalid JSON).
+            data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError("not JSON: %s" % err) from err
         if not isinstance(data, dict):
@@ -102,6 +106,17 @@ class Node:
         return cls(host=host, port=int(port), weight=int(weight), valid=bool(valid), extras=extras, rev=rev)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError("not JSON: %s is not a JSON value" % name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not JSON: %s is out of a double's range" % text)
+    return value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -113,7 +128,7 @@ def parse_znode_name(name: str) -> Optional[Tuple[str, str, int]]:
     ``calc`` never picks up the nodes of service ``calc_v2``.
     """
     parts = name.rsplit("_", 2)
-    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].isdigit():
+    if len(parts) != 3 or not parts[0] or not parts[1] or not _PORT_RE.fullmatch(parts[2]):
         return None
     return parts[0], parts[1], int(parts[2])
 
@@ -128,8 +143,13 @@ def service_path(env: str, appkey: str) -> str:
     return "/services/%s/%s" % (env, appkey)
 
 
-_SERVICE_RE = re.compile(r"^\w+$")
-_APPKEY_RE = re.compile(r"^[\w.\-]+$")
+# Matched with fullmatch: with re.match, "$" also matches before a final newline.
+_SERVICE_RE = re.compile(r"\w+")
+_APPKEY_RE = re.compile(r"[\w.\-]+")
+_PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also accepts "²" and "９"
+# A host name (253 characters at most, DNS's limit) or an IPv4/IPv6 address: no '_' (it splits
+# znode names), no '|' or '/' (Redis field, znode path), no whitespace or control characters.
+_HOST_RE = re.compile(r"[^\s_|/\x00-\x1f\x7f]{1,253}")
 
 
 def validate_names(appkey: object, service: object) -> None:
@@ -138,11 +158,21 @@ def validate_names(appkey: object, service: object) -> None:
     A service name is ``^\\w+$``; an appkey is a non-empty string of word characters, dots and
     dashes (no ``/`` or ``|``, which would break the path and the Redis field).
     """
-    if not isinstance(service, str) or not _SERVICE_RE.match(service):
+    if not isinstance(service, str) or not _SERVICE_RE.fullmatch(service):
         raise InvalidArgument(
             "service_name %r is invalid: it must be a non-empty string of letters, digits and underscores" % (service,)
         )
-    if not isinstance(appkey, str) or not _APPKEY_RE.match(appkey):
+    if not isinstance(appkey, str) or not _APPKEY_RE.fullmatch(appkey):
         raise InvalidArgument(
             "appkey %r is invalid: it must be a non-empty string of letters, digits, '_', '.' and '-'" % (appkey,)
         )
+
+
+def validate_host(host: object) -> str:
+    """Return ``host`` if it can name a node in znode names and Redis fields; raise InvalidArgument."""
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
+        raise InvalidArgument(
+            "host %r is invalid: it must be 1..253 characters, without '_', '|', '/', spaces or control characters"
+            % (host,)
+        )
+    return host

@@ -68,7 +68,8 @@ def test_bad_environment_name_is_a_config_error():
 def test_load_dev(good):
     c = cfgmod.load(good, "dev", environ={})
     assert c.env == "dev" and c.path == str(good)
-    assert (c.mysql.host, c.mysql.port, c.mysql.database, c.mysql.ssl) == ("127.0.0.1", 3306, "thriftprobe", False)
+    assert (c.mysql.host, c.mysql.port, c.mysql.database) == ("127.0.0.1", 3306, "thriftprobe")
+    assert not c.mysql.tls.enabled
     assert c.redis.cluster is False and c.redis.password is None
     assert c.zookeeper.hosts == "127.0.0.1:2181"
     assert c.zookeeper.session_timeout == 10.0
@@ -153,7 +154,7 @@ def test_shipped_template_and_dev_config_load(monkeypatch):
         "prod",
         environ={"THRIFTPROBE_MYSQL_PASSWORD": "a", "THRIFTPROBE_REDIS_PASSWORD": "b"},
     )
-    assert prod.redis.cluster and prod.mysql.ssl
+    assert prod.redis.cluster and prod.mysql.tls.mode == "verify_identity"
 
 
 def test_numbers_where_text_is_expected_must_be_quoted(tmp_path):
@@ -179,3 +180,77 @@ def test_times_may_come_from_environment_variables(tmp_path):
         """,
     )
     assert cfgmod.load(path, "dev", environ={"ZK_TIMEOUT": "2500"}).zookeeper.session_timeout == 2.5
+
+
+def test_a_trailing_newline_is_not_a_valid_environment_or_database_name(tmp_path):
+    with pytest.raises(ConfigError, match="must match"):
+        cfgmod.resolve_env("dev\n", {}, "x")
+    path = write(
+        tmp_path,
+        """
+        mysql: {dev: {host: h, port: 1, username: u, database: "thriftprobe\\n"}}
+        redis: {dev: {host: h, port: 1}}
+        zkserver: {dev: {host: h, port: 2181}}
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"mysql\.dev\.database must match"):
+        cfgmod.load(path, "dev", environ={})
+
+
+def test_a_port_of_non_ascii_digits_is_a_config_error(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        mysql: {dev: {host: h, port: "²", username: u, database: d}}
+        redis: {dev: {host: h, port: 1}}
+        zkserver: {dev: {host: h, port: 2181}}
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"mysql\.dev\.port must be int"):
+        cfgmod.load(path, "dev", environ={})
+
+
+def tls_config(tmp_path, mysql_tls):
+    return write(
+        tmp_path,
+        """
+        mysql: {dev: {host: h, port: 1, username: u, database: d, %s}}
+        redis: {dev: {host: h, port: 1, ssl: true}}
+        zkserver: {dev: {host: h, port: 2181, ssl_mode: required}}
+        """
+        % mysql_tls,
+    )
+
+
+def test_ssl_true_means_tls_with_the_certificate_checked_not_preferred(tmp_path):
+    c = cfgmod.load(tls_config(tmp_path, "ssl: true"), "dev", environ={})
+    assert c.mysql.tls.mode == c.redis.tls.mode == "verify_identity"
+    assert c.zookeeper.tls.mode == "required" and not c.zookeeper.tls.verify_cert
+    assert "(TLS verify_identity)" in c.mysql.describe() and "(TLS required)" in c.zookeeper.describe()
+
+
+def test_tls_files_are_taken_and_checked(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    c = cfgmod.load(tls_config(tmp_path, "ssl_mode: verify_ca, ssl_ca: %s" % ca), "dev", environ={})
+    assert c.mysql.tls == cfgmod.TlsConfig("verify_ca", str(ca))
+    with pytest.raises(ConfigError, match=r"mysql\.dev\.ssl_ca: file .*nope\.pem not found"):
+        cfgmod.load(tls_config(tmp_path, "ssl_mode: verify_ca, ssl_ca: %s" % (tmp_path / "nope.pem")), "dev", {})
+
+
+@pytest.mark.parametrize(
+    "mysql_tls, message",
+    [
+        ("ssl_mode: preferred", r"ssl_mode must be one of disabled, required, verify_ca, verify_identity"),
+        ("ssl: false, ssl_mode: required", r"mysql\.dev\.ssl contradicts mysql\.dev\.ssl_mode required"),
+        ("ssl_ca: CA", r"mysql\.dev\.ssl_ca is set, but TLS is disabled"),
+        ("ssl_mode: required, ssl_ca: CA", r"ssl_ca is only used to verify the server"),
+        ("ssl_mode: verify_ca, ssl_key: CA", r"ssl_key needs ssl_cert"),
+        ("ssl_mod: required", r"unknown key ssl_mod in mysql\.dev"),
+    ],
+)
+def test_tls_settings_that_would_not_mean_what_they_say_are_config_errors(tmp_path, mysql_tls, message):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    with pytest.raises(ConfigError, match=message):
+        cfgmod.load(tls_config(tmp_path, mysql_tls.replace("CA", str(ca))), "dev", environ={})

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from thriftprobe import InvalidArgument
-from thriftprobe.node import Node, parse_znode_name, settings_field, validate_names
+from thriftprobe.node import Node, parse_znode_name, settings_field, validate_host, validate_names
 
 
 def test_json_round_trip_keeps_extras_and_uses_seed_layout():
@@ -31,6 +31,9 @@ def test_seed_written_json_is_accepted():
         b'{"host": "h", "port": 1, "weight": 1, "valid": 2}',
         b'{"host": "", "port": 1, "weight": 1, "valid": 1}',
         b"\xff\xfe",
+        b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": NaN}',
+        b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": -Infinity}',
+        b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": 1e400}',
     ],
 )
 def test_malformed_node_data_is_rejected(raw):
@@ -72,3 +75,28 @@ def test_bad_appkeys_are_rejected(appkey):
 
 def test_good_names_pass():
     validate_names("bars.calc-v1", "Calc_2")
+
+
+@pytest.mark.parametrize("appkey, service", [("app\n", "svc"), ("app", "svc\n"), ("app", "Calc\n")])
+def test_a_trailing_newline_is_not_a_valid_name(appkey, service):
+    # '^...$' with re.match lets a final newline through: it would end up in znode paths and Redis fields.
+    with pytest.raises(InvalidArgument):
+        validate_names(appkey, service)
+
+
+@pytest.mark.parametrize("name", ["calc_10.0.0.5_９０９０", "calc_10.0.0.5_²", "calc_10.0.0.5_9090\n"])
+def test_znode_names_with_non_ascii_or_trailing_text_in_the_port_are_not_nodes(name):
+    # str.isdigit() accepts '²' and fullwidth digits, which int() then refuses or reads: a stray
+    # znode must never crash (or be misread by) a watch.
+    assert parse_znode_name(name) is None
+
+
+@pytest.mark.parametrize("host", ["", "10.0.0.1\n", "a b", "a_b", "a|b", "a/b", "h\x00", "x" * 254, None, 5])
+def test_bad_hosts_are_rejected(host):
+    with pytest.raises(InvalidArgument, match="host"):
+        validate_host(host)
+
+
+@pytest.mark.parametrize("host", ["10.0.0.1", "fe80::1", "[fe80::1]", "pod-7f9c.calc.ns.svc.cluster.local", "x" * 253])
+def test_good_hosts_pass(host):
+    assert validate_host(host) == host

@@ -7,12 +7,15 @@ exceptions the IDL declares.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import math
 import os
 from typing import Any, Dict, Tuple, Union
 
-from thriftpy2.protocol.json import json_value, obj_value, struct_to_json
-from thriftpy2.thrift import TApplicationException, TException
+from thriftpy2.protocol.json import json_value, struct_to_json
+from thriftpy2.thrift import TApplicationException, TException, TType
 
 from ..config import Config
 from ..consumer import build_client
@@ -28,7 +31,7 @@ def _convert_args(service: Any, method: str, raw: Union[str, None]) -> Dict[str,
         given: Any = {}
     else:
         try:
-            given = json.loads(raw)
+            given = json.loads(raw, parse_constant=_no_constant)
         except json.JSONDecodeError as err:
             raise InvalidArgument("JSON_ARGS is not valid JSON: %s" % err) from err
     if isinstance(given, list):
@@ -46,12 +49,94 @@ def _convert_args(service: Any, method: str, raw: Union[str, None]) -> Dict[str,
     for field in spec.values():
         ttype, name = field[0], field[1]
         if name in given:
-            type_spec = field[2] if len(field) > 3 else None
-            try:
-                kwargs[name] = obj_value(ttype, given[name], type_spec)
-            except (TypeError, ValueError, KeyError, AttributeError) as err:
-                raise InvalidArgument("argument %r does not fit its IDL type: %s" % (name, err)) from err
+            kwargs[name] = _to_thrift(ttype, field[2] if len(field) > 3 else None, given[name], name)
     return kwargs
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidArgument("JSON_ARGS holds %s, which is not JSON (and no Thrift value)" % name)
+
+
+_INT_BITS = {TType.BYTE: 8, TType.I16: 16, TType.I32: 32, TType.I64: 64}
+_INT_NAMES = {TType.BYTE: "byte", TType.I16: "i16", TType.I32: "i32", TType.I64: "i64"}
+
+
+def _split(spec: Any) -> Tuple[int, Any]:
+    """A container's element spec: a bare TType, or (TType, its own spec)."""
+    return (spec, None) if isinstance(spec, int) else (spec[0], spec[1])
+
+
+def _to_thrift(ttype: int, spec: Any, value: Any, where: str) -> Any:
+    """Convert a JSON value to what the IDL type ``ttype`` encodes, or raise InvalidArgument naming
+    ``where`` (the argument and the path inside it). Strict: an i32 out of range, 1.5 for an integer
+    or "false" for a bool never reach the encoder (which would fail after connecting, or send
+    something else than what was asked)."""
+
+    def bad(expected: str) -> InvalidArgument:
+        return InvalidArgument("argument %s must be %s, got %s" % (where, expected, json.dumps(value)[:80]))
+
+    if ttype in _INT_BITS:
+        bits = _INT_BITS[ttype]
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer (%s)" % _INT_NAMES[ttype])
+        if not low <= value <= high:
+            raise bad("an %s, %d..%d" % (_INT_NAMES[ttype], low, high))
+        return value
+    if ttype == TType.DOUBLE:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad("a finite number (double)")
+        return float(value)
+    if ttype == TType.BOOL:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if ttype == TType.STRING:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if ttype == TType.BINARY:
+        if not isinstance(value, str):
+            raise bad("base64 text (binary)")
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as err:
+            raise bad("base64 text (binary)") from err
+    if ttype in (TType.LIST, TType.SET):
+        if not isinstance(value, list):
+            raise bad("an array")
+        elem_type, elem_spec = _split(spec)
+        return [_to_thrift(elem_type, elem_spec, v, "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+    if ttype == TType.MAP:
+        if not isinstance(value, list) or not all(isinstance(e, dict) and set(e) == {"key", "value"} for e in value):
+            raise bad('an array of {"key": ..., "value": ...} (map)')
+        (key_type, key_spec), (value_type, value_spec) = _split(spec[0]), _split(spec[1])
+        result = {}
+        for i, entry in enumerate(value):
+            key = _to_thrift(key_type, key_spec, entry["key"], "%s[%d].key" % (where, i))
+            if isinstance(key, list):
+                raise bad("a map whose keys are not lists")
+            result[key] = _to_thrift(value_type, value_spec, entry["value"], "%s[%d].value" % (where, i))
+        return result
+    if ttype == TType.STRUCT:
+        if not isinstance(value, dict):
+            raise bad("an object (struct %s)" % spec.__name__)
+        fields = {f[1]: f for f in spec.thrift_spec.values()}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise InvalidArgument(
+                "argument %s: struct %s has no field %s (it has: %s)"
+                % (where, spec.__name__, ", ".join(unknown), ", ".join(fields))
+            )
+        obj = spec()
+        for name, f in fields.items():
+            if name in value:
+                sub = f[2] if len(f) > 3 else None
+                setattr(obj, name, _to_thrift(f[0], sub, value[name], "%s.%s" % (where, name)))
+            elif f[-1] is True and getattr(obj, name) is None:
+                raise InvalidArgument("argument %s: required field %s of %s is missing" % (where, name, spec.__name__))
+        return obj
+    raise bad("a value of Thrift type %d, which JSON_ARGS cannot express" % ttype)
 
 
 def _result_json(service: Any, method: str, value: Any) -> Any:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from thriftpy2.transport import TTransportException
 
@@ -23,6 +25,10 @@ from .governance import Governance, check_weight
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMOTE = 0, 1, 2, 3
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits: str.isdigit() also accepts "²"
+_INT_RE = re.compile(r"-?[0-9]{1,18}")
+HISTORY_MAX = 10000
 
 
 class Output:
@@ -111,6 +117,8 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
     with Governance(_cfg(args)) as gov:
         nodes = gov.fleet(args.appkey, args.service)
         env = gov.env
+    if args.hide_offline:
+        nodes = [n for n in nodes if n.state != "offline"]
     out.data({"env": env, "nodes": [n.to_dict() for n in nodes]})
     out.line("env %s" % env)
     appkey = service = None
@@ -121,16 +129,15 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
         if n.service != service:
             service = n.service
             out.line("    %s" % service)
-        out.line(
-            "      %-21s weight %-4d %-3s %-7s up %s"
-            % (
-                "%s:%d" % (n.host, n.port),
-                n.weight,
-                "on" if n.valid else "off",
-                "live" if n.live else "offline",
-                _uptime(n.uptime),
-            )
+        address = "%s:%d" % (n.host, n.port)
+        settings = "weight %-4s %-3s" % (
+            "-" if n.weight is None else n.weight,
+            "-" if n.valid is None else "on" if n.valid else "off",
         )
+        if n.problem is not None:
+            out.line("      %-21s %s CORRUPT znode: %s" % (address, settings, n.problem))
+        else:
+            out.line("      %-21s %s %-7s up %s" % (address, settings, n.state, _uptime(n.uptime)))
     if not nodes:
         out.line("  (no nodes)")
     return EXIT_OK
@@ -138,9 +145,32 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
 
 def _address(text: str) -> Tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not _PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
     return host.strip("[]"), int(port)
+
+
+def _int_in(low: int, high: Optional[int], what: str) -> Callable[[str], int]:
+    """An argparse type: an integer of ASCII digits within low..high (high None: no bound)."""
+
+    def parse(text: str) -> int:
+        if not _INT_RE.fullmatch(text) or not low <= int(text) <= (int(text) if high is None else high):
+            raise argparse.ArgumentTypeError(
+                "%s must be an integer %d..%s, got %r" % (what, low, "" if high is None else high, text)
+            )
+        return int(text)
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("expected a number of seconds > 0, got %r" % text)
+    return value
 
 
 def cmd_node(args: argparse.Namespace, out: Output) -> int:
@@ -168,6 +198,18 @@ def cmd_node(args: argparse.Namespace, out: Output) -> int:
         out.line("applied to the live node; running consumers follow it now")
     else:
         out.line("note: this node is not registered now; the change is stored and applies when it starts")
+    return EXIT_OK
+
+
+def cmd_node_forget(args: argparse.Namespace, out: Output) -> int:
+    host, port = args.address
+    with Governance(_cfg(args)) as gov:
+        removed = gov.forget_node(args.appkey, args.service, host, port, actor=args.actor)
+    out.data({"appkey": args.appkey, "service": args.service, "host": host, "port": port, "removed": removed})
+    if not removed:
+        out.line("%s/%s %s:%d has no stored settings: nothing to forget" % (args.appkey, args.service, host, port))
+        return EXIT_FAILED
+    out.line("%s/%s %s:%d: settings removed (audited)" % (args.appkey, args.service, host, port))
     return EXIT_OK
 
 
@@ -228,7 +270,8 @@ def cmd_console(args: argparse.Namespace, out: Output) -> int:
 
     cfg = _cfg(args)
     console_cfg = config_mod.load_console(cfg)
-    serve(cfg, console_cfg, host=args.host or console_cfg.host, port=args.port or console_cfg.port, out=out.line)
+    port = console_cfg.port if args.port is None else args.port
+    serve(cfg, console_cfg, host=args.host or console_cfg.host, port=port, out=out.line)
     return EXIT_OK
 
 
@@ -286,8 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("ls", cmd_ls, "show env -> appkey -> service -> nodes (weight, on/off, live/offline, uptime)")
     p.add_argument("appkey", nargs="?")
     p.add_argument("service", nargs="?")
+    p.add_argument("--hide-offline", action="store_true", help="leave out nodes with settings but no running provider")
+
+    # 'node forget' is its own command ('node-forget' inside: see main); its name cannot also be
+    # an appkey of 'node APPKEY ...'.
+    p = sub.add_parser(
+        "node-forget",
+        prog="thriftprobe node forget",
+        description="remove the stored settings of a node that is not running (audited)",
+        parents=[common],
+    )
+    p.set_defaults(func=cmd_node_forget, command="node forget")
+    p.add_argument("appkey")
+    p.add_argument("service")
+    p.add_argument("address", metavar="HOST:PORT", type=_address)
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
 
     p = command("node", cmd_node, "set a node's weight, or switch it off or on (live and persisted)")
+    p.epilog = "thriftprobe node forget APPKEY SERVICE HOST:PORT removes the settings of a node that is gone."
     p.add_argument("appkey")
     p.add_argument("service")
     p.add_argument("address", metavar="HOST:PORT", type=_address)
@@ -300,13 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("history", cmd_history, "show recorded changes, newest first")
     p.add_argument("appkey", nargs="?")
     p.add_argument("service", nargs="?")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument(
+        "--limit",
+        type=_int_in(1, HISTORY_MAX, "--limit"),
+        default=50,
+        help="how many (1..%d, default 50)" % HISTORY_MAX,
+    )
 
     p = command("watch", cmd_watch, "stream joins, leaves and changes as they happen (Ctrl-C stops)")
     p.add_argument("appkey", nargs="?")
     p.add_argument("service", nargs="?")
     p.add_argument(
-        "--for", dest="duration", type=float, default=None, metavar="SECONDS", help="stop after this many seconds"
+        "--for", dest="duration", type=_seconds, default=None, metavar="SECONDS", help="stop after this many seconds"
     )
 
     p = command("call", cmd_call, "call a method through discovery and print the result as JSON")
@@ -321,20 +385,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON_ARGS",
         help='arguments as a JSON object {"name": value} or array [value, ...]',
     )
-    p.add_argument("--timeout", type=int, default=3000, help="socket timeout in ms (default 3000)")
+    p.add_argument(
+        "--timeout", type=_int_in(1, None, "--timeout"), default=3000, help="socket timeout in ms (default 3000)"
+    )
     p.add_argument("--compact", action="store_true", help="one-line JSON")
 
     command("doctor", cmd_doctor, "check config, ZooKeeper, Redis and MySQL (reachability and schema)")
 
     p = command("console", cmd_console, "serve the web console (127.0.0.1 by default; needs console credentials)")
     p.add_argument("--host", default=None, help="listen address (default: console.<env>.host or 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="listen port (default: console.<env>.port or 8700)")
+    p.add_argument(
+        "--port",
+        type=_int_in(0, 65535, "--port"),
+        default=None,
+        help="listen port, 0 = any free one (default: console.<env>.port or 8700)",
+    )
     return parser
+
+
+def _subcommand_words(argv: Sequence[str]) -> List[str]:
+    """``node forget ...`` -> ``node-forget ...`` (argparse cannot have both ``node APPKEY`` and
+    ``node forget``); everything else as it is."""
+    words = list(argv)
+    i = 0
+    while i < len(words) and words[i].startswith("-"):
+        i += 2 if words[i] in ("--config", "--env") else 1
+    if words[i : i + 2] == ["node", "forget"]:
+        words[i : i + 2] = ["node-forget"]
+    return words
 
 
 def main(argv: Optional[Sequence[str]] = None, stream: Optional[TextIO] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_subcommand_words(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

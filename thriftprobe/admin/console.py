@@ -179,7 +179,7 @@ table { border-collapse: collapse; width: 100%; background: #fff; margin-bottom:
 th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #e4e7ec; }
 th { background: #eef0f4; font-weight: 600; }
 .on { color: #15803d; font-weight: 600; } .off { color: #b91c1c; font-weight: 600; }
-.offline { color: #6b7280; } .live { color: #15803d; }
+.offline { color: #6b7280; } .live { color: #15803d; } .corrupt { color: #b45309; font-weight: 600; }
 input[type=number] { width: 70px; } button { cursor: pointer; }
 #status { min-height: 20px; margin-bottom: 8px; } .error { color: #b91c1c; }
 .login { max-width: 320px; margin: 80px auto; background: #fff; padding: 24px; border-radius: 8px; }
@@ -244,11 +244,12 @@ function renderFleet(nodes) {
     words.every(w => `${n.appkey} ${n.service} ${n.host}:${n.port}`.toLowerCase().includes(w)));
   document.querySelector('#fleet tbody').innerHTML = shown.map(n => {
     const id = `${n.appkey}/${n.service}/${n.host}:${n.port}`;
+    const onoff = n.valid === null ? '-' : (n.valid ? 'on' : 'off');
     return `<tr data-node="${esc(id)}"><td>${esc(n.appkey)}</td><td>${esc(n.service)}</td>
-      <td>${esc(n.host)}:${n.port}</td><td class="weight-value">${n.weight}</td>
-      <td class="${n.valid ? 'on' : 'off'} switch">${n.valid ? 'on' : 'off'}</td>
-      <td class="${n.state} state">${n.state}</td><td>${uptime(n.uptime)}</td>
-      <td><input class="weight" type="number" min="0" max="1000" value="${n.weight}">
+      <td>${esc(n.host)}:${n.port}</td><td class="weight-value">${n.weight === null ? '-' : n.weight}</td>
+      <td class="${onoff} switch">${onoff}</td>
+      <td class="${n.state} state" title="${esc(n.problem || '')}">${n.state}</td><td>${uptime(n.uptime)}</td>
+      <td><input class="weight" type="number" min="0" max="1000" value="${n.weight === null ? '' : n.weight}">
           <button class="set-weight">Set weight</button>
           <button class="toggle">${n.valid ? 'Disable' : 'Enable'}</button></td></tr>`;
   }).join('') || '<tr><td colspan="8">no nodes</td></tr>';
@@ -258,7 +259,8 @@ function renderHistory(entries) {
   document.querySelector('#history tbody').innerHTML = entries.map(e => `<tr><td>${esc(e.changed_at)}</td>
     <td>${esc(e.actor)}</td><td>${esc(e.appkey)}/${esc(e.service)} ${esc(e.host)}:${e.port}</td>
     <td>${e.old_weight === null ? 'none' : e.old_weight + ' ' + onoff(e.old_valid)}</td>
-    <td>${e.new_weight} ${onoff(e.new_valid)}</td><td>${e.live ? 'yes' : 'no'}</td></tr>`).join('');
+    <td>${e.new_weight === null ? esc(e.action) : e.new_weight + ' ' + onoff(e.new_valid)}</td>
+    <td>${e.live ? 'yes' : 'no'}</td></tr>`).join('');
 }
 async function refresh() {
   try {

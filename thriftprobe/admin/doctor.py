@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
 import redis
-from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 from redis.exceptions import RedisClusterException
 
 from .. import config as config_mod
 from ..errors import ThriftProbeError
+from ..registry.zookeeper import kazoo_client
 from ..stores.mysql import missing_schema
 from ..stores.settings import NodeSettingsStore, hash_key
 
@@ -32,7 +32,10 @@ class Check:
 
 def _zookeeper(cfg: config_mod.Config) -> Check:
     # A private session: the check must not depend on (or disturb) shared ones.
-    zk = KazooClient(hosts=cfg.zookeeper.hosts, timeout=cfg.zookeeper.session_timeout)
+    try:
+        zk = kazoo_client(cfg.zookeeper)
+    except ThriftProbeError as err:
+        return Check("zookeeper", False, str(err))
     try:
         zk.start(timeout=cfg.zookeeper.connect_timeout)
     except (KazooTimeoutError, KazooException) as err:

@@ -14,8 +14,10 @@ Running consumers watch the znode and see the change within milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..config import Config
 from ..errors import BackendError, InvalidArgument
-from ..node import MAX_WEIGHT, Node, validate_names
+from ..node import MAX_WEIGHT, Node, validate_host, validate_names
 from ..registry import Watch, open_registry
 from ..stores import audit
 from ..stores.appkeys import check_appkey
@@ -44,32 +46,50 @@ def current_user() -> str:
 
 @dataclass(frozen=True)
 class NodeView:
-    """One node as an operator sees it: live (a znode exists) or offline (settings only)."""
+    """One node as an operator sees it: live (a znode exists), offline (settings only), or
+    corrupt (a znode whose data is not a node: ``problem`` says why; weight and valid are then
+    the stored settings, or None without any)."""
 
     env: str
     appkey: str
     service: str
     host: str
     port: int
-    weight: int
-    valid: bool
+    weight: Optional[int]
+    valid: Optional[bool]
     live: bool
     uptime: Optional[float]
     rev: int
+    problem: Optional[str] = None
+
+    @property
+    def state(self) -> str:
+        return "corrupt" if self.problem is not None else "live" if self.live else "offline"
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        data = {
             "env": self.env,
             "appkey": self.appkey,
             "service": self.service,
             "host": self.host,
             "port": self.port,
             "weight": self.weight,
-            "valid": int(self.valid),
-            "state": "live" if self.live else "offline",
+            "valid": None if self.valid is None else int(self.valid),
+            "state": self.state,
             "uptime": None if self.uptime is None else round(self.uptime, 1),
             "rev": self.rev,
         }
+        if self.problem is not None:
+            data["problem"] = self.problem
+        return data
+
+
+def _uptime(now: float, started: object) -> Optional[float]:
+    """Seconds since ``start_time``, or None when it is not a plausible time (a corrupt or foreign znode)."""
+    if not isinstance(started, (int, float)) or isinstance(started, bool) or not math.isfinite(started):
+        return None
+    uptime = now - started
+    return uptime if 0 <= uptime < 1e10 else None
 
 
 @dataclass(frozen=True)
@@ -167,22 +187,30 @@ class Governance:
         offline ones from the settings Redis keeps for nodes that are not running."""
         now = time.time()
         views: Dict[Tuple[str, str, str, int], NodeView] = {}
+        corrupt: Dict[Tuple[str, str, str, int], str] = {}
         for key in [appkey] if appkey else self._registry.appkeys(self.env):
-            for svc, node in self._registry.nodes(self.env, key):
-                if service and svc != service:
+            for entry in self._registry.entries(self.env, key):
+                if service and entry.service != service:
                     continue
-                started = node.extras.get("start_time")
-                uptime = now - started if isinstance(started, (int, float)) else None
-                views[(key, svc, node.host, node.port)] = NodeView(
-                    self.env, key, svc, node.host, node.port, node.weight, node.valid, True, uptime, node.rev
+                where = (key, entry.service, entry.host, entry.port)
+                node = entry.node
+                if node is None:
+                    corrupt[where] = entry.problem or "not a node"
+                    continue
+                uptime = _uptime(now, node.extras.get("start_time"))
+                views[where] = NodeView(
+                    self.env, key, entry.service, node.host, node.port, node.weight, node.valid, True, uptime, node.rev
                 )
         for key, svc, node in self._store.scan(appkey):
             if service and svc != service:
                 continue
-            views.setdefault(
-                (key, svc, node.host, node.port),
-                NodeView(self.env, key, svc, node.host, node.port, node.weight, node.valid, False, None, node.rev),
-            )
+            where = (key, svc, node.host, node.port)
+            view = NodeView(self.env, key, svc, node.host, node.port, node.weight, node.valid, False, None, node.rev)
+            if where in corrupt:
+                view = dataclasses.replace(view, live=True, problem=corrupt.pop(where))
+            views.setdefault(where, view)
+        for (key, svc, host, port), problem in corrupt.items():  # corrupt, and no stored settings
+            views[(key, svc, host, port)] = NodeView(self.env, key, svc, host, port, None, None, True, None, 0, problem)
         return [views[k] for k in sorted(views)]
 
     def history(
@@ -191,6 +219,41 @@ class Governance:
         return audit.history(self.cfg.mysql, self.env, appkey, service, limit)
 
     # -- changing --------------------------------------------------------------------------------
+
+    def _check_target(self, appkey: str, service: str, host: str, port: int, actor: Optional[str]) -> str:
+        """Validate a change's node and actor, and that the appkey is registered; return the actor."""
+        validate_names(appkey, service)
+        validate_host(host)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
+        actor = actor or current_user()
+        if not isinstance(actor, str) or not actor.isprintable():
+            # A newline in the actor would forge a line of 'thriftprobe history'.
+            raise InvalidArgument("actor %r is invalid: it must be printable text" % (actor,))
+        check_appkey(self.cfg.mysql, self.env, appkey)
+        return actor
+
+    def _probe_entry(
+        self, action: str, actor: str, appkey: str, service: str, host: str, port: int
+    ) -> audit.AuditEntry:
+        """The identity of an audit row about to be written, for ``audit.check_ready``."""
+        return audit.AuditEntry(
+            changed_at="",
+            actor=actor,
+            source=self._source,
+            env=self.env,
+            appkey=appkey,
+            service=service,
+            host=host,
+            port=port,
+            old_weight=None,
+            old_valid=None,
+            new_weight=0 if action == "set" else None,
+            new_valid=False if action == "set" else None,
+            rev=0,
+            live=False,
+            action=action,
+        )
 
     def set_node(
         self,
@@ -209,18 +272,14 @@ class Governance:
         ``Change.live`` is then False. Raises InvalidArgument (bad weight, names or port),
         AppkeyNotRegistered, SettingsError (corrupt stored settings) or BackendError.
         """
-        validate_names(appkey, service)
         if weight is None and valid is None:
             raise InvalidArgument("nothing to change: give a weight, or switch the node on or off")
         if weight is not None:
             check_weight(weight)
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
-        if not isinstance(host, str) or not host or any(c in host for c in "_|/ "):
-            raise InvalidArgument("host %r is invalid" % (host,))
-        actor = actor or current_user()
-        check_appkey(self.cfg.mysql, self.env, appkey)
-        audit.check_ready(self.cfg.mysql)  # fail before changing anything, not after
+        actor = self._check_target(appkey, service, host, port, actor)
+        # Fail before changing anything, not after: a change the audit table cannot record
+        # (a name longer than its column, no INSERT privilege) is never made.
+        audit.check_ready(self.cfg.mysql, self._probe_entry("set", actor, appkey, service, host, port))
         old, new = self._store.update(appkey, service, host, port, weight, valid)
         # Persisted: from here on the change is real (providers apply it at their next audit),
         # so it is audited whatever happens to the live update.
@@ -274,6 +333,37 @@ class Governance:
             "live" if live else "not live",
         )
         return change
+
+    def forget_node(self, appkey: str, service: str, host: str, port: int, *, actor: Optional[str] = None) -> bool:
+        """Remove the stored settings of a node that is not running (its Redis field grows the hash
+        forever otherwise: a port 0 start, a pod's changing IP), and audit it (action ``forget``).
+
+        Returns False when nothing was stored. Refuses a live node (InvalidArgument): its provider
+        would keep running on settings nothing records, and start on the defaults next time.
+        Raises InvalidArgument, AppkeyNotRegistered or BackendError, all before anything changes.
+        """
+        actor = self._check_target(appkey, service, host, port, actor)
+        audit.check_ready(self.cfg.mysql, self._probe_entry("forget", actor, appkey, service, host, port))
+        if any((e.service, e.host, e.port) == (service, host, port) for e in self._registry.entries(self.env, appkey)):
+            raise InvalidArgument(
+                "%s/%s %s:%d is live: forget only removes the settings of nodes that are gone (stop it first)"
+                % (appkey, service, host, port)
+            )
+        removed, old = self._store.remove(appkey, service, host, port)
+        if not removed:
+            return False
+        entry = dataclasses.replace(
+            self._probe_entry("forget", actor, appkey, service, host, port),
+            old_weight=None if old is None else old.weight,
+            old_valid=None if old is None else old.valid,
+            rev=0 if old is None else old.rev,
+        )
+        try:
+            audit.record(self.cfg.mysql, entry)
+        except BackendError as err:
+            raise BackendError("the settings are removed, but their audit record failed: %s" % err) from err
+        log.info("%s forgot the settings of %s/%s/%s %s:%d", actor, self.env, appkey, service, host, port)
+        return True
 
     # -- following ------------------------------------------------------------------------------
 

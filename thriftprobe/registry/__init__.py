@@ -13,12 +13,14 @@ another (an etcd v3 one is planned) fits behind ``open_registry`` without the wi
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Protocol, Set, Tuple
 
 from ..config import Config
 from ..node import Node
 
 __all__ = [
+    "NodeEntry",
     "NodeListener",
     "Refresh",
     "Registration",
@@ -31,6 +33,19 @@ __all__ = [
 Refresh = Callable[[Node], Node]
 """``refresh(node)`` returns the node with its current settings (read from Redis in a provider);
 it may raise ThriftProbeError, and the node then keeps the settings it has."""
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """One registered node as read once: its node, or (``node`` None) why its data is not one.
+
+    ``host`` and ``port`` come from the entry's name, so a corrupt entry can still be named."""
+
+    service: str
+    host: str
+    port: int
+    node: Optional[Node]
+    problem: Optional[str] = None
 
 
 class NodeListener(Protocol):
@@ -117,8 +132,13 @@ class Registry(abc.ABC):
         """The appkeys that have (or had) nodes registered in ``env``, read once."""
 
     @abc.abstractmethod
+    def entries(self, env: str, appkey: str) -> List[NodeEntry]:
+        """Every registered node of an appkey, read once, including those whose data is not a
+        well-formed node (shown, not skipped: an operator must see them). Raises BackendError."""
+
     def nodes(self, env: str, appkey: str) -> List[Tuple[str, Node]]:
         """(service, node) for every live, well-formed node of an appkey, read once."""
+        return [(e.service, e.node) for e in self.entries(env, appkey) if e.node is not None]
 
     @abc.abstractmethod
     def close(self) -> None:

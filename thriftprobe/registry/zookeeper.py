@@ -25,16 +25,39 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.watchers import ChildrenWatch
 
-from ..config import ZooKeeperConfig
+from ..config import TlsConfig, ZooKeeperConfig
 from ..errors import BackendError, ThriftProbeError
 from ..node import Node, parse_znode_name, service_path
-from . import NodeListener, Refresh, Registration, Registry, Retainer
+from . import NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
 
-__all__ = ["ServiceWatch", "ZooKeeperRegistration", "ZooKeeperRegistry", "apply_settings"]
+__all__ = ["ServiceWatch", "ZooKeeperRegistration", "ZooKeeperRegistry", "apply_settings", "kazoo_client"]
 
 log = logging.getLogger(__name__)
 
-_SessionKey = Tuple[str, float, int]
+_SessionKey = Tuple[str, float, TlsConfig, int]
+
+
+def kazoo_client(cfg: ZooKeeperConfig) -> KazooClient:
+    """A (not yet started) KazooClient for ``cfg``, with its TLS settings: ``zkserver.<env>.ssl_mode``
+    other than disabled means TLS or no connection (kazoo never falls back to plaintext).
+    Raises BackendError when this kazoo cannot check host names (verify_identity needs 2.10)."""
+    tls = cfg.tls
+    kwargs: Dict[str, Any] = {}
+    if tls.enabled:
+        kwargs.update(
+            use_ssl=True,
+            verify_certs=tls.verify_cert,
+            ca=tls.ca,
+            certfile=tls.cert,
+            keyfile=tls.key or tls.cert,  # kazoo loads a certificate only with a key file
+            keyfile_password=tls.key_password,
+        )
+        if tls.check_hostname:
+            kwargs["check_hostname"] = True
+    try:
+        return KazooClient(hosts=cfg.hosts, timeout=cfg.session_timeout, **kwargs)
+    except TypeError as err:  # kazoo < 2.10 has no check_hostname
+        raise BackendError("%s: ssl_mode verify_identity needs kazoo >= 2.10 (%s)" % (cfg.describe(), err)) from err
 
 
 @dataclass
@@ -48,7 +71,7 @@ _sessions_lock = threading.Lock()
 
 
 def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
-    key = (cfg.hosts, cfg.session_timeout, os.getpid())
+    key = (cfg.hosts, cfg.session_timeout, cfg.tls, os.getpid())
     with _sessions_lock:
         shared = _sessions.get(key)
         if shared is not None:  # kazoo reconnects a shared session by itself
@@ -63,7 +86,7 @@ def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
                            % (cfg.describe(), cfg.connect_timeout))
     # Connect without holding the lock: other registries of the process must not wait on an
     # unreachable ensemble. Two threads racing here both connect; the loser closes its session.
-    client = KazooClient(hosts=cfg.hosts, timeout=cfg.session_timeout)
+    client = kazoo_client(cfg)
     try:
         client.start(timeout=cfg.connect_timeout)
     except (KazooTimeoutError, KazooException) as err:
@@ -204,8 +227,9 @@ class ZooKeeperRegistry(Registry):
         except KazooException as err:
             raise BackendError("cannot list /services/%s in %s: %s" % (env, self._cfg.describe(), err)) from err
 
-    def nodes(self, env: str, appkey: str) -> List[Tuple[str, Node]]:
-        """(service, node) for every live, well-formed znode of an appkey, read once."""
+    def entries(self, env: str, appkey: str) -> List[NodeEntry]:
+        """Every znode of an appkey that is named like a node, read once; one whose data is not a
+        well-formed node is returned with ``problem`` set (and logged)."""
         folder = service_path(env, appkey)
         zk = self.client
         try:
@@ -215,17 +239,23 @@ class ZooKeeperRegistry(Registry):
         except KazooException as err:
             raise BackendError("cannot list %s in %s: %s" % (folder, self._cfg.describe(), err)) from err
         found = []
-        reads = [(name, zk.get_async(folder + "/" + name)) for name in names if parse_znode_name(name)]
-        for name, pending in reads:
+        reads = []
+        for name in names:
+            parsed = parse_znode_name(name)
+            if parsed is not None:
+                reads.append((parsed, zk.get_async(folder + "/" + name)))
+        for (service, host, port), pending in reads:
             try:
                 data, _ = pending.get()
-                found.append((name.rsplit("_", 2)[0], Node.from_json(data)))
             except NoNodeError:
                 continue  # left while we looked
-            except ValueError as err:
-                log.warning("skipping znode %s/%s with bad data: %s", folder, name, err)
             except KazooException as err:
-                raise BackendError("cannot read %s/%s: %s" % (folder, name, err)) from err
+                raise BackendError("cannot read %s/%s: %s" % (folder, "%s_%s_%d" % (service, host, port), err)) from err
+            try:
+                found.append(NodeEntry(service, host, port, Node.from_json(data)))
+            except ValueError as err:
+                log.warning("znode %s/%s_%s_%d holds bad data: %s", folder, service, host, port, err)
+                found.append(NodeEntry(service, host, port, None, str(err)))
         return found
 
     def close(self) -> None:

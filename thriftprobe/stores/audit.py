@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import pymysql
 
 from ..config import MysqlConfig
-from .mysql import connect
+from ..errors import BackendError, InvalidArgument
+from .mysql import columns, connect, outdated_columns
 
-__all__ = ["AuditEntry", "check_ready", "history", "record"]
+__all__ = ["ACTIONS", "AuditEntry", "check_ready", "history", "record"]
+
+TABLE = "settings_audit"
+ACTIONS = ("set", "forget", "prune")
+"""``set``: weight or on/off changed; ``forget``/``prune``: a node's stored settings removed."""
+
+_TEXT_FIELDS = ("actor", "source", "action", "env", "appkey", "service", "host")
+_INSERT_COLUMNS = (
+    "actor", "source", "action", "env", "appkey", "service", "host", "port", "old_weight", "old_valid",
+    "new_weight", "new_valid", "rev", "live",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -23,17 +36,23 @@ class AuditEntry:
     port: int
     old_weight: Optional[int]
     old_valid: Optional[bool]
-    new_weight: int
-    new_valid: bool
+    new_weight: Optional[int]
+    """None when the node's settings were removed (``forget``, ``prune``)."""
+    new_valid: Optional[bool]
     rev: int
     live: bool
+    action: str = "set"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         old = "none" if self.old_weight is None else "weight %d %s" % (self.old_weight, _onoff(self.old_valid))
-        return "%s %s (%s) %s/%s %s:%d: %s -> weight %d %s%s" % (
+        if self.new_weight is None:
+            new = "%s (settings removed)" % self.action
+        else:
+            new = "weight %d %s" % (self.new_weight, _onoff(self.new_valid))
+        return "%s %s (%s) %s/%s %s:%d: %s -> %s%s" % (
             self.changed_at,
             self.actor,
             self.source,
@@ -42,9 +61,8 @@ class AuditEntry:
             self.host,
             self.port,
             old,
-            self.new_weight,
-            _onoff(self.new_valid),
-            "" if self.live else " (not live)",
+            new,
+            "" if self.live or self.action != "set" else " (not live)",
         )
 
 
@@ -52,40 +70,97 @@ def _onoff(valid: Optional[bool]) -> str:
     return "on" if valid else "off"
 
 
-def check_ready(cfg: MysqlConfig) -> None:
-    """Raise BackendError unless the audit table can be written (checked before a change is made)."""
-    with connect(cfg) as conn, conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM settings_audit LIMIT 0")
+def _row(entry: AuditEntry) -> Tuple[Any, ...]:
+    return (
+        entry.actor,
+        entry.source,
+        entry.action,
+        entry.env,
+        entry.appkey,
+        entry.service,
+        entry.host,
+        entry.port,
+        entry.old_weight,
+        None if entry.old_valid is None else int(entry.old_valid),
+        entry.new_weight,
+        None if entry.new_valid is None else int(entry.new_valid),
+        entry.rev,
+        int(entry.live),
+    )
+
+
+_INSERT = "INSERT INTO settings_audit (%s) VALUES (%s)" % (
+    ", ".join(_INSERT_COLUMNS),
+    ", ".join(["%s"] * len(_INSERT_COLUMNS)),
+)
+
+
+def check_ready(cfg: MysqlConfig, entry: AuditEntry) -> None:
+    """Raise unless ``entry``, a change about to be made, can be recorded; called before anything
+    changes, so that no change is ever made that cannot be audited.
+
+    Checks that the table has every column (else BackendError: run ``thriftprobe db init``), that
+    each text of the entry fits its column (else InvalidArgument naming the field, its length and
+    the column's), and that this MySQL user may INSERT into it: a trial insert of the entry,
+    rolled back (else BackendError). The values of the settings in ``entry`` do not matter.
+    """
+    if entry.action not in ACTIONS:
+        raise InvalidArgument("audit action %r is not one of %s" % (entry.action, ", ".join(ACTIONS)))
+    with connect(cfg) as conn:
+        with conn.cursor() as cur:
+            present = columns(cur, cfg.database, TABLE)
+        missing = [c for c in _INSERT_COLUMNS if c not in present]
+        if missing:
+            raise BackendError(
+                "table %s of %s %s: run 'thriftprobe db init'"
+                % (TABLE, cfg.describe(), "is missing" if not present else "lacks column " + ", ".join(missing))
+            )
+        narrow = set(outdated_columns(TABLE, present))
+        for name in _TEXT_FIELDS:
+            value: str = getattr(entry, name)
+            width = present[name].width
+            if width is not None and len(value) > width:
+                raise InvalidArgument(
+                    "%s %r is %d characters long; column %s.%s of %s holds %d%s"
+                    % (
+                        name,
+                        value if len(value) <= 80 else value[:77] + "...",
+                        len(value),
+                        TABLE,
+                        name,
+                        cfg.describe(),
+                        width,
+                        " ('thriftprobe db init' widens it)" if name in narrow else "",
+                    )
+                )
+        try:
+            conn.begin()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(_INSERT, _row(entry))
+            finally:
+                conn.rollback()
+        except pymysql.MySQLError as err:
+            raise BackendError(
+                "cannot write the audit table %s of %s as %r, so nothing was changed: %s"
+                % (TABLE, cfg.describe(), cfg.username, err)
+            ) from err
 
 
 def record(cfg: MysqlConfig, entry: AuditEntry) -> None:
     """Append one change; ``entry.changed_at`` is ignored (the database clock stamps it)."""
     with connect(cfg) as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO settings_audit (actor, source, env, appkey, service, host, port, old_weight, old_valid,"
-            " new_weight, new_valid, rev, live) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                entry.actor,
-                entry.source,
-                entry.env,
-                entry.appkey,
-                entry.service,
-                entry.host,
-                entry.port,
-                entry.old_weight,
-                None if entry.old_valid is None else int(entry.old_valid),
-                entry.new_weight,
-                int(entry.new_valid),
-                entry.rev,
-                int(entry.live),
-            ),
-        )
+        cur.execute(_INSERT, _row(entry))
 
 
 def history(
     cfg: MysqlConfig, env: str, appkey: Optional[str] = None, service: Optional[str] = None, limit: int = 50
 ) -> List[AuditEntry]:
-    """The newest ``limit`` changes of an environment (or of one appkey / service), newest first."""
+    """The newest ``limit`` (>= 1) changes of an environment (or of one appkey / service), newest first.
+
+    Raises InvalidArgument for a limit below 1, BackendError if MySQL fails."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidArgument("limit must be an integer >= 1, got %r" % (limit,))
     where, params = ["env = %s"], [env]
     if appkey:
         where.append("appkey = %s")
@@ -96,10 +171,10 @@ def history(
     with connect(cfg) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT changed_at, actor, source, env, appkey, service, host, port, old_weight, old_valid,"
-            " new_weight, new_valid, rev, live FROM settings_audit WHERE "
+            " new_weight, new_valid, rev, live, action FROM settings_audit WHERE "
             + " AND ".join(where)
             + " ORDER BY id DESC LIMIT %s",
-            (*params, int(limit)),
+            (*params, limit),
         )
         rows = cur.fetchall()
     return [
@@ -114,10 +189,11 @@ def history(
             port=int(row[7]),
             old_weight=row[8],
             old_valid=None if row[9] is None else bool(row[9]),
-            new_weight=int(row[10]),
-            new_valid=bool(row[11]),
+            new_weight=None if row[10] is None else int(row[10]),
+            new_valid=None if row[11] is None else bool(row[11]),
             rev=int(row[12]),
             live=bool(row[13]),
+            action=row[14],
         )
         for row in rows
     ]

@@ -8,15 +8,17 @@ validation restricts to ``^\\w+$``; every value is a query parameter.
 from __future__ import annotations
 
 import logging
+import ssl
 from contextlib import contextmanager
-from typing import Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pymysql
 
 from ..config import MysqlConfig
 from ..errors import BackendError
 
-__all__ = ["TABLES", "connect", "create_schema", "missing_schema"]
+__all__ = ["TABLES", "ColumnInfo", "columns", "connect", "create_schema", "missing_schema", "outdated_columns"]
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +42,18 @@ _TABLES_DDL: Tuple[Tuple[str, str], ...] = (
         CREATE TABLE IF NOT EXISTS settings_audit (
             id          BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
             changed_at  TIMESTAMP(3)    NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
-            actor       VARCHAR(128)    NOT NULL,
+            actor       VARCHAR(255)    NOT NULL,
             source      VARCHAR(16)     NOT NULL,
+            action      VARCHAR(16)     NOT NULL DEFAULT 'set',
             env         VARCHAR(64)     NOT NULL,
             appkey      VARCHAR(128)    NOT NULL,
             service     VARCHAR(128)    NOT NULL,
-            host        VARCHAR(64)     NOT NULL,
+            host        VARCHAR(255)    NOT NULL,
             port        INT UNSIGNED    NOT NULL,
             old_weight  INT NULL,
             old_valid   TINYINT NULL,
-            new_weight  INT NOT NULL,
-            new_valid   TINYINT NOT NULL,
+            new_weight  INT NULL,
+            new_valid   TINYINT NULL,
             rev         BIGINT UNSIGNED NOT NULL,
             live        TINYINT NOT NULL,
             KEY ix_settings_audit_node (env, appkey, service, changed_at)
@@ -61,19 +64,66 @@ _TABLES_DDL: Tuple[Tuple[str, str], ...] = (
 
 TABLES = tuple(name for name, _ in _TABLES_DDL)
 
-# Columns added after the original design's serviceapp (which had the appkey alone).
-_UPGRADES = {
+# Columns added after a table was first created: the original design's serviceapp had the appkey
+# alone; settings_audit gained ``action`` (set, forget, prune) in 0.x.
+_UPGRADES: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "serviceapp": (
         ("owner", "VARCHAR(128) NOT NULL DEFAULT ''"),
         ("description", "VARCHAR(512) NOT NULL DEFAULT ''"),
         ("created_at", "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP"),
     ),
+    "settings_audit": (("action", "VARCHAR(16) NOT NULL DEFAULT 'set' AFTER source"),),
 }
+
+
+@dataclass(frozen=True)
+class _Column:
+    """What an existing column must at least be: ``width`` characters, NULL allowed or not."""
+
+    definition: str
+    width: Optional[int] = None
+    nullable: bool = False
+
+
+# Columns whose first definition was too narrow or too strict, changed in place (MODIFY keeps the
+# rows): pod FQDNs run to 253 characters and actors to long SSO names, not 64 and 128; a
+# forgotten node's audit row has no new settings.
+_CHANGES: Dict[str, Tuple[Tuple[str, _Column], ...]] = {
+    "settings_audit": (
+        ("actor", _Column("VARCHAR(255) NOT NULL", width=255)),
+        ("host", _Column("VARCHAR(255) NOT NULL", width=255)),
+        ("new_weight", _Column("INT NULL", nullable=True)),
+        ("new_valid", _Column("TINYINT NULL", nullable=True)),
+    ),
+}
+
+
+def _ssl_context(cfg: MysqlConfig) -> ssl.SSLContext:
+    tls = cfg.tls
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca)  # the system's CAs when no ca is given
+        if not tls.verify_cert:  # 'required': encrypted, the certificate not checked
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx.check_hostname = tls.check_hostname
+        if tls.cert:
+            ctx.load_cert_chain(tls.cert, tls.key, tls.key_password)
+    except (OSError, ssl.SSLError) as err:
+        raise BackendError("cannot load the TLS files of %s: %s" % (cfg.describe(), err)) from err
+    return ctx
 
 
 @contextmanager
 def connect(cfg: MysqlConfig, with_database: bool = True) -> Iterator[pymysql.connections.Connection]:
-    """A fresh autocommit connection, closed on exit; MySQL errors become BackendError."""
+    """A fresh autocommit connection, closed on exit; MySQL errors become BackendError.
+
+    With ``mysql.<env>.ssl_mode`` other than disabled, the connection is TLS or nothing: PyMySQL
+    is given an SSL context (which makes recent versions refuse a server without TLS before
+    authenticating), and the session's cipher is checked after connecting, because older
+    PyMySQL versions silently go on in plaintext.
+    """
+    tls: Dict[str, Any] = {"ssl": _ssl_context(cfg)} if cfg.tls.enabled else {"ssl_disabled": True}
     try:
         conn = pymysql.connect(
             host=cfg.host,
@@ -86,11 +136,13 @@ def connect(cfg: MysqlConfig, with_database: bool = True) -> Iterator[pymysql.co
             write_timeout=max(cfg.connect_timeout, 5.0),
             charset="utf8mb4",
             autocommit=True,
-            ssl_disabled=not cfg.ssl,
+            **tls,
         )
     except pymysql.MySQLError as err:
         raise BackendError("cannot connect to %s as %r: %s" % (cfg.describe(), cfg.username, err)) from err
     try:
+        if cfg.tls.enabled:
+            _check_encrypted(cfg, conn)
         yield conn
     except pymysql.MySQLError as err:
         raise BackendError("%s failed: %s" % (cfg.describe(), err)) from err
@@ -98,12 +150,48 @@ def connect(cfg: MysqlConfig, with_database: bool = True) -> Iterator[pymysql.co
         conn.close()
 
 
-def _columns(cur: pymysql.cursors.Cursor, database: str, table: str) -> List[str]:
+def _check_encrypted(cfg: MysqlConfig, conn: pymysql.connections.Connection) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        row = cur.fetchone()
+    if not row or not row[1]:
+        raise BackendError(
+            "%s: the connection is not encrypted (the server offers no TLS), and ssl_mode %s forbids plaintext"
+            % (cfg.describe(), cfg.tls.mode)
+        )
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """An existing column: its width in characters (None for numbers) and whether NULL is allowed."""
+
+    width: Optional[int]
+    nullable: bool
+
+
+def columns(cur: pymysql.cursors.Cursor, database: str, table: str) -> Dict[str, ColumnInfo]:
+    """The columns of ``table`` as the server has them now (empty if the table does not exist)."""
     cur.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+        "SELECT column_name, character_maximum_length, is_nullable FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s",
         (database, table),
     )
-    return [row[0].lower() for row in cur.fetchall()]
+    return {
+        str(name).lower(): ColumnInfo(None if width is None else int(width), str(nullable).upper() == "YES")
+        for name, width, nullable in cur.fetchall()
+    }
+
+
+def outdated_columns(table: str, present: Dict[str, ColumnInfo]) -> Dict[str, _Column]:
+    """The columns of ``table`` that exist but are narrower or stricter than they must be."""
+    found = {}
+    for column, want in _CHANGES.get(table, ()):
+        have = present.get(column)
+        if have is None:
+            continue
+        if (want.width is not None and (have.width or 0) < want.width) or (want.nullable and not have.nullable):
+            found[column] = want
+    return found
 
 
 def create_schema(cfg: MysqlConfig) -> List[str]:
@@ -117,7 +205,7 @@ def create_schema(cfg: MysqlConfig) -> List[str]:
             done.append("created database %s" % cfg.database)
         cur.execute("USE `%s`" % cfg.database)
         for table, ddl in _TABLES_DDL:
-            present = _columns(cur, cfg.database, table)
+            present = columns(cur, cfg.database, table)
             if not present:
                 cur.execute(ddl)
                 done.append("created table %s" % table)
@@ -126,21 +214,29 @@ def create_schema(cfg: MysqlConfig) -> List[str]:
                 if column not in present:
                     cur.execute("ALTER TABLE `%s` ADD COLUMN `%s` %s" % (table, column, definition))
                     done.append("added column %s.%s" % (table, column))
+            for column, want in outdated_columns(table, present).items():
+                cur.execute("ALTER TABLE `%s` MODIFY COLUMN `%s` %s" % (table, column, want.definition))
+                done.append("changed column %s.%s to %s" % (table, column, want.definition))
     for line in done:
         log.info("%s: %s", cfg.describe(), line)
     return done
 
 
 def missing_schema(cfg: MysqlConfig) -> List[str]:
-    """What ``create_schema`` would still have to do: missing tables and columns (empty if none)."""
+    """What ``create_schema`` would still have to do: missing tables and columns, and columns to
+    widen (empty if none)."""
     missing: List[str] = []
     with connect(cfg, with_database=False) as conn, conn.cursor() as cur:
         for table, _ in _TABLES_DDL:
-            present = _columns(cur, cfg.database, table)
+            present = columns(cur, cfg.database, table)
             if not present:
                 missing.append("table %s" % table)
                 continue
             missing.extend(
                 "column %s.%s" % (table, column) for column, _ in _UPGRADES.get(table, ()) if column not in present
+            )
+            missing.extend(
+                "column %s.%s as %s" % (table, column, want.definition)
+                for column, want in outdated_columns(table, present).items()
             )
     return missing

@@ -9,7 +9,7 @@ provider restart. A ``NodeSettingsStore`` wraps one redis-py client, which is it
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import redis
 from redis.cluster import RedisCluster
@@ -40,6 +40,15 @@ return 1
 """
 
 
+# Delete a hash field only if it still holds the value the caller read.
+_CAS_DELETE_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current == false or current ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -59,15 +68,25 @@ class NodeSettingsStore:
 
     @staticmethod
     def _make_client(cfg: RedisConfig) -> RedisClient:
-        common = {
+        common: Dict[str, Any] = {
             "password": cfg.password,
             "socket_timeout": cfg.socket_timeout,
             "socket_connect_timeout": cfg.socket_timeout,
         }
+        if cfg.tls.enabled:  # like rediss://; redis-py never falls back to plaintext
+            common.update(
+                ssl=True,
+                ssl_cert_reqs="required" if cfg.tls.verify_cert else "none",
+                ssl_check_hostname=cfg.tls.check_hostname,
+                ssl_ca_certs=cfg.tls.ca,
+                ssl_certfile=cfg.tls.cert,
+                ssl_keyfile=cfg.tls.key,
+                ssl_password=cfg.tls.key_password,
+            )
         try:
             if cfg.cluster:
-                return RedisCluster(host=cfg.host, port=cfg.port, **common)  # type: ignore[arg-type]
-            return redis.Redis(host=cfg.host, port=cfg.port, **common)  # type: ignore[arg-type]
+                return RedisCluster(host=cfg.host, port=cfg.port, **common)
+            return redis.Redis(host=cfg.host, port=cfg.port, **common)
         except _REDIS_ERRORS as err:  # RedisCluster contacts the cluster in its constructor
             raise BackendError("cannot connect to %s: %s" % (cfg.describe(), err)) from err
 
@@ -147,6 +166,29 @@ class NodeSettingsStore:
                 return old, new
             log.debug("concurrent change of %s; retrying", fieldname)
         raise BackendError("gave up changing %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
+
+    def remove(self, appkey: str, service: str, host: str, port: int) -> Tuple[bool, Optional[Node]]:
+        """Delete a node's stored settings; return (removed, what they were: None if corrupt).
+
+        Compare-and-delete, like ``update``: a change landing meanwhile is re-read, never lost
+        silently. (False, None) when there was nothing stored."""
+        fieldname = settings_field(appkey, self._env, service, host, port)
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                raw = self._client.hget(self._key, fieldname)
+                if raw is None:
+                    return False, None
+                try:
+                    old: Optional[Node] = Node.from_json(raw)  # type: ignore[arg-type]
+                except ValueError:
+                    old = None  # corrupt settings may be forgotten too
+                if self._client.eval(_CAS_DELETE_SCRIPT, 1, self._key, fieldname, raw):
+                    log.info("removed the settings of %s", fieldname)
+                    return True, old
+            except _REDIS_ERRORS as err:
+                raise BackendError("cannot remove %s: %s" % (self._where(fieldname), err)) from err
+            log.debug("concurrent change of %s; retrying", fieldname)
+        raise BackendError("gave up removing %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
 
     def scan(self, appkey: Optional[str] = None) -> Iterator[Tuple[str, str, Node]]:
         """Yield (appkey, service, settings) for every stored node of this env (or of one appkey).
