@@ -3,6 +3,10 @@
 The call path touches no ZooKeeper and takes no lock of its own: it reads the table's current
 snapshot, asks the balancer for a node, borrows a pooled connection, sends, reads the reply and
 gives the connection back.
+
+``ProbeClient`` is a thin face over ``_Core``, which holds the client's state and call path: the
+face's attributes are the IDL's methods, so an IDL method named ``table``, ``env`` or ``_pool``
+is called by its name and can never overwrite the client's own state.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import logging
 import os
 import socket
 import threading
+import time
 import types
 import weakref
-from typing import Any, Dict, FrozenSet, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
+from thriftpy2.protocol import TBinaryProtocol
 from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.thrift import TApplicationException, TClient, TDecodeException, TMessageType, args_to_kwargs
-from thriftpy2.transport import TTransportException
+from thriftpy2.transport import TMemoryBuffer, TTransportException
 
 from .. import config as config_mod
 from ..errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
@@ -29,7 +35,7 @@ from .cache import TableCache
 from .health import HealthChecker, OutlierDetector
 from .pool import ConnectionPool, PooledConnection
 from .retry import Retry
-from .table import NodeTable
+from .table import NodeTable, Snapshot
 
 try:  # the compiled protocol's own error type, when thriftpy2 was built with Cython
     from thriftpy2.protocol.cybin import ProtocolError as _CyProtocolError  # type: ignore[attr-defined]
@@ -44,6 +50,23 @@ Address = Tuple[str, int]
 
 # What a failure of the connection or of the byte stream looks like, once a request was sent.
 _TRANSPORT_ERRORS = (OSError, EOFError, TTransportException, TProtocolException, TDecodeException, _CyProtocolError)
+# What encoding a caller's arguments raises when one does not fit its IDL type.
+_ENCODE_ERRORS = (TDecodeException, TypeError, ValueError, OverflowError)
+# The key of a ProbeClient's core in its __dict__: not an identifier, so no IDL method can be named so.
+_CORE = "thriftprobe client core"
+# The client's own methods. An IDL method of the same name is ``t<name>`` on the client
+# (thriftpy2's TClient does so for ``close``: ``tclose``), and keeps its name on with_timeout views.
+_OWN_METHODS = frozenset({"close", "with_timeout"})
+
+
+class _Unencodable(Exception):
+    """The request could not be encoded (the caller's argument); ``partly_sent``: some of its
+    bytes had already been written through to the socket."""
+
+    def __init__(self, error: BaseException, partly_sent: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.partly_sent = partly_sent
 
 
 class _Method:
@@ -60,20 +83,8 @@ class _Method:
         self.msg_type = TMessageType.ONEWAY if self.oneway else TMessageType.CALL
 
 
-class ProbeClient(TClient):
-    """A thriftpy2 TClient whose every call goes to a weighted-random valid node of the service.
-
-    One instance is safe to share between any number of threads: connections are lent per call
-    from a pool, never shared mid-call. It survives ``fork()``: a child process's first call
-    drops what it inherited without touching it (the parent keeps using its sockets and its
-    ZooKeeper session) and builds its own, starting from the inherited table of nodes.
-    Close it (or use ``with``) to release its sockets and its share of the ZooKeeper session.
-
-    Errors of a call: ``NoAvailableNode`` when no node is available or none accepted a connection
-    (nothing was sent); thriftpy2's ``TTransportException`` when the connection failed or timed
-    out after the request was sent and the retry policy did not (or could not) send it again;
-    ``TApplicationException`` and the IDL's exceptions as the provider raised them.
-    """
+class _Core:
+    """The state and the call path of one ProbeClient (see there). Thread-safe like it."""
 
     def __init__(
         self,
@@ -91,7 +102,7 @@ class ProbeClient(TClient):
         outliers: OutlierDetector,
         health_check_interval: Optional[float],
     ) -> None:
-        super().__init__(service, None)  # type: ignore[arg-type]  # no fixed protocol: one per call
+        self._service = service
         self.env = cfg.env
         self.appkey = appkey
         self.service_name = service_name
@@ -105,6 +116,7 @@ class ProbeClient(TClient):
         self._outliers = outliers
         self._health_check_interval = health_check_interval
         self._health: Optional[HealthChecker] = None
+        self._eligible_cache: Tuple[Optional[Snapshot], FrozenSet[Address]] = (None, frozenset())
         self._methods: Dict[str, _Method] = {name: _Method(service, name) for name in service.thrift_services}
         self._close_lock = threading.Lock()
         self._closed = False
@@ -119,35 +131,17 @@ class ProbeClient(TClient):
         if registry is None:  # started from the node cache while ZooKeeper was unreachable
             self._start_attaching(first_wait=1.0)
         self._start_health_check()
-        for name in self._methods:
-            # A real attribute per IDL method spares every call TClient.__getattr__ and a new
-            # functools.partial. Names the class already uses (close...) keep TClient's rules.
-            if not hasattr(ProbeClient, name):
-                setattr(self, name, self._method_caller(name))
         _live_clients.add(self)
-
-    def _method_caller(self, api: str) -> Any:
-        call = self._call
-
-        def method(*args: Any, **kwargs: Any) -> Any:
-            return call(api, None, args, kwargs)
-
-        method.__name__ = method.__qualname__ = api
-        return method
 
     # -- the call path -------------------------------------------------------------------------
 
-    def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
-        return self._call(_api, None, args, kwargs)
-
-    def with_timeout(self, timeout_ms: int) -> "_TimeoutView":
-        """A view of this client whose calls use ``timeout_ms`` as their socket timeout.
-
-        ``client.with_timeout(200).ping()``; the view shares everything else with the client.
-        """
-        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
-            raise InvalidArgument("timeout must be a positive number of milliseconds, got %r" % (timeout_ms,))
-        return _TimeoutView(self, timeout_ms)
+    def _eligible(self, snapshot: Snapshot) -> FrozenSet[Address]:
+        """The addresses of the snapshot's nodes that can take calls (built once per snapshot)."""
+        cached, addresses = self._eligible_cache
+        if cached is not snapshot:
+            addresses = frozenset(node.address for node in snapshot.available)
+            self._eligible_cache = (snapshot, addresses)
+        return addresses
 
     def _call(self, api: str, timeout_ms: Optional[int], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         if self._forked:
@@ -160,81 +154,145 @@ class ProbeClient(TClient):
                 TApplicationException.UNKNOWN_METHOD,
                 "%s is a required argument of %s.%s" % (err.args[0], self.service_name, api),
             ) from None
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
         retry = self._retry
         if retry is not None:
             retry.budget.deposit()
         attempt = 0
         avoid: FrozenSet[Address] = frozenset()
+        sent_error: Optional[TTransportException] = None  # the last failure after sending
         while True:
             attempt += 1
-            conn = self._lend(avoid)
             try:
-                reply = self._exchange(conn, method, kwargs, timeout_ms)
+                conn, probing = self._lend(avoid, deadline, timeout_ms)
+            except NoAvailableNode as none:
+                if sent_error is None:
+                    raise
+                # The request was sent already (it may have run): never "nothing was sent". The
+                # original failure is the cause; the retry's NoAvailableNode the context.
+                raise TTransportException(
+                    sent_error.type, "%s; sending it again found no node: %s" % (sent_error.message, none)
+                ) from sent_error
+            try:
+                reply = self._exchange(conn, method, kwargs, deadline)
+            except _Unencodable as bad:
+                # The caller's argument: no node is to blame, nothing ran, nothing is retried.
+                if probing:
+                    self._outliers.probe_abandoned(conn.address)
+                conn.set_deadline(None)
+                if not bad.partly_sent and conn.drop_unsent():
+                    self._pool.release(conn)
+                else:  # half a request went out: the connection is out of step
+                    self._pool.discard(conn)
+                message = _describe_unencodable(self.service_name, method, kwargs, bad.error)
+                raise InvalidArgument(message) from bad.error
             except _TRANSPORT_ERRORS as err:
                 self._pool.discard(conn)
-                self._outliers.failure(conn.address, len(self.table.snapshot.all_nodes), after_send=True)
+                eligible = self._eligible(self.table.snapshot)
+                self._outliers.failure(conn.address, len(eligible), after_send=True, eligible=eligible)
+                error = _transport_error(err, "%s.%s on %s:%d" % (self.service_name, api, *conn.address))
                 if retry is not None and retry.may_retry(api, attempt):
                     log.debug("%s.%s failed on %s:%d (%s); retrying", self.service_name, api, *conn.address, err)
                     avoid = avoid | {conn.address}
+                    sent_error = error
+                    if error is not err:
+                        error.__cause__ = err
                     continue
-                raise _transport_error(err, "%s.%s on %s:%d" % (self.service_name, api, *conn.address)) from err
+                if error is err:
+                    raise
+                raise error from err
             except BaseException:
                 self._pool.discard(conn)
+                if probing:
+                    self._outliers.probe_abandoned(conn.address)
                 raise
             self._pool.release(conn)
             self._outliers.success(conn.address)
             return _unpack(reply)
 
-    def _lend(self, avoid: FrozenSet[Address]) -> PooledConnection:
+    def _lend(
+        self, avoid: FrozenSet[Address], deadline: Optional[float], timeout_ms: Optional[int]
+    ) -> Tuple[PooledConnection, bool]:
         """Borrow a connection to a picked node; on a connect failure try the other nodes.
+        Returns it, and whether this call is the probe of a node whose ejection just ended.
 
         Ejected nodes and ``avoid`` (nodes this call already failed on) are skipped while any
-        other node is left; when none is, every node is eligible again (panic mode).
+        other node is left; when none is, every node is eligible again (panic mode). A node
+        whose ejection ended is avoided too, except by the one call that claims its probe.
+        Connects end by ``deadline`` (``time.monotonic()`` seconds), if given.
         """
         if self._closed:
             raise ThriftProbeError("client for %s/%s is closed" % (self.appkey, self.service_name))
         snapshot = self.table.snapshot
         pick = self._balancer.pick
-        soft = self._outliers.excluded()
+        outliers = self._outliers
+        soft = outliers.excluded()
+        probe: Optional[Address] = None
+        if soft:
+            eligible = self._eligible(snapshot)
+            probe = outliers.claim_probe(lambda address: address in eligible and address not in avoid)
         if avoid:
             soft = soft | avoid
         tried: FrozenSet[Address] = frozenset()
         error: Optional[Exception] = None
         while True:
-            node = pick(snapshot, soft | tried) if soft or tried else pick(snapshot)
-            if node is None and soft:
-                soft = frozenset()
-                continue
-            if node is None:
-                if not tried:
+            if probe is not None:
+                address = probe
+            else:
+                node = pick(snapshot, soft | tried) if soft or tried else pick(snapshot)
+                if node is None and soft:
+                    soft = frozenset()
+                    continue
+                if node is None:
+                    if not tried:
+                        raise NoAvailableNode(
+                            "no valid node of service %r in env %s, appkey %s "
+                            "(%d registered, none valid with weight > 0)"
+                            % (self.service_name, self.env, self.appkey, len(snapshot.all_nodes))
+                        )
                     raise NoAvailableNode(
-                        "no valid node of service %r in env %s, appkey %s (%d registered, none valid with weight > 0)"
-                        % (self.service_name, self.env, self.appkey, len(snapshot.all_nodes))
-                    )
-                raise NoAvailableNode(
-                    "no node of service %r in env %s, appkey %s accepted a connection (tried %s)"
-                    % (self.service_name, self.env, self.appkey, ", ".join("%s:%d" % a for a in sorted(tried)))
-                ) from error
+                        "no node of service %r in env %s, appkey %s accepted a connection (tried %s)"
+                        % (self.service_name, self.env, self.appkey, _addresses(tried))
+                    ) from error
+                address = node.address
             try:
-                return self._pool.acquire(node.address)
+                return self._pool.acquire(address, deadline), probe is not None
             except TTransportException as err:
-                log.debug("cannot connect to %s:%d (%s); trying another node", node.host, node.port, err)
-                self._outliers.failure(node.address, len(snapshot.all_nodes))
-                tried = tried | {node.address}
+                if deadline is not None and time.monotonic() >= deadline:
+                    # The call's own timeout ran out: that says nothing about the node.
+                    if probe is not None:
+                        outliers.probe_abandoned(probe)
+                    raise NoAvailableNode(
+                        "no node of service %r in env %s, appkey %s accepted a connection within the call's "
+                        "timeout of %d ms (tried %s)"
+                        % (self.service_name, self.env, self.appkey, timeout_ms or 0, _addresses(tried | {address}))
+                    ) from err
+                log.debug("cannot connect to %s:%d (%s); trying another node", address[0], address[1], err)
+                eligible = self._eligible(snapshot)
+                outliers.failure(address, len(eligible), eligible=eligible)
+                tried = tried | {address}
+                probe = None
                 error = err
 
     @staticmethod
-    def _exchange(conn: PooledConnection, method: _Method, kwargs: Dict[str, Any], timeout_ms: Optional[int]) -> Any:
-        if timeout_ms is not None:
-            conn.set_timeout(timeout_ms)
+    def _exchange(conn: PooledConnection, method: _Method, kwargs: Dict[str, Any], deadline: Optional[float]) -> Any:
+        """Send one request and read its reply. Raises _Unencodable when the arguments do not
+        fit the IDL (before anything but a full buffer was written); otherwise transport errors."""
+        if deadline is not None:
+            conn.set_deadline(deadline)
         proto = conn.protocol
         seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
-        proto.write_message_begin(method.name, method.msg_type, seqid)
-        args = method.args_cls()
-        for key, value in kwargs.items():
-            setattr(args, key, value)
-        args.write(proto)
-        proto.write_message_end()
+        sock = conn.tsocket
+        written = sock.written
+        try:
+            proto.write_message_begin(method.name, method.msg_type, seqid)
+            args = method.args_cls()
+            for key, value in kwargs.items():
+                setattr(args, key, value)
+            args.write(proto)
+            proto.write_message_end()
+        except _ENCODE_ERRORS as err:
+            raise _Unencodable(err, sock.written != written) from err
         proto.trans.flush()
         if method.oneway:
             reply = None
@@ -249,8 +307,8 @@ class ProbeClient(TClient):
             reply = TApplicationException() if mtype == TMessageType.EXCEPTION else method.result_cls()
             reply.read(proto)
             proto.read_message_end()
-        if timeout_ms is not None:
-            conn.set_timeout(None)
+        if deadline is not None:
+            conn.set_deadline(None)
         return reply
 
     # -- fork ----------------------------------------------------------------------------------
@@ -355,7 +413,7 @@ class ProbeClient(TClient):
                 self._watch.close()
             self._registry.close()
 
-    def __enter__(self) -> "ProbeClient":
+    def __enter__(self) -> "_Core":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -370,23 +428,118 @@ class ProbeClient(TClient):
         )
 
 
+class ProbeClient(TClient):
+    """A thriftpy2 TClient whose every call goes to a weighted-random valid node of the service.
+
+    Its attributes are the IDL's methods, each by its own name, whatever the name: the client's
+    state lives elsewhere, so a method named ``table`` or ``env`` neither breaks the client nor
+    is hidden by it. Two names are the client's own: ``close()`` closes the client and
+    ``with_timeout(ms)`` gives a per-call timeout; IDL methods named so are called as
+    ``client.tclose()`` / ``client.twith_timeout()`` (thriftpy2's TClient rule for ``close``),
+    or by their own names on ``client.with_timeout(ms)``, which has nothing but the IDL's
+    methods. Other names (``env``, ``appkey``, ``service_name``, ``table``) read the client's
+    state when the IDL has no method of that name.
+
+    One instance is safe to share between any number of threads: connections are lent per call
+    from a pool, never shared mid-call. It survives ``fork()``: a child process's first call
+    drops what it inherited without touching it (the parent keeps using its sockets and its
+    ZooKeeper session) and builds its own, starting from the inherited table of nodes.
+    Close it (or use ``with``) to release its sockets and its share of the ZooKeeper session.
+
+    Errors of a call: ``NoAvailableNode`` when no node is available or none accepted a connection
+    (within the call's timeout, for ``with_timeout``): nothing was sent; ``InvalidArgument`` when
+    an argument does not fit its IDL type: nothing was sent and no node is blamed; thriftpy2's
+    ``TTransportException`` when the connection failed or timed out after the request was sent
+    and the retry policy did not (or could not) send it again; ``TApplicationException`` and the
+    IDL's exceptions as the provider raised them.
+    """
+
+    def __init__(self, core: _Core) -> None:  # TClient.__init__ would set attributes an IDL may name
+        attrs = self.__dict__
+        attrs[_CORE] = core
+        for name in core._methods:
+            if name in _OWN_METHODS:
+                attrs["t" + name] = _method_caller(core, name, None)
+        for name in core._methods:  # an IDL name beats a t<name> alias
+            if name not in _OWN_METHODS:
+                # A real attribute per IDL method spares every call a __getattr__ and a partial.
+                attrs[name] = _method_caller(core, name, None)
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for names that are not IDL methods: the client's state (``table``...)."""
+        core = self.__dict__.get(_CORE)
+        if core is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)
+        try:
+            return getattr(core, name)
+        except AttributeError:
+            raise AttributeError(
+                "client of %s has no attribute or IDL method %r" % (core.service_name, name)
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        core = self.__dict__.get(_CORE)
+        if core is None or name in core._methods:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(core, name, value)
+
+    def __dir__(self) -> List[str]:
+        return sorted({name for name in self.__dict__ if name != _CORE} | _OWN_METHODS)
+
+    def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
+        return self.__dict__[_CORE]._call(_api, None, args, kwargs)
+
+    def with_timeout(self, timeout_ms: int) -> "_TimeoutView":
+        """A view of this client whose calls end within ``timeout_ms``, connects included: one
+        deadline across every node tried, then the rest of it for each read and write.
+
+        ``client.with_timeout(200).ping()``; the view shares everything else with the client.
+        Its attributes are the IDL's methods only, by their own names (``close`` included).
+        """
+        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
+            raise InvalidArgument("timeout must be a positive number of milliseconds, got %r" % (timeout_ms,))
+        return _TimeoutView(self.__dict__[_CORE], timeout_ms)
+
+    def close(self) -> None:
+        """Release the sockets and this client's share of the ZooKeeper session. Idempotent."""
+        self.__dict__[_CORE].close()
+
+    def __enter__(self) -> "ProbeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.__dict__[_CORE].close()
+
+    def __repr__(self) -> str:
+        return repr(self.__dict__[_CORE])
+
+
+def _method_caller(core: _Core, api: str, timeout_ms: Optional[int]) -> Callable[..., Any]:
+    call = core._call
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        return call(api, timeout_ms, args, kwargs)
+
+    method.__name__ = method.__qualname__ = api
+    return method
+
+
 class _TimeoutView:
-    """``client.with_timeout(ms)``: the IDL's methods with a per-call socket timeout."""
+    """``client.with_timeout(ms)``: the IDL's methods, each call bounded by ``ms`` in all. Its
+    state is kept under a key no IDL method can be named, so every IDL name reaches __getattr__."""
 
-    __slots__ = ("_client", "_timeout_ms")
-
-    def __init__(self, client: ProbeClient, timeout_ms: int) -> None:
-        self._client = client
-        self._timeout_ms = timeout_ms
+    def __init__(self, core: _Core, timeout_ms: int) -> None:
+        self.__dict__[_CORE] = (core, timeout_ms)
 
     def __getattr__(self, api: str) -> Any:
-        client = self._client
-        if api not in client._methods:
-            raise AttributeError("%s has no method %r" % (client.service_name, api))
-        return lambda *args, **kwargs: client._call(api, self._timeout_ms, args, kwargs)
+        core, timeout_ms = self.__dict__[_CORE]
+        if api not in core._methods:
+            raise AttributeError("%s has no method %r" % (core.service_name, api))
+        return _method_caller(core, api, timeout_ms)
 
 
-_live_clients: "weakref.WeakSet[ProbeClient]" = weakref.WeakSet()
+_live_clients: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
 
 def _mark_clients_forked() -> None:
@@ -406,6 +559,27 @@ def _transport_error(err: BaseException, where: str) -> TTransportException:
     if isinstance(err, socket.timeout):
         return TTransportException(TTransportException.TIMED_OUT, "%s timed out" % where)
     return TTransportException(TTransportException.UNKNOWN, "%s failed: %s: %s" % (where, type(err).__name__, err))
+
+
+def _addresses(addresses: FrozenSet[Address]) -> str:
+    return ", ".join("%s:%d" % a for a in sorted(addresses))
+
+
+def _describe_unencodable(service_name: str, method: _Method, kwargs: Dict[str, Any], err: BaseException) -> str:
+    """Name the argument that did not fit its IDL type, and why (the error path only)."""
+    where = "%s.%s" % (service_name, method.name)
+    if isinstance(err, TDecodeException) and err.struct_name == method.args_cls.__name__:
+        return "argument %r of %s must be %s, got %r (%s); nothing was sent" % (
+            err.field, where, err.type_repr, err.value, type(err.value).__name__,
+        )
+    for name, value in kwargs.items():  # a nested field: find the argument that holds it
+        alone = method.args_cls()
+        setattr(alone, name, value)
+        try:
+            alone.write(TBinaryProtocol(TMemoryBuffer()))
+        except _ENCODE_ERRORS:
+            return "argument %r of %s cannot be encoded: %s; nothing was sent" % (name, where, err)
+    return "the arguments of %s cannot be encoded: %s; nothing was sent" % (where, err)
 
 
 def _unpack(reply: Any) -> Any:
@@ -444,6 +618,7 @@ def build_client(
     cache_file: Union[str, "os.PathLike[str]", None] = None,
     cache_max_age: float = 3600.0,
     max_idle_per_node: int = 32,
+    max_idle_age: Optional[float] = 30.0,
 ) -> ProbeClient:
     """Return a client for ``service_name`` of ``appkey``, as defined in the IDL ``thrift_path``:
     a .thrift file's path, a module thriftpy2 loaded from one, or the service class. The IDL's
@@ -463,6 +638,9 @@ def build_client(
     ``cache_file``: keep the last known nodes in this file, and start from it (if younger than
     ``cache_max_age`` s) when ZooKeeper is unreachable; the client then attaches to ZooKeeper
     in the background as soon as it answers.
+    ``max_idle_per_node`` connections are kept idle per node, none for longer than
+    ``max_idle_age`` s (None: no limit): a connection a NAT or load balancer dropped silently
+    (often after 240-350 s) must never be lent. Keep it below the providers' idle timeout too.
 
     Raises InvalidArgument, ConfigError, IdlError, or BackendError when ZooKeeper is unreachable.
     """
@@ -472,6 +650,8 @@ def build_client(
             raise InvalidArgument("%s must be a positive number of milliseconds, got %r" % (label, value))
     if not isinstance(max_idle_per_node, int) or max_idle_per_node < 0:
         raise InvalidArgument("max_idle_per_node must be an integer >= 0, got %r" % (max_idle_per_node,))
+    if max_idle_age is not None and (isinstance(max_idle_age, bool) or not max_idle_age > 0):
+        raise InvalidArgument("max_idle_age must be a number of seconds > 0 or None, got %r" % (max_idle_age,))
     if empty_grace < 0 or cache_max_age < 0 or (health_check_interval is not None and health_check_interval <= 0):
         raise InvalidArgument("empty_grace and cache_max_age must be >= 0, health_check_interval > 0")
     cfg = config_mod.resolve(config, env)
@@ -481,6 +661,7 @@ def build_client(
         connect_timeout_ms=connect_timeout or socket_timeout,
         socket_timeout_ms=socket_timeout,
         max_idle=max_idle_per_node,
+        max_idle_age=max_idle_age,
     )
     table = NodeTable(empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name))
     cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
@@ -511,7 +692,7 @@ def build_client(
     log.info(
         "client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes)
     )
-    return ProbeClient(
+    return ProbeClient(_Core(
         service,
         cfg=cfg,
         appkey=appkey,
@@ -524,4 +705,4 @@ def build_client(
         retry=retry,
         outliers=outliers,
         health_check_interval=health_check_interval,
-    )
+    ))

@@ -4,21 +4,25 @@ A connection that failed or timed out mid-call is never returned (its late reply
 the next call's answer). Before an idle connection is lent it is polled with a zero timeout: any
 event on an idle socket means the peer closed it (or sent bytes nobody asked for), so it is
 replaced and the call does not fail on a connection a restarted or idle-closing provider dropped.
+A connection idle for longer than ``max_idle_age`` is closed instead of lent: a NAT or load
+balancer that silently forgot it would otherwise fail the next call after sending.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 import select
 import socket
 import threading
+import time
 from typing import Callable, Deque, Dict, Optional, Tuple
 
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.protocol.base import TProtocolBase, TProtocolFactory
-from thriftpy2.transport import TBufferedTransportFactory, TSocket
+from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
 from thriftpy2.transport.base import TTransportBase, TTransportFactory
 
 __all__ = ["ConnectionPool", "PooledConnection"]
@@ -29,25 +33,93 @@ Address = Tuple[str, int]
 _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
+class _CallSocket(TSocket):
+    """A TSocket that counts the bytes handed to the kernel and can bound its I/O by a deadline.
+
+    ``written`` tells a call whose request failed to encode whether part of it already left (the
+    buffered transport writes through once its buffer is full): then the connection carries half
+    a request and must be closed; otherwise it is clean. ``deadline`` (``time.monotonic()``
+    seconds, or None for the socket's own timeout) is set for a call with a per-call timeout:
+    every read and write then gets only what is left of it.
+    """
+
+    written = 0
+    deadline: Optional[float] = None
+
+    def open(self) -> None:
+        # TSocket.open reports every failure as NOT_OPEN; a timeout is told apart here.
+        try:
+            super().open()  # type: ignore[no-untyped-call]
+        except TTransportException as err:
+            if isinstance(err.__context__, socket.timeout):
+                err.type = TTransportException.TIMED_OUT
+            raise
+
+    def _arm(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out (the call's timeout was spent)")
+        self.sock.settimeout(left)
+
+    def read(self, sz: int) -> bytes:
+        if self.deadline is not None:
+            self._arm(self.deadline)
+        return super().read(sz)  # type: ignore[no-untyped-call,no-any-return]
+
+    def write(self, buf: bytes) -> None:
+        self.written += len(buf)  # before sending: a partial send counts as sent
+        if self.deadline is not None:
+            self._arm(self.deadline)
+        super().write(buf)  # type: ignore[no-untyped-call]
+
+
 class PooledConnection:
     """One open connection to one node. Used by one thread at a time (the pool hands it out)."""
 
-    __slots__ = ("_default_timeout", "_poll", "_socket", "_transport", "address", "protocol", "seqid")
+    __slots__ = (
+        "_default_timeout", "_poll", "_socket", "_transport", "address", "idle_since", "protocol", "seqid", "tsocket",
+    )
 
-    def __init__(self, address: Address, sock: TSocket, transport: TTransportBase, protocol: TProtocolBase) -> None:
+    def __init__(self, address: Address, sock: _CallSocket, transport: TTransportBase, protocol: TProtocolBase) -> None:
         self.address = address
         self.protocol = protocol
         self._transport = transport
+        self.tsocket = sock
         self._socket = sock.sock
         self._default_timeout = self._socket.gettimeout()
         poller = select.poll()
         poller.register(self._socket.fileno(), _STALE_EVENTS)
         self._poll = poller.poll
         self.seqid = 0
+        self.idle_since = time.monotonic()
 
-    def set_timeout(self, timeout_ms: Optional[int]) -> None:
-        """Use ``timeout_ms`` for the next reads and writes; None restores the pool's default."""
-        self._socket.settimeout(self._default_timeout if timeout_ms is None else timeout_ms / 1000.0)
+    @property
+    def written(self) -> int:
+        """Bytes written to the socket since it was opened."""
+        return self.tsocket.written
+
+    def set_deadline(self, deadline: Optional[float]) -> None:
+        """Bound the next reads and writes by ``deadline`` (``time.monotonic()`` seconds); None
+        restores the pool's socket timeout."""
+        if deadline is None:
+            self.tsocket.deadline = None
+            self._socket.settimeout(self._default_timeout)
+        else:
+            self.tsocket.deadline = deadline
+
+    def drop_unsent(self) -> bool:
+        """Forget a request that was being encoded but never reached the socket: empty the
+        transport's write buffer. Returns False when the transport offers no way to (the caller
+        then closes the connection)."""
+        transport = self._transport
+        clean = getattr(transport, "clean", None)  # thriftpy2's compiled transports
+        if callable(clean):
+            clean()
+            return True
+        if isinstance(getattr(transport, "_wbuf", None), io.BytesIO):  # thriftpy2's pure-Python TBufferedTransport
+            transport._wbuf = io.BytesIO()  # type: ignore[attr-defined]
+            return True
+        return False
 
     def is_stale(self) -> bool:
         """True if the idle socket has anything to report: EOF, reset or unexpected bytes."""
@@ -63,7 +135,8 @@ class PooledConnection:
 
 
 class ConnectionPool:
-    """Idle connections kept per node address, at most ``max_idle`` each.
+    """Idle connections kept per node address, at most ``max_idle`` each, none idle for longer
+    than ``max_idle_age`` seconds (None: no limit).
 
     Thread-safe: any number of threads may acquire and release concurrently. After fork, a child
     calls ``abandon_after_fork()`` and uses the pool it returns.
@@ -75,6 +148,7 @@ class ConnectionPool:
         connect_timeout_ms: int,
         socket_timeout_ms: int,
         max_idle: int = 32,
+        max_idle_age: Optional[float] = 30.0,
         proto_factory: Optional[TProtocolFactory] = None,
         trans_factory: Optional[TTransportFactory] = None,
         keep: Optional[Callable[[Address], bool]] = None,
@@ -82,6 +156,7 @@ class ConnectionPool:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
         self._max_idle = max_idle
+        self._max_idle_age = float("inf") if max_idle_age is None else max_idle_age
         self._proto_factory = proto_factory or TBinaryProtocolFactory()
         self._trans_factory = trans_factory or TBufferedTransportFactory()
         # Whether a connection to an address is still worth keeping when it comes back and the
@@ -95,31 +170,45 @@ class ConnectionPool:
     def set_keep(self, keep: Callable[[Address], bool]) -> None:
         self._keep = keep
 
-    def acquire(self, address: Address) -> PooledConnection:
+    def acquire(self, address: Address, deadline: Optional[float] = None) -> PooledConnection:
         """Lend a live connection to ``address``, opening one if none is idle.
 
-        Raises thriftpy2's TTransportException (type NOT_OPEN) when the connection cannot be
-        opened: nothing was sent, so the caller may try another node.
+        ``deadline`` (``time.monotonic()`` seconds) caps the connect timeout by the time a call
+        has left. Raises thriftpy2's TTransportException (NOT_OPEN, or TIMED_OUT when the connect
+        timed out) when the connection cannot be opened: nothing was sent, so the caller may try
+        another node.
         """
         idle = self._idle.get(address)
-        while idle:
-            try:
-                conn = idle.pop()
-            except IndexError:  # another thread took the last one
-                break
-            if not conn.is_stale():
-                return conn
-            log.debug("dropping a connection to %s:%d closed by the peer", *address)
-            conn.close()
-        return self._open(address)
+        if idle:
+            oldest_allowed = time.monotonic() - self._max_idle_age
+            while idle:
+                try:
+                    conn = idle.pop()
+                except IndexError:  # another thread took the last one
+                    break
+                if conn.idle_since < oldest_allowed:
+                    # The newest idle one is too old, so are the others: this loop closes them all.
+                    log.debug("closing a connection to %s:%d idle for longer than %.0f s", *address, self._max_idle_age)
+                elif not conn.is_stale():
+                    return conn
+                else:
+                    log.debug("dropping a connection to %s:%d closed by the peer", *address)
+                conn.close()
+        return self._open(address, deadline)
 
-    def _open(self, address: Address) -> PooledConnection:
-        sock = TSocket(
+    def _open(self, address: Address, deadline: Optional[float] = None) -> PooledConnection:
+        connect_timeout_ms: float = self._connect_timeout_ms
+        if deadline is not None:
+            left_ms = (deadline - time.monotonic()) * 1000.0
+            if left_ms <= 0:
+                raise TTransportException(TTransportException.TIMED_OUT, "no time left to connect to %s:%d" % address)
+            connect_timeout_ms = min(connect_timeout_ms, left_ms)
+        sock = _CallSocket(  # type: ignore[no-untyped-call]
             address[0],
             address[1],
             socket_family=socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
             socket_timeout=self._socket_timeout_ms,
-            connect_timeout=self._connect_timeout_ms,
+            connect_timeout=connect_timeout_ms,
         )
         transport = self._trans_factory.get_transport(sock)
         transport.open()  # raises TTransportException(NOT_OPEN); TSocket closes its socket then
@@ -128,19 +217,25 @@ class ConnectionPool:
 
     def release(self, conn: PooledConnection) -> None:
         """Take back a connection whose last call completed cleanly."""
+        now = conn.idle_since = time.monotonic()
         idle = self._idle.get(conn.address)
         if idle is None:
-            if not self._keep(conn.address):  # its node left while the call was out
-                conn.close()
-                return
             with self._lock:
-                if self._closed:
+                # Checked under the lock that drop() takes: a node removed after this check is
+                # dropped after this list exists, so neither the list nor the socket outlives it.
+                if self._closed or not self._keep(conn.address):  # closed, or its node left meanwhile
                     conn.close()
                     return
                 idle = self._idle.setdefault(conn.address, collections.deque())
+                if len(idle) < self._max_idle:
+                    idle.append(conn)
+                    return
+            conn.close()
+            return
         if len(idle) >= self._max_idle:
             conn.close()
             return
+        self._close_expired(idle, now)
         idle.append(conn)
         if self._idle.get(conn.address) is not idle:  # dropped or closed meanwhile: leave nothing behind
             try:
@@ -148,6 +243,20 @@ class ConnectionPool:
             except ValueError:  # another thread took it and owns it now
                 return
             conn.close()
+
+    def _close_expired(self, idle: Deque[PooledConnection], now: float) -> None:
+        """Close the connections at the old end of ``idle`` that are past the maximum idle age,
+        so that a quiet pool does not keep sockets a NAT dropped long ago."""
+        while idle and now - idle[0].idle_since > self._max_idle_age:
+            try:
+                conn = idle.popleft()
+            except IndexError:
+                return
+            if now - conn.idle_since > self._max_idle_age:
+                conn.close()
+            else:  # a younger one taken from under another thread's nose: keep it
+                idle.appendleft(conn)
+                return
 
     @staticmethod
     def discard(conn: PooledConnection) -> None:
@@ -176,6 +285,7 @@ class ConnectionPool:
             connect_timeout_ms=self._connect_timeout_ms,
             socket_timeout_ms=self._socket_timeout_ms,
             max_idle=self._max_idle,
+            max_idle_age=None if self._max_idle_age == float("inf") else self._max_idle_age,
             proto_factory=self._proto_factory,
             trans_factory=self._trans_factory,
             keep=self._keep,
