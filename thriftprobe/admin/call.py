@@ -20,6 +20,7 @@ from thriftpy2.thrift import TApplicationException, TException, TType
 from ..config import Config
 from ..consumer import build_client
 from ..errors import InvalidArgument
+from ..idl import load_service
 
 __all__ = ["call_method"]
 
@@ -162,16 +163,18 @@ def call_method(
     Raises InvalidArgument for an unknown method or arguments that do not fit the IDL, and the
     usual build_client / call errors (NoAvailableNode, BackendError, TTransportException...).
     """
-    with build_client(thrift_file, appkey, service_name, socket_timeout=timeout_ms, config=config) as client:
-        service = client._service
-        if method not in service.thrift_services:
-            raise InvalidArgument(
-                "service %r has no method %r (methods: %s)"
-                % (service_name, method, ", ".join(sorted(service.thrift_services)))
-            )
-        kwargs = _convert_args(service, method, json_args)
+    service = load_service(thrift_file, service_name)
+    if method not in service.thrift_services:
+        raise InvalidArgument(
+            "service %r has no method %r (methods: %s)"
+            % (service_name, method, ", ".join(sorted(service.thrift_services)))
+        )
+    kwargs = _convert_args(service, method, json_args)
+    with build_client(service, appkey, service_name, socket_timeout=timeout_ms, config=config) as client:
         try:
-            value = getattr(client, method)(**kwargs)
+            # Through with_timeout: it holds the IDL's methods only, so a method named like the
+            # client's own (close, with_timeout) is the remote one.
+            value = getattr(client.with_timeout(timeout_ms), method)(**kwargs)
         except TApplicationException as exc:
             return "exception", {"exception": "TApplicationException", "type": exc.type, "message": exc.message}
         except TException as exc:
