@@ -1,11 +1,13 @@
-# Sourced by tests/run.sh, tests/demo.sh, tests/bench.sh and tests/lint.sh: a virtualenv with
-# thriftprobe installed from this checkout (with its test and lint tools), and the local servers
+# Sourced by tests/run.sh, tests/demo.sh, tests/bench.sh and tests/lint.sh: a virtualenv
+# ($THRIFTPROBE_VENV) with thriftprobe installed from this checkout with the extras
+# $THRIFTPROBE_EXTRAS (test and lint tools by default), and the local servers
 # (ZooKeeper, Redis, Redis Cluster, MariaDB) up on 127.0.0.1 unless THRIFTPROBE_NO_SERVICES=1.
 # Works on a fresh Debian machine (installs what is missing) and is quick when all is in place.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${THRIFTPROBE_VENV:-$ROOT/.venv}"
+EXTRAS="${THRIFTPROBE_EXTRAS:-test,lint}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -18,7 +20,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     fi
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install -q -e "$ROOT[test,lint]"
+"$PY" -m pip install -q -e "$ROOT[$EXTRAS]"
 
 if [[ "${THRIFTPROBE_NO_SERVICES:-0}" != 1 ]]; then
     # Debian packages the tests drive: Chromium (the console's browser test, through Playwright,

@@ -44,14 +44,28 @@ def _wing(module: str) -> Tuple[str, int]:
     return top, LEVEL[top]
 
 
-def _imports(module: str, path: Path) -> Iterator[str]:
-    """The package modules that ``module`` imports, relative imports resolved."""
+# The client libraries of the backends belong to the wing that wraps them: the rest of the
+# package reaches ZooKeeper through the registry interface and Redis and MySQL through stores.
+BACKEND_LIBRARIES = {"kazoo": "registry", "redis": "stores", "pymysql": "stores"}
+
+
+def _imports(module: str, path: Path, package_only: bool = True) -> Iterator[str]:
+    """The modules that ``module`` imports (the package's own only, unless ``package_only`` is
+    false), relative imports resolved; ``importlib.import_module("...")`` and ``__import__("...")``
+    with a literal name count too."""
     tree = ast.parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                target = node.args[0].value
+                if not package_only or target.split(".")[0] == "thriftprobe":
+                    yield target
+        elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] == "thriftprobe":
+                if not package_only or alias.name.split(".")[0] == "thriftprobe":
                     yield alias.name
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -60,6 +74,8 @@ def _imports(module: str, path: Path) -> Iterator[str]:
             else:
                 base = node.module or ""
             if base.split(".")[0] != "thriftprobe":
+                if not package_only and not node.level:
+                    yield base
                 continue
             for alias in node.names:
                 target = base + "." + alias.name
@@ -89,6 +105,16 @@ def test_imports_run_one_way() -> None:
     assert not wrong, "imports that run against the wings:\n" + "\n".join(wrong)
 
 
+def test_backend_libraries_are_used_only_by_the_wing_that_wraps_them() -> None:
+    wrong = []
+    for module, path in sorted(MODULES.items()):
+        for target in _imports(module, path, package_only=False):
+            owner = BACKEND_LIBRARIES.get(target.split(".")[0])
+            if owner is not None and _wing(module)[0] != owner:
+                wrong.append("%s imports %s (only %s/ may)" % (module, target, owner))
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_public_api_imports_no_operator_tool() -> None:
     arrows = [target for module, target in _arrows() if module == "thriftprobe"]
     assert arrows and not [t for t in arrows if _wing(t)[0] == "admin"]
@@ -97,9 +123,13 @@ def test_the_public_api_imports_no_operator_tool() -> None:
 def test_the_checker_sees_a_backward_arrow(tmp_path: Path) -> None:
     # The check must be able to fail: a registry module importing the consumer's table is caught.
     bad = tmp_path / "zookeeper.py"
-    bad.write_text("from ..consumer.table import NodeTable\nfrom . import Registry\n")
+    bad.write_text(
+        "from ..consumer.table import NodeTable\nfrom . import Registry\n"
+        "import importlib\nimportlib.import_module('thriftprobe.admin.cli')\nimport redis\n"
+    )
     targets = set(_imports("thriftprobe.registry.zookeeper", bad))
-    assert targets == {"thriftprobe.consumer.table", "thriftprobe.registry"}
+    assert targets == {"thriftprobe.consumer.table", "thriftprobe.registry", "thriftprobe.admin.cli"}
+    assert "redis" in set(_imports("thriftprobe.registry.zookeeper", bad, package_only=False))
     assert _wing("thriftprobe.consumer.table")[1] > _wing("thriftprobe.registry.zookeeper")[1]
 
 

@@ -6,16 +6,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
-import redis
-from kazoo.exceptions import KazooException
-from kazoo.handlers.threading import KazooTimeoutError
-from redis.exceptions import RedisClusterException
-
 from .. import config as config_mod
 from ..errors import ThriftProbeError
-from ..registry.zookeeper import kazoo_client
+from ..registry import open_registry
 from ..stores.mysql import missing_schema
-from ..stores.settings import NodeSettingsStore, hash_key
+from ..stores.settings import NodeSettingsStore
 
 __all__ = ["Check", "run_checks"]
 
@@ -31,49 +26,22 @@ class Check:
 
 
 def _zookeeper(cfg: config_mod.Config) -> Check:
-    # A private session: the check must not depend on (or disturb) shared ones.
+    # Through the registry interface, as every wing reaches it (its own session in this process).
     try:
-        zk = kazoo_client(cfg.zookeeper)
+        with open_registry(cfg) as registry:
+            apps = registry.appkeys(cfg.env)
     except ThriftProbeError as err:
         return Check("zookeeper", False, str(err))
-    try:
-        zk.start(timeout=cfg.zookeeper.connect_timeout)
-    except (KazooTimeoutError, KazooException) as err:
-        return Check("zookeeper", False, "%s unreachable: %s" % (cfg.zookeeper.describe(), err))
-    try:
-        root = "/services/%s" % cfg.env
-        stat = zk.exists(root)
-        apps = len(zk.get_children(root)) if stat else 0
-        return Check(
-            "zookeeper",
-            True,
-            "%s reachable; %s %s"
-            % (cfg.zookeeper.describe(), root, "holds %d appkeys" % apps if stat else "does not exist yet"),
-        )
-    except KazooException as err:
-        return Check("zookeeper", False, "%s: %s" % (cfg.zookeeper.describe(), err))
-    finally:
-        zk.stop()
-        zk.close()
+    detail = "%s reachable; /services/%s holds %d appkeys" % (cfg.zookeeper.describe(), cfg.env, len(apps))
+    return Check("zookeeper", True, detail)
 
 
 def _redis(cfg: config_mod.Config) -> Check:
     try:
         with NodeSettingsStore(cfg.redis, cfg.env) as store:
-            client = store._client
-            client.ping()
-            kind = client.type(hash_key(cfg.env))
-            kind = kind.decode() if isinstance(kind, bytes) else kind
-    except (ThriftProbeError, redis.RedisError, RedisClusterException) as err:
-        return Check("redis", False, "%s unreachable: %s" % (cfg.redis.describe(), err))
-    if kind not in ("hash", "none"):
-        return Check("redis", False, "%s: key %s is a %s, not a hash" % (cfg.redis.describe(), hash_key(cfg.env), kind))
-    return Check(
-        "redis",
-        True,
-        "%s reachable; settings hash %s %s"
-        % (cfg.redis.describe(), hash_key(cfg.env), "present" if kind == "hash" else "empty"),
-    )
+            return Check("redis", True, store.check())
+    except ThriftProbeError as err:
+        return Check("redis", False, str(err))
 
 
 def _mysql(cfg: config_mod.Config) -> Check:

@@ -208,6 +208,21 @@ class NodeSettingsStore:
         except _REDIS_ERRORS as err:
             raise BackendError("cannot scan hash %s in %s: %s" % (self._key, self._cfg.describe(), err)) from err
 
+    def check(self) -> str:
+        """One line on the store's health, for ``thriftprobe doctor``. Raises BackendError when
+        Redis cannot be reached, SettingsError when the env's key holds something else than a hash."""
+        try:
+            self._client.ping()
+            kind = self._client.type(self._key)
+        except _REDIS_ERRORS as err:
+            raise BackendError("%s unreachable: %s" % (self._cfg.describe(), err)) from err
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind not in ("hash", "none"):
+            raise SettingsError("%s: key %s is a %s, not a hash" % (self._cfg.describe(), self._key, kind))
+        return "%s reachable; settings hash %s %s" % (
+            self._cfg.describe(), self._key, "present" if kind == "hash" else "empty",
+        )
+
     def close(self) -> None:
         self._client.close()
 
