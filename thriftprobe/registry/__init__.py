@@ -103,6 +103,11 @@ class Registry(abc.ABC):
         None when no such node is registered. Raises BackendError."""
 
     @abc.abstractmethod
+    def live_node(self, env: str, appkey: str, service: str, host: str, port: int) -> Optional[Node]:
+        """The node as registered now, read once: None when it is not registered, or when its
+        entry is not a well-formed node. Raises BackendError."""
+
+    @abc.abstractmethod
     def watch(self, env: str, appkey: str, service: Optional[str], listener: NodeListener) -> Watch:
         """Fill ``listener`` with the nodes of ``service`` (of every service of the appkey if
         None) now, and keep it current until the watch is closed. Raises BackendError."""

@@ -165,12 +165,30 @@ class ZooKeeperRegistry(Registry):
         registration.delete()
 
     def update(self, env: str, appkey: str, service: str, settings: Node) -> Optional[Node]:
-        """Apply an operator's settings to the node's live znode, if it is registered (see apply_settings)."""
+        """Apply an operator's settings to the node's live znode, if it is registered (see apply_settings).
+
+        Returns the node now live: it carries ``settings.rev`` when they were applied, a higher
+        revision when newer settings were already there."""
         path = service_path(env, appkey) + "/" + settings.znode_name(service)
         try:
             return apply_settings(self.client, path, settings)
         except KazooException as err:
             raise BackendError("cannot update %s in %s: %s" % (path, self._cfg.describe(), err)) from err
+
+    def live_node(self, env: str, appkey: str, service: str, host: str, port: int) -> Optional[Node]:
+        """The node's live znode, read once; None if it has none or its data is not a node."""
+        path = service_path(env, appkey) + "/" + Node(host, port).znode_name(service)
+        try:
+            data, _ = self.client.get(path)
+        except NoNodeError:
+            return None
+        except KazooException as err:
+            raise BackendError("cannot read %s in %s: %s" % (path, self._cfg.describe(), err)) from err
+        try:
+            return Node.from_json(data)
+        except ValueError as err:
+            log.warning("znode %s holds bad data (%s); treating it as no node", path, err)
+            return None
 
     def watch(self, env: str, appkey: str, service: Optional[str], listener: NodeListener) -> "ServiceWatch":
         """Fill ``listener`` with the service's nodes now (every service's if None), and keep it
