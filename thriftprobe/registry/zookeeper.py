@@ -24,7 +24,15 @@ from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, KeeperState
 from kazoo.recipe.watchers import ChildrenWatch
@@ -465,10 +473,13 @@ class ZooKeeperRegistration:
                     log.info("deregistered %s%s", self.path, " (ZooKeeper reachable again)" if deferred else "")
                 self._withdrawn = True
                 return
-            except (KazooException, KazooTimeoutError) as err:
+            except (ConnectionLoss, OperationTimeoutError, SessionExpiredError, KazooTimeoutError) as err:
                 log.debug("deleting %s failed (%s); retrying", self.path, err)
                 self._wake.wait(0.2)
                 self._wake.clear()
+            except KazooException as err:  # refused (an ACL...): retrying would not help
+                log.warning("could not delete %s (%s); it goes when the session ends", self.path, err)
+                return
         log.info("%s went with its ZooKeeper session", self.path)
         self._withdrawn = True
 
@@ -478,8 +489,10 @@ class ZooKeeperRegistration:
         wait = self._cfg.session_timeout
         while True:
             session = zk.client_id
+            if session is None:
+                raise ConnectionLoss("disconnected")  # the caller waits for the connection
             stat = zk.exists_async(self.path).get(timeout=wait)
-            if stat is None or session is None or stat.ephemeralOwner != session[0]:
+            if stat is None or stat.ephemeralOwner != session[0]:
                 return False
             try:
                 zk.delete_async(self.path, version=stat.version).get(timeout=wait)

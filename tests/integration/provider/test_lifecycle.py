@@ -1,23 +1,22 @@
 """Issue 10 C2-C7: a provider's registration across outages, and stopping it whatever ZooKeeper does.
 
-Tests that stop, freeze or restart ZooKeeper use a private single-member ZooKeeper on a free
-port (never the shared one); MySQL and Redis are the shared servers.
+Tests that need ZooKeeper unreachable reach the shared one through a proxy of their own
+(ZooKeeperLink) and cut or freeze that, never the server other tests use.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 import signal
 import socket
+import struct
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import pytest
-from conftest import IDL, Handler, free_port, wait_until
+from conftest import IDL, ZK, Handler, free_port, wait_until
 from kazoo.client import KazooClient
-from zk_ensemble import ZkEnsemble, mode
 
 from thriftprobe import build_client, config, start_service
 from thriftprobe.admin.governance import Governance
@@ -26,53 +25,93 @@ from thriftprobe.provider import server as server_mod
 from thriftprobe.registry import zookeeper as zk_mod
 
 
-class PrivateZooKeeper:
-    """One standalone ZooKeeper (tickTime 500) that a test may kill, restart, freeze and thaw."""
+class ZooKeeperLink:
+    """A TCP proxy between this process and the shared ZooKeeper: the network path a test may cut,
+    restore, freeze or thaw, without touching the server that other tests use.
 
-    def __init__(self, base) -> None:
-        self._ens = ZkEnsemble(base, size=1)  # one member runs standalone
-        self.port = self._ens.client_ports[0]
-        self.hosts = self._ens.hosts
+    ``cut()`` refuses new connections and resets the open ones (ZooKeeper down, or a partition
+    that answers with resets); ``freeze()`` keeps connections open but lets nothing through
+    (ZooKeeper hung, or a partition that drops packets). The server itself keeps running, so its
+    sessions live and expire as they would.
+    """
 
-    def start(self) -> None:
-        self._ens.start()
-        wait_until(lambda: mode(self.port) == "standalone", 60, "the private ZooKeeper to serve")
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.hosts = "127.0.0.1:%d" % self.port
+        self._target = target_port
+        self._lock = threading.Lock()
+        self._socks: List[socket.socket] = []
+        self._listener: Optional[socket.socket] = None
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self.restore()
 
-    def kill(self) -> None:
-        self._ens.kill()
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
-    def _signal(self, sig: int) -> None:
-        proc = self._ens._procs[0]
-        assert proc is not None and proc.poll() is None
-        os.killpg(proc.pid, sig)
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                down, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                up = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            except OSError:
+                down.close()
+                continue
+            with self._lock:
+                self._socks += [down, up]
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                self._flowing.wait()
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            listener.close()
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            sock.close()
 
     def freeze(self) -> None:
-        """Stopped, not dead: connections stay open and nothing answers."""
-        self._signal(signal.SIGSTOP)
+        self._flowing.clear()
 
     def thaw(self) -> None:
-        self._signal(signal.SIGCONT)
-
-    def client(self) -> KazooClient:
-        zk = KazooClient(hosts=self.hosts)
-        zk.start(20)
-        return zk
+        self._flowing.set()
 
     def close(self) -> None:
-        proc = self._ens._procs[0]
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGCONT)
-        self._ens.close()
+        self.thaw()
+        self.cut()
 
 
 @pytest.fixture
-def private_zk(tmp_path) -> Iterator[PrivateZooKeeper]:
-    if not shutil.which("java"):
-        pytest.fail("java is needed for the private ZooKeeper")
-    zk = PrivateZooKeeper(tmp_path / "zk")
-    zk.start()
-    yield zk
-    zk.close()
+def link() -> Iterator[ZooKeeperLink]:
+    proxy = ZooKeeperLink(int(ZK.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.close()
 
 
 def on(cfg: config.Config, hosts: str, session_timeout: float) -> config.Config:
@@ -106,24 +145,20 @@ def threads_of(port: int) -> list:
 
 @pytest.mark.slow
 def test_node_is_registered_again_within_about_a_second_of_zookeeper_after_a_long_outage(
-    private_zk, cfg, appkey, providers
+    link, cfg, appkey, providers, zk
 ):
-    svc = providers("a", config=on(cfg, private_zk.hosts, session_timeout=2.0))
+    svc = providers("a", config=on(cfg, link.hosts, session_timeout=2.0))
     session = svc._registry.client
-    private_zk.kill()
+    link.cut()
     wait_until(lambda: not session.connected, 10, "the provider to see ZooKeeper gone")
+    wait_until(lambda: not zk.exists(svc.znode_path), 10, "its session to expire")
     threading.Event().wait(30)  # the outage: kazoo's default retry has backed off to ~13-25 s by now
-    private_zk.start()
+    link.restore()
     back = time.monotonic()
-    checker = private_zk.client()
-    try:
-        wait_until(lambda: owned_by(checker, svc.znode_path, session), 40, "the node under a live session")
-        elapsed = time.monotonic() - back
-        print("registered again %.2f s after ZooKeeper was back" % elapsed)
-        assert elapsed < 2.0
-    finally:
-        checker.stop()
-        checker.close()
+    wait_until(lambda: owned_by(zk, svc.znode_path, session), 40, "the node under a live session")
+    elapsed = time.monotonic() - back
+    print("registered again %.2f s after ZooKeeper was reachable again" % elapsed)
+    assert elapsed < 2.0
 
 
 # -- C3: an operator's change that lands during a re-registration is not lost ------------------
@@ -161,31 +196,26 @@ def test_change_landing_between_the_keepers_read_and_its_re_registration_wins(pr
 # -- C4: stopping during a short disconnect --------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False], ids=["session-shared-with-a-consumer", "session-of-its-own"])
 def test_stop_during_a_short_disconnect_deletes_the_node_once_zookeeper_is_back(
-    private_zk, cfg, appkey, providers, shared
+    link, cfg, appkey, providers, zk, shared
 ):
-    own = on(cfg, private_zk.hosts, session_timeout=20.0)  # the outage is shorter than the session
+    own = on(cfg, link.hosts, session_timeout=10.0)  # the disconnect is shorter than the session
     svc = providers("a", config=own)
     consumer = build_client(IDL, appkey, "Calculator", config=own, empty_grace=0) if shared else None
     session = svc._registry.client
     session_id = session.client_id
     try:
-        private_zk.kill()
+        link.cut()
         wait_until(lambda: not session.connected, 10, "the provider to see ZooKeeper gone")
         began = time.monotonic()
         svc.stop(timeout=2.0, drain=0)
         assert time.monotonic() - began < 2.5
-        private_zk.start()
+        assert zk.exists(svc.znode_path)  # the server still holds the session and its node
+        link.restore()
         back = time.monotonic()
-        checker = private_zk.client()
-        try:
-            wait_until(lambda: not checker.exists(svc.znode_path), 5, "the stopped provider's node to go")
-            print("stopped provider's node deleted %.2f s after ZooKeeper was back" % (time.monotonic() - back))
-        finally:
-            checker.stop()
-            checker.close()
+        wait_until(lambda: not zk.exists(svc.znode_path), 5, "the stopped provider's node to go")
+        print("stopped provider's node deleted %.2f s after ZooKeeper was reachable" % (time.monotonic() - back))
         if consumer is not None:
             assert consumer._registry.client.client_id == session_id  # the shared session lived on
             assert consumer.table.wait_for(lambda s: not s.all_nodes, 5)
@@ -197,15 +227,14 @@ def test_stop_during_a_short_disconnect_deletes_the_node_once_zookeeper_is_back(
 # -- C5: stop() and SIGTERM return in time whatever ZooKeeper does -----------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("how", ["stop", "sigterm"])
-def test_stop_returns_within_its_timeout_while_zookeeper_does_not_answer(private_zk, cfg, appkey, providers, how):
-    svc = providers("a", config=on(cfg, private_zk.hosts, session_timeout=10.0), stop_timeout=1.0)
+def test_stop_returns_within_its_timeout_while_zookeeper_does_not_answer(link, cfg, appkey, providers, zk, how):
+    svc = providers("a", config=on(cfg, link.hosts, session_timeout=10.0), stop_timeout=1.0)
     serving: Optional[threading.Thread] = None
     if how == "sigterm":
         serving = threading.Thread(target=svc.serve_forever)  # what start_service(block=True) runs
         serving.start()
-    private_zk.freeze()
+    link.freeze()
     try:
         began = time.monotonic()
         if serving is None:
@@ -215,18 +244,13 @@ def test_stop_returns_within_its_timeout_while_zookeeper_does_not_answer(private
             serving.join(5)
             assert not serving.is_alive()
         elapsed = time.monotonic() - began
-        print("%s returned after %.2f s with ZooKeeper frozen" % (how, elapsed))
+        print("%s returned after %.2f s with ZooKeeper not answering" % (how, elapsed))
         assert elapsed < 1.5  # drain 0 + stop_timeout 1.0
         assert port_is_free(svc.port)  # the server did stop
     finally:
-        private_zk.thaw()
-    checker = private_zk.client()
-    try:
-        wait_until(lambda: not checker.exists(svc.znode_path), 20, "the node to go once ZooKeeper answers")
-    finally:
-        checker.stop()
-        checker.close()
-    wait_until(lambda: svc.stopped, 20, "the rest of the stop to finish in the background")
+        link.thaw()
+    wait_until(lambda: not zk.exists(svc.znode_path), 15, "the node to go once ZooKeeper answers")
+    wait_until(lambda: svc.stopped, 15, "the rest of the stop to finish in the background")
 
 
 # -- C6: a failure starting the accept thread -------------------------------------------------------
