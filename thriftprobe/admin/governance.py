@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..config import Config
-from ..errors import BackendError, InvalidArgument
+from ..errors import BackendError, InvalidArgument, SettingsError
 from ..node import MAX_WEIGHT, Node, validate_host, validate_names
 from ..registry import Watch, open_registry
 from ..stores import audit
@@ -280,12 +280,30 @@ class Governance:
         # Fail before changing anything, not after: a change the audit table cannot record
         # (a name longer than its column, no INSERT privilege) is never made.
         audit.check_ready(self.cfg.mysql, self._probe_entry("set", actor, appkey, service, host, port))
-        old, new = self._store.update(appkey, service, host, port, weight, valid)
+        # Revisions never go backwards: when Redis lost the node's settings (or holds older
+        # ones), the change starts from the live node, or the live node would ignore it.
+        try:
+            current = self._registry.live_node(self.env, appkey, service, host, port)
+        except BackendError as err:  # still stored; the live update below says what happened
+            log.warning("cannot read the live node %s:%d of %s/%s: %s", host, port, appkey, service, err)
+            current = None
+        old, new = self._store.update(appkey, service, host, port, weight, valid, live=current)
         # Persisted: from here on the change is real (providers apply it at their next audit),
         # so it is audited whatever happens to the live update.
         live_error: Optional[BackendError] = None
+        now_newer = False
         try:
-            live = self._registry.update(self.env, appkey, service, new) is not None
+            now = self._registry.update(self.env, appkey, service, new)
+            live = now is not None
+            if now is not None and now.rev > new.rev and not self._superseded_in_store(appkey, service, now):
+                # Something wrote a newer revision into the znode behind the settings store's
+                # back since we read it: the change did not reach the node. Say so.
+                live, now_newer = False, True
+                live_error = BackendError(
+                    "the live node holds rev %d (weight %d %s), written since it was read and not through the "
+                    "settings store; make the change again to apply it on top"
+                    % (now.rev, now.weight, "on" if now.valid else "off")
+                )
         except BackendError as err:
             live, live_error = False, err
         change = Change(self.env, appkey, service, old, new, live)
@@ -316,8 +334,8 @@ class Governance:
             ) from err
         if live_error is not None:
             raise BackendError(
-                "the change (rev %d) is stored and audited, but the live node was not updated (%s); "
-                "its provider applies it at its next audit" % (new.rev, live_error)
+                "the change (rev %d) is stored and audited, but the live node was not updated (%s)%s"
+                % (new.rev, live_error, "" if now_newer else "; its provider applies it at its next audit")
             ) from live_error
         log.info(
             "%s set %s/%s/%s %s:%d to weight %d valid %d (rev %d, %s)",
@@ -364,6 +382,15 @@ class Governance:
             raise BackendError("the settings are removed, but their audit record failed: %s" % err) from err
         log.info("%s forgot the settings of %s/%s/%s %s:%d", actor, self.env, appkey, service, host, port)
         return True
+
+    def _superseded_in_store(self, appkey: str, service: str, live: Node) -> bool:
+        """True when the newer revision ``live`` carries came through the settings store, so it
+        was made on top of ours (another operator's change right after this one)."""
+        try:
+            stored = self._store.get(appkey, service, live.host, live.port)
+        except SettingsError:
+            return False
+        return stored is not None and stored.rev >= live.rev
 
     # -- following ------------------------------------------------------------------------------
 

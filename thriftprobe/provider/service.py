@@ -2,8 +2,9 @@
 
 Start order (nothing is left behind when a step fails: no znode, no bound port, no thread):
 validate -> config -> appkey in MySQL -> IDL -> bind -> node settings from Redis -> ephemeral
-znode -> accept connections. Stop order: delete the znode, stop accepting, let in-flight calls
-finish, release ZooKeeper. The server itself is ``server.py``.
+znode -> accept connections. Stop order: delete the znode, drain, stop accepting, let in-flight
+calls finish, release ZooKeeper and Redis; on a thread of its own, so that ``stop()`` returns in
+time whatever the backends do, and works from any thread. The server itself is ``server.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 import types
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from thriftpy2.protocol import TBinaryProtocolFactory
 
@@ -40,8 +41,9 @@ _WILDCARDS = ("", "0.0.0.0", "::")
 class RunningService:
     """A started provider: its bound port, its registered node, and ``stop()``.
 
-    ``stop()`` may be called from any thread, any number of times. ``serve_forever()`` blocks until
-    the service is stopped, by ``stop()`` or (in the main thread) by SIGTERM or SIGINT.
+    ``stop()`` may be called from any thread (a handler's too), any number of times, and returns
+    within its time limit. ``serve_forever()`` blocks until the service is stopped, by ``stop()``
+    or (in the main thread) by SIGTERM or SIGINT.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class RunningService:
         store: NodeSettingsStore,
         stop_timeout: float,
         drain: float,
+        label: str,
     ) -> None:
         self.config = cfg
         self.env = cfg.env
@@ -71,7 +74,11 @@ class RunningService:
         self._drain = drain
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
+        self._stopper: Optional[threading.Thread] = None
         self._stopped = False
+        self._label = label
+        # The server core names its connection threads thriftprobe-conn-<label>-<n> (see the README).
+        self._handler_threads = "thriftprobe-conn-%s-" % label
 
     @property
     def node(self) -> Node:
@@ -84,23 +91,69 @@ class RunningService:
 
     def stop(self, timeout: Optional[float] = None, drain: Optional[float] = None) -> None:
         """Deregister, keep serving for ``drain`` seconds while consumers drop the node, stop
-        accepting, finish in-flight calls (up to ``timeout`` s), close ZooKeeper and Redis.
-        Both default to what ``start_service`` was given."""
+        accepting, finish in-flight calls, close ZooKeeper and Redis. Both default to what
+        ``start_service`` was given.
+
+        Returns within ``drain + timeout`` seconds whatever the backends do: the znode's deletion
+        is awaited for at most half of ``timeout``. While ZooKeeper is unreachable the node is
+        deleted as soon as it is back (or goes with the session, if no one else in the process
+        shares it); it is never registered again. Steps still running at the limit finish in the
+        background, and ``stopped`` turns True when they have.
+        From one of this service's handler threads it returns at once and the stop goes on in the
+        background (waiting would wait for that very call): its reply is still sent.
+        """
         self._stop_requested.set()
+        timeout = self._stop_timeout if timeout is None else max(0.0, timeout)
+        drain = self._drain if drain is None else max(0.0, drain)
+        deadline = time.monotonic() + drain + timeout
         with self._stop_lock:
-            if self._stopped:
-                return
-            log.info("stopping %s on port %d", self.service_name, self.port)
-            self._registry.deregister(self._registration)
-            drain = self._drain if drain is None else drain
-            if drain > 0:
-                log.info("draining %s on port %d for %.1f s", self.service_name, self.port, drain)
-                threading.Event().wait(drain)
-            self._server.stop(self._stop_timeout if timeout is None else timeout)
-            self._registry.close()
-            self._store.close()
-            self._stopped = True
-            log.info("stopped %s on port %d", self.service_name, self.port)
+            stopper = self._stopper
+            if stopper is None:
+                stopper = threading.Thread(
+                    target=self._stop_steps,
+                    args=(deadline, drain),
+                    name="thriftprobe-stop-" + self._label,
+                    daemon=True,
+                )
+                self._stopper = stopper
+                try:
+                    stopper.start()
+                except RuntimeError:  # no thread can be started: stop here, without the time limit
+                    log.warning("cannot start a thread to stop %s; stopping in this one", self.service_name)
+                    self._stop_steps(deadline, drain)
+                    return
+        if stopper.ident is None or threading.current_thread().name.startswith(self._handler_threads):
+            return  # stopped without a thread of its own; or a handler's call, which must not wait for itself
+        stopper.join(max(0.0, deadline - time.monotonic()))
+        if stopper.is_alive():
+            log.warning("%s on port %d: stop still finishing in the background", self.service_name, self.port)
+
+    def _stop_steps(self, deadline: float, drain: float) -> None:
+        """The stop, on its own thread. Every step runs even if an earlier one failed."""
+        log.info("stopping %s on port %d", self.service_name, self.port)
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        try:
+            self._registry.deregister(self._registration, timeout=max(0.0, left() - drain) / 2)
+        except Exception:  # a stop must get to the end: the port and threads are still held
+            log.exception("deregistering %s failed", self.znode_path)
+        drain = min(drain, left())
+        if drain > 0:
+            log.info("draining %s on port %d for %.1f s", self.service_name, self.port, drain)
+            threading.Event().wait(drain)
+        steps: List[Callable[[], None]] = [self._stop_server(left), self._registry.close, self._store.close]
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("stopping %s on port %d: a step failed", self.service_name, self.port)
+        self._stopped = True
+        log.info("stopped %s on port %d", self.service_name, self.port)
+
+    def _stop_server(self, left: Callable[[], float]) -> Callable[[], None]:
+        return lambda: self._server.stop(left())
 
     def serve_forever(self) -> None:
         """Block until stopped. In the main thread, SIGTERM and SIGINT stop the service gracefully."""
@@ -273,16 +326,19 @@ def start_service(
         return current.with_settings(stored.weight, stored.valid, stored.rev)
 
     registry: Optional[Registry] = None
+    registration: Optional[Registration] = None
     try:
         registry = open_registry(cfg)
         registration = registry.register(cfg.env, appkey, service_name, node, refresh, audit_interval)
+        server.start()
     except BaseException:
+        if registry is not None and registration is not None:
+            registry.deregister(registration)
         server.close_unstarted()
         store.close()
         if registry is not None:
             registry.close()
         raise
-    server.start()
     running = RunningService(
         cfg=cfg,
         appkey=appkey,
@@ -293,6 +349,7 @@ def start_service(
         store=store,
         stop_timeout=stop_timeout,
         drain=drain,
+        label=label,
     )
     log.info("serving %s/%s/%s on %s:%d", cfg.env, appkey, service_name, host, bound_port)
     if block:

@@ -107,15 +107,23 @@ class Registry(abc.ABC):
         seconds against ``refresh(node)``. Raises BackendError."""
 
     @abc.abstractmethod
-    def deregister(self, registration: Registration) -> None:
-        """Stop keeping the node and withdraw it. Idempotent; never raises for an unreachable
-        backend (the node then goes when the backend ends its session or lease)."""
+    def deregister(self, registration: Registration, timeout: Optional[float] = None) -> bool:
+        """Stop keeping the node and withdraw it, waiting at most ``timeout`` seconds (default:
+        the backend's session timeout). Idempotent; never raises. Returns True once the node is
+        withdrawn; False when the backend cannot be reached now: the node is then withdrawn as
+        soon as it can be, or goes when the backend ends the session or lease, and is never
+        published again."""
 
     @abc.abstractmethod
     def update(self, env: str, appkey: str, service: str, settings: Node) -> Optional[Node]:
         """Apply an operator's settings (weight, valid, rev) to the node's live entry, if it is
         registered. Only a higher revision replaces what is there. Returns the node now live, or
         None when no such node is registered. Raises BackendError."""
+
+    @abc.abstractmethod
+    def live_node(self, env: str, appkey: str, service: str, host: str, port: int) -> Optional[Node]:
+        """The node as registered now, read once: None when it is not registered, or when its
+        entry is not a well-formed node. Raises BackendError."""
 
     @abc.abstractmethod
     def watch(self, env: str, appkey: str, service: Optional[str], listener: NodeListener) -> Watch:

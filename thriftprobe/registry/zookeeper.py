@@ -3,7 +3,10 @@
 A process keeps ONE ZooKeeper session per ensemble (per connection string and session timeout),
 shared by every provider and client in it and reference counted: it is closed when the last
 ``ZooKeeperRegistry`` using it is closed. The key includes the process id, so a child process
-after ``fork()`` opens its own session instead of reusing the parent's socket.
+after ``fork()`` opens its own session instead of reusing the parent's socket. While the
+ensemble is unreachable the session tries to reconnect at least every ``RECONNECT_MAX_DELAY``
+seconds (kazoo's default backs off up to an hour), so nodes come back within about a second of
+the ensemble answering again.
 
 Layout: one ephemeral znode per node, ``/services/<env>/<appkey>/<service>_<ip>_<port>``,
 holding the node's JSON (see ``thriftprobe.node``).
@@ -15,22 +18,39 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    BadVersionError,
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
 from kazoo.handlers.threading import KazooTimeoutError
-from kazoo.protocol.states import KazooState
+from kazoo.protocol.states import KazooState, KeeperState
 from kazoo.recipe.watchers import ChildrenWatch
+from kazoo.retry import KazooRetry
 
 from ..config import TlsConfig, ZooKeeperConfig
 from ..errors import BackendError, ThriftProbeError
 from ..node import Node, parse_znode_name, service_path
 from . import NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
 
-__all__ = ["ServiceWatch", "ZooKeeperRegistration", "ZooKeeperRegistry", "apply_settings", "kazoo_client"]
+__all__ = [
+    "RECONNECT_MAX_DELAY",
+    "ServiceWatch",
+    "ZooKeeperRegistration",
+    "ZooKeeperRegistry",
+    "apply_settings",
+    "kazoo_client",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +75,9 @@ def kazoo_client(cfg: ZooKeeperConfig) -> KazooClient:
         if tls.check_hostname:
             kwargs["check_hostname"] = True
     try:
-        return KazooClient(hosts=cfg.hosts, timeout=cfg.session_timeout, **kwargs)
+        return KazooClient(
+            hosts=cfg.hosts, timeout=cfg.session_timeout, connection_retry=_connection_retry(), **kwargs
+        )
     except TypeError as err:  # kazoo < 2.10 has no check_hostname
         raise BackendError("%s: ssl_mode verify_identity needs kazoo >= 2.10 (%s)" % (cfg.describe(), err)) from err
 
@@ -68,6 +90,17 @@ class _Shared:
 
 _sessions: Dict[_SessionKey, _Shared] = {}
 _sessions_lock = threading.Lock()
+
+RECONNECT_MAX_DELAY = 0.8
+"""Seconds between two attempts to reach an unreachable ensemble, at most (plus 25 % jitter)."""
+
+
+def _connection_retry() -> KazooRetry:
+    # kazoo's default connection retry doubles its delay up to 3,600 s: after a 45 s outage a
+    # provider came back 22 s after the ensemble did, and consumers saw the service empty
+    # meanwhile. Retry forever, but never more than about a second apart. One object per
+    # client: kazoo sets its interrupt hook on it.
+    return KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_jitter=0.25, max_delay=RECONNECT_MAX_DELAY)
 
 
 def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
@@ -140,9 +173,30 @@ def _release(client: KazooClient) -> None:
             if _sessions[key].refs > 0:
                 return
             del _sessions[key]
+    hosts = key[0] if key else client.hosts
+    if client.connected or key is None:
+        _close(client, hosts)
+        return
+    # Unreachable now: the server would keep the session, and its ephemeral nodes, for a whole
+    # session timeout after it is back. Close it properly if it answers within that time (the
+    # close request deletes our nodes at once); give up after it, when the session expires anyway.
+    closer = threading.Thread(target=_close_when_connected, args=(client, hosts, key[1]),
+                              name="thriftprobe-zk-close", daemon=True)
+    try:
+        closer.start()
+    except RuntimeError:
+        _close(client, hosts)
+
+
+def _close_when_connected(client: KazooClient, hosts: str, session_timeout: float) -> None:
+    _wait_connected(client, session_timeout)
+    _close(client, hosts)
+
+
+def _close(client: KazooClient, hosts: str) -> None:
     client.stop()
     client.close()
-    log.info("ZooKeeper session to %s closed", key[0] if key else client.hosts)
+    log.info("ZooKeeper session to %s closed", hosts)
 
 
 class ZooKeeperRegistry(Registry):
@@ -182,18 +236,37 @@ class ZooKeeperRegistry(Registry):
             raise
         return reg
 
-    def deregister(self, registration: Registration) -> None:
+    def deregister(self, registration: Registration, timeout: Optional[float] = None) -> bool:
+        """Stop keeping the node and delete it (see ZooKeeperRegistration.delete)."""
         if not isinstance(registration, ZooKeeperRegistration):
             raise TypeError("not a ZooKeeper registration: %r" % (registration,))
-        registration.delete()
+        return registration.delete(timeout)
 
     def update(self, env: str, appkey: str, service: str, settings: Node) -> Optional[Node]:
-        """Apply an operator's settings to the node's live znode, if it is registered (see apply_settings)."""
+        """Apply an operator's settings to the node's live znode, if it is registered (see apply_settings).
+
+        Returns the node now live: it carries ``settings.rev`` when they were applied, a higher
+        revision when newer settings were already there."""
         path = service_path(env, appkey) + "/" + settings.znode_name(service)
         try:
             return apply_settings(self.client, path, settings)
         except KazooException as err:
             raise BackendError("cannot update %s in %s: %s" % (path, self._cfg.describe(), err)) from err
+
+    def live_node(self, env: str, appkey: str, service: str, host: str, port: int) -> Optional[Node]:
+        """The node's live znode, read once; None if it has none or its data is not a node."""
+        path = service_path(env, appkey) + "/" + Node(host, port).znode_name(service)
+        try:
+            data, _ = self.client.get(path)
+        except NoNodeError:
+            return None
+        except KazooException as err:
+            raise BackendError("cannot read %s in %s: %s" % (path, self._cfg.describe(), err)) from err
+        try:
+            return Node.from_json(data)
+        except ValueError as err:
+            log.warning("znode %s holds bad data (%s); treating it as no node", path, err)
+            return None
 
     def watch(self, env: str, appkey: str, service: Optional[str], listener: NodeListener) -> "ServiceWatch":
         """Fill ``listener`` with the service's nodes now (every service's if None), and keep it
@@ -277,7 +350,14 @@ class ZooKeeperRegistration:
     lost and a new one established, and audits it every ``audit_interval`` seconds: it exists, it
     belongs to our session, and it carries the newest settings (``refresh()`` reads them, from
     Redis in a provider). The kazoo state listener only flags the loss and wakes the keeper: it
-    never calls ZooKeeper on kazoo's connection thread. Thread-safe; ``delete()`` is idempotent.
+    never calls ZooKeeper on kazoo's connection thread.
+
+    The keeper is the node's only writer, and it also deletes it: ``delete()`` tells it to stop
+    and waits (bounded) for the deletion. When ZooKeeper is unreachable at that moment, the keeper
+    stays behind until it can delete the node once connected again (the session may be shared
+    with other users of the process, so it does not end with this registration), or until the
+    session is closed or expires, which removes the node too. Once ``delete()`` was called the
+    node is never created again. Thread-safe; ``delete()`` is idempotent.
     """
 
     def __init__(
@@ -298,6 +378,8 @@ class ZooKeeperRegistration:
         self._wake = threading.Event()
         self._stopping = False
         self._keeper: Optional[threading.Thread] = None
+        self._settled = threading.Event()  # set by the keeper once deleted, or once it must wait for ZooKeeper
+        self._withdrawn = False
 
     def create(self) -> None:
         """Create the znode. A leftover node at the same path from a session that is not ours
@@ -331,43 +413,51 @@ class ZooKeeperRegistration:
         except (KazooException, ThriftProbeError) as err:  # the node exists; the keeper retries
             log.warning("first audit of %s failed (%s); the keeper retries", self.path, err)
             self._wake.set()
-        self._client.add_listener(self._on_state)
-        self._keeper = threading.Thread(
+        keeper = threading.Thread(
             target=self._keep, name="thriftprobe-keeper-" + self.path.rsplit("/", 1)[1], daemon=True
         )
-        self._keeper.start()
+        self._client.add_listener(self._on_state)
+        try:
+            keeper.start()
+        except BaseException:
+            self._client.remove_listener(self._on_state)
+            raise
+        self._keeper = keeper
 
     def _on_state(self, state: str) -> None:
         # kazoo's connection thread: flag and hand off, nothing else.
         if state == KazooState.CONNECTED:
             self._wake.set()
         elif state == KazooState.LOST:
-            log.warning("ZooKeeper session lost; %s re-registers when a new session is up", self.path)
+            self._wake.set()  # a stopping keeper sees the session closed
+            if not self._stopping:
+                log.warning("ZooKeeper session lost; %s re-registers when a new session is up", self.path)
 
     def _keep(self) -> None:
-        delay = self._audit_interval
-        while True:
-            self._wake.wait(delay)
-            self._wake.clear()
-            if self._stopping:
-                return
-            try:
-                self._audit()
-                delay = self._audit_interval
-            except (KazooException, ThriftProbeError) as err:
-                log.warning("audit of %s failed (%s); retrying", self.path, err)
-                delay = min(1.0, self._audit_interval)
-            except Exception:  # the keeper must outlive any surprise, or the node is never repaired
-                log.exception("audit of %s failed unexpectedly; retrying", self.path)
-                delay = min(1.0, self._audit_interval)
-
-    def _audit(self) -> None:
-        zk = self._client
-        session = zk.client_id  # None while disconnected; read once, it can change under us
-        if not zk.connected or session is None:
-            return  # the CONNECTED state wakes us again
         try:
-            current = self._refresh(self.node)
+            delay = self._audit_interval
+            while True:
+                self._wake.wait(delay)
+                self._wake.clear()
+                if self._stopping:
+                    break
+                try:
+                    self._audit()
+                    delay = self._audit_interval
+                except (KazooException, ThriftProbeError) as err:
+                    log.warning("audit of %s failed (%s); retrying", self.path, err)
+                    delay = min(1.0, self._audit_interval)
+                except Exception:  # the keeper must outlive any surprise, or the node is never repaired
+                    log.exception("audit of %s failed unexpectedly; retrying", self.path)
+                    delay = min(1.0, self._audit_interval)
+            self._withdraw()
+        finally:
+            self._client.remove_listener(self._on_state)
+            self._settled.set()
+
+    def _read_settings(self) -> Node:
+        try:
+            return self._refresh(self.node)
         except ThriftProbeError as err:  # settings store unreachable: keep what we have
             log.warning(
                 "cannot refresh settings of %s (%s); keeping weight %d valid %d",
@@ -376,38 +466,115 @@ class ZooKeeperRegistration:
                 self.node.weight,
                 self.node.valid,
             )
-            current = self.node
+            return self.node
+
+    def _audit(self) -> None:
+        zk = self._client
+        session = zk.client_id  # None while disconnected; read once, it can change under us
+        if not zk.connected or session is None:
+            return  # the CONNECTED state wakes us again
+        current = self._read_settings()
         stat = zk.exists(self.path)
         if stat is None or stat.ephemeralOwner != session[0]:
+            if self._stopping:
+                return
             self.node = current
-            if not self._stopping:
-                self.create()
-            return
+            self.create()
+            # An operator's change that landed after the read above found no node to apply to:
+            # read again now that the node exists. A change landing after this read finds the
+            # node and applies itself, so none is lost.
+            current = self._read_settings()
         live = apply_settings(zk, self.path, current)
         if live is not None:
             self.node = live
 
-    def delete(self) -> None:
-        """Stop keeping the node and delete it. Idempotent."""
+    def _session_closed(self) -> bool:
+        return bool(self._client.client_state == KeeperState.CLOSED)
+
+    def _withdraw(self) -> None:
+        """On the keeper thread, after delete(): delete the node as soon as ZooKeeper answers.
+
+        Ends once the node is deleted, is not ours (our session expired, which removed it; or it
+        was replaced by a provider of another process), or the session was closed."""
+        zk = self._client
+        deferred = False
+        while not self._session_closed():
+            if not zk.connected:
+                if not deferred:
+                    log.warning("ZooKeeper unreachable: %s is deleted as soon as it is back", self.path)
+                    deferred = True
+                    self._settled.set()  # delete() need not wait for this
+                self._wake.wait(1.0)  # the CONNECTED state wakes us
+                self._wake.clear()
+                continue
+            try:
+                if self._delete_if_ours():
+                    log.info("deregistered %s%s", self.path, " (ZooKeeper reachable again)" if deferred else "")
+                self._withdrawn = True
+                return
+            except (ConnectionLoss, OperationTimeoutError, SessionExpiredError, KazooTimeoutError) as err:
+                log.debug("deleting %s failed (%s); retrying", self.path, err)
+                self._wake.wait(0.2)
+                self._wake.clear()
+            except KazooException as err:  # refused (an ACL...): retrying would not help
+                log.warning("could not delete %s (%s); it goes when the session ends", self.path, err)
+                return
+        log.info("%s went with its ZooKeeper session", self.path)
+        self._withdrawn = True
+
+    def _delete_if_ours(self) -> bool:
+        """Delete the node if it belongs to the session now; True if it was deleted. Bounded."""
+        zk = self._client
+        wait = self._cfg.session_timeout
+        while True:
+            session = zk.client_id
+            if session is None:
+                raise ConnectionLoss("disconnected")  # the caller waits for the connection
+            stat = zk.exists_async(self.path).get(timeout=wait)
+            if stat is None or stat.ephemeralOwner != session[0]:
+                return False
+            try:
+                zk.delete_async(self.path, version=stat.version).get(timeout=wait)
+            except NoNodeError:
+                return False
+            except BadVersionError:
+                continue  # its data changed meanwhile (an operator's change): look again
+            return True
+
+    def delete(self, timeout: Optional[float] = None) -> bool:
+        """Stop keeping the node and delete it, waiting at most ``timeout`` seconds (default: the
+        session timeout). Returns True once it is deleted (or gone with its session); False while
+        ZooKeeper is unreachable: the keeper then deletes it once it is back. Idempotent."""
         self._stopping = True
         self._wake.set()
-        if self._keeper is not None:
-            self._keeper.join()
-            self._client.remove_listener(self._on_state)
-        zk = self._client
-        if not zk.connected:
-            # A request now would wait for a reconnection that may never come. The node is
-            # ephemeral: it goes when the session is closed or expires.
+        wait = self._cfg.session_timeout if timeout is None else max(0.0, timeout)
+        keeper = self._keeper
+        if keeper is None:  # never kept (start_keeping failed): delete it here, if we can
+            return self._delete_unkept(wait)
+        if keeper is threading.current_thread():
+            return False
+        deadline = time.monotonic() + wait
+        self._settled.wait(wait)
+        keeper.join(max(0.0, deadline - time.monotonic()) if self._withdrawn else 0.0)
+        if not self._withdrawn:
+            log.warning("%s not deleted yet (ZooKeeper %s); its keeper deletes it once it can",
+                        self.path, "unreachable" if not self._client.connected else "slow")
+        return self._withdrawn
+
+    def _delete_unkept(self, wait: float) -> bool:
+        if not self._client.connected:
             log.warning("ZooKeeper unreachable: %s goes when its session ends", self.path)
-            return
+            return False
         try:
-            zk.delete_async(self.path).get(timeout=self._cfg.session_timeout)
+            self._client.delete_async(self.path).get(timeout=wait)
         except NoNodeError:
-            return
+            pass
         except (KazooException, KazooTimeoutError) as err:
             log.warning("could not delete %s (%s); it goes when the session ends", self.path, err)
-            return
+            return False
         log.info("deregistered %s", self.path)
+        self._withdrawn = True
+        return True
 
 
 def apply_settings(zk: KazooClient, path: str, settings: Node) -> Optional[Node]:

@@ -130,13 +130,26 @@ class NodeSettingsStore:
         return node.with_settings(stored.weight, stored.valid, stored.rev)
 
     def update(
-        self, appkey: str, service: str, host: str, port: int, weight: Optional[int], valid: Optional[bool]
+        self,
+        appkey: str,
+        service: str,
+        host: str,
+        port: int,
+        weight: Optional[int],
+        valid: Optional[bool],
+        *,
+        live: Optional[Node] = None,
     ) -> Tuple[Optional[Node], Node]:
         """Change a node's weight and/or valid flag with compare-and-set; return (old, new).
 
         The new settings carry the next revision. Concurrent updates never overwrite each other:
         a write that lost the race re-reads and applies its change on top of the winner's.
-        A node without stored settings starts from the defaults (weight 10, valid 1).
+        ``live`` is the node as registered now, if it is: when it carries a higher revision than
+        the stored settings (the field was lost or reset: a failover with asynchronous
+        replication, a restart without persistence, an eviction, a hand edit), the change starts
+        from it, so revisions never go backwards and the fields not changed keep their live
+        values. ``old`` is then the live node's settings. A node with neither starts from the
+        defaults (weight 10, valid 1) and ``old`` is None.
         """
         fieldname = settings_field(appkey, self._env, service, host, port)
         for _ in range(_CAS_ATTEMPTS):
@@ -150,7 +163,17 @@ class NodeSettingsStore:
                     old = Node.from_json(raw)  # type: ignore[arg-type]
                 except ValueError as err:
                     raise SettingsError("corrupt settings in %s: %s" % (self._where(fieldname), err)) from err
-            base = old or Node(host, port)
+            if live is not None and (old is None or live.rev > old.rev):
+                log.warning(
+                    "stored settings of %s (%s) are behind the live node (rev %d); the change starts from it",
+                    fieldname,
+                    "missing" if old is None else "rev %d" % old.rev,
+                    live.rev,
+                )
+                base_of_change: Optional[Node] = Node(host, port, live.weight, live.valid, rev=live.rev)
+            else:
+                base_of_change = old
+            base = base_of_change or Node(host, port)
             new = Node(
                 host,
                 port,
@@ -163,7 +186,7 @@ class NodeSettingsStore:
             except _REDIS_ERRORS as err:
                 raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
             if swapped:
-                return old, new
+                return base_of_change, new
             log.debug("concurrent change of %s; retrying", fieldname)
         raise BackendError("gave up changing %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
 
