@@ -201,6 +201,40 @@ def cmd_node(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_node_prune(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        pruned = gov.prune(args.older_than, args.appkey, actor=args.actor, dry_run=args.dry_run)
+    out.data({"dry_run": args.dry_run, "older_than": args.older_than, "pruned": [p.to_dict() for p in pruned]})
+    verb = "would remove" if args.dry_run else "removed (audited)"
+    for p in pruned:
+        out.line("%s/%s %s:%d offline for %s: settings %s" % (
+            p.appkey, p.service, p.host, p.port, _describe_duration(p.offline_for), verb))
+    out.line("%d node(s) offline for longer than %s" % (len(pruned), _describe_duration(args.older_than)))
+    return EXIT_OK
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``12h`` or ``7d``, in seconds (> 0)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError("%r is not a duration > 0 (like 3600, 90m, 12h or 7d)" % text)
+    return value
+
+
+def _describe_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%.1f%s" % (seconds / size, unit)
+    return "%.0fs" % seconds
+
+
 def cmd_node_forget(args: argparse.Namespace, out: Output) -> int:
     host, port = args.address
     with Governance(_cfg(args)) as gov:
@@ -345,8 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", metavar="HOST:PORT", type=_address)
     p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
 
+    p = sub.add_parser(
+        "node-prune",
+        prog="thriftprobe node prune",
+        description="remove the stored settings of every node that has not run for a while (each audited)",
+        parents=[common],
+    )
+    p.set_defaults(func=cmd_node_prune, command="node prune")
+    p.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
+                   help="offline for longer than this: seconds, or 90m, 12h, 7d")
+    p.add_argument("--appkey", default=None, help="only this appkey's nodes (default: every appkey of the env)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be removed; change nothing")
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+
     p = command("node", cmd_node, "set a node's weight, or switch it off or on (live and persisted)")
-    p.epilog = "thriftprobe node forget APPKEY SERVICE HOST:PORT removes the settings of a node that is gone."
+    p.epilog = (
+        "thriftprobe node forget APPKEY SERVICE HOST:PORT removes the settings of a node that is gone; "
+        "thriftprobe node prune --older-than 7d removes those of every node gone that long."
+    )
     p.add_argument("appkey")
     p.add_argument("service")
     p.add_argument("address", metavar="HOST:PORT", type=_address)
@@ -404,14 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_words(argv: Sequence[str]) -> List[str]:
-    """``node forget ...`` -> ``node-forget ...`` (argparse cannot have both ``node APPKEY`` and
-    ``node forget``); everything else as it is."""
+    """``node forget|prune ...`` -> ``node-forget|node-prune ...`` (argparse cannot have both
+    ``node APPKEY`` and ``node forget``); everything else as it is."""
     words = list(argv)
     i = 0
     while i < len(words) and words[i].startswith("-"):
         i += 2 if words[i] in ("--config", "--env") else 1
-    if words[i : i + 2] == ["node", "forget"]:
-        words[i : i + 2] = ["node-forget"]
+    if words[i : i + 2] in (["node", "forget"], ["node", "prune"]):
+        words[i : i + 2] = ["node-" + words[i + 1]]
     return words
 
 

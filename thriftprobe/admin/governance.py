@@ -156,6 +156,20 @@ class FleetEvent:
         return text
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """The settings of one node that ``Governance.prune`` removed, and how long it had not run."""
+
+    appkey: str
+    service: str
+    host: str
+    port: int
+    offline_for: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def check_weight(weight: object) -> int:
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
         raise InvalidArgument("weight must be an integer 0..%d (0 = no traffic), got %r" % (MAX_WEIGHT, weight))
@@ -367,11 +381,15 @@ class Governance:
                 "%s/%s %s:%d is live: forget only removes the settings of nodes that are gone (stop it first)"
                 % (appkey, service, host, port)
             )
+        return self._remove_settings("forget", actor, appkey, service, host, port)
+
+    def _remove_settings(self, action: str, actor: str, appkey: str, service: str, host: str, port: int) -> bool:
+        """Remove a node's stored settings and audit it as ``action``; False if none were stored."""
         removed, old = self._store.remove(appkey, service, host, port)
         if not removed:
             return False
         entry = dataclasses.replace(
-            self._probe_entry("forget", actor, appkey, service, host, port),
+            self._probe_entry(action, actor, appkey, service, host, port),
             old_weight=None if old is None else old.weight,
             old_valid=None if old is None else old.valid,
             rev=0 if old is None else old.rev,
@@ -380,8 +398,51 @@ class Governance:
             audit.record(self.cfg.mysql, entry)
         except BackendError as err:
             raise BackendError("the settings are removed, but their audit record failed: %s" % err) from err
-        log.info("%s forgot the settings of %s/%s/%s %s:%d", actor, self.env, appkey, service, host, port)
+        log.info("%s removed (%s) the settings of %s/%s/%s %s:%d", actor, action, self.env, appkey, service, host, port)
         return True
+
+    def prune(
+        self,
+        older_than: float,
+        appkey: Optional[str] = None,
+        *,
+        actor: Optional[str] = None,
+        dry_run: bool = False,
+        now: Optional[float] = None,
+    ) -> List[Pruned]:
+        """Remove the stored settings of every node (of the env, or of one appkey) that has not
+        run for ``older_than`` seconds, each audited as ``prune``; return what was (or, with
+        ``dry_run``, would be) removed.
+
+        A node's age is the time since its provider last recorded it as running (at start and at
+        every audit). A node with no record (an older SDK, settings written by hand) has its
+        clock started by the first prune that finds it offline, so nothing is removed on the
+        first run that sees it. Live nodes are never touched. Raises InvalidArgument and
+        BackendError; an entry that cannot be audited is not removed.
+        """
+        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not older_than > 0:
+            raise InvalidArgument("older_than must be a number of seconds > 0, got %r" % (older_than,))
+        now = time.time() if now is None else now
+        keys = [appkey] if appkey else self._registry.appkeys(self.env)
+        live = {(key, e.service, e.host, e.port) for key in keys for e in self._registry.entries(self.env, key)}
+        pruned: List[Pruned] = []
+        for key, service, node in list(self._store.scan(appkey)):
+            if (key, service, node.host, node.port) in live:
+                continue
+            seen = self._store.last_seen(key, service, node.host, node.port)
+            if seen is None:
+                if not dry_run:
+                    self._store.mark_seen(key, service, node.host, node.port, when=now)
+                continue
+            if now - seen < older_than:
+                continue
+            if not dry_run:
+                who = self._check_target(key, service, node.host, node.port, actor)
+                audit.check_ready(self.cfg.mysql, self._probe_entry("prune", who, key, service, node.host, node.port))
+                if not self._remove_settings("prune", who, key, service, node.host, node.port):
+                    continue
+            pruned.append(Pruned(key, service, node.host, node.port, now - seen))
+        return pruned
 
     def _superseded_in_store(self, appkey: str, service: str, live: Node) -> bool:
         """True when the newer revision ``live`` carries came through the settings store, so it

@@ -319,7 +319,12 @@ def start_service(
         raise
 
     def refresh(current: Node) -> Node:
-        """The node with its settings as stored now (an operator may have changed them)."""
+        """The node with its settings as stored now (an operator may have changed them); and
+        the record that it runs, which ``thriftprobe node prune`` goes by."""
+        try:
+            store.mark_seen(appkey, service_name, current.host, current.port)
+        except ThriftProbeError as err:  # never in the way of the settings themselves
+            log.debug("cannot record %s:%d as seen: %s", current.host, current.port, err)
         stored = store.get(appkey, service_name, current.host, current.port)
         if stored is None:  # settings deleted by hand: keep ours, never fall back to defaults
             return current

@@ -9,6 +9,7 @@ provider restart. A ``NodeSettingsStore`` wraps one redis-py client, which is it
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import redis
@@ -57,6 +58,12 @@ def hash_key(env: str) -> str:
     return "thriftprobe_%s" % env
 
 
+def seen_key(env: str) -> str:
+    """The hash that keeps, per settings field, when its node was last seen running (unix time):
+    the age ``thriftprobe node prune`` goes by."""
+    return "thriftprobe_%s_seen" % env
+
+
 class NodeSettingsStore:
     """Load, initialise and save node settings in one environment's Redis hash."""
 
@@ -64,6 +71,7 @@ class NodeSettingsStore:
         self._cfg = cfg
         self._env = env
         self._key = hash_key(env)
+        self._seen_key = seen_key(env)
         self._client = self._make_client(cfg)
 
     @staticmethod
@@ -190,6 +198,29 @@ class NodeSettingsStore:
             log.debug("concurrent change of %s; retrying", fieldname)
         raise BackendError("gave up changing %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
 
+    def mark_seen(self, appkey: str, service: str, host: str, port: int, when: Optional[float] = None) -> None:
+        """Record that the node runs now (or at ``when``). Raises BackendError."""
+        fieldname = settings_field(appkey, self._env, service, host, port)
+        try:
+            self._client.hset(self._seen_key, fieldname, int(time.time() if when is None else when))
+        except _REDIS_ERRORS as err:
+            raise BackendError("cannot record %s as seen in %s: %s" % (fieldname, self._cfg.describe(), err)) from err
+
+    def last_seen(self, appkey: str, service: str, host: str, port: int) -> Optional[float]:
+        """When the node was last seen running (unix time), or None if never recorded (a node
+        of an SDK without the stamp, or settings written by hand). Raises BackendError."""
+        fieldname = settings_field(appkey, self._env, service, host, port)
+        try:
+            raw = self._client.hget(self._seen_key, fieldname)
+        except _REDIS_ERRORS as err:
+            raise BackendError(
+                "cannot read when %s was seen in %s: %s" % (fieldname, self._cfg.describe(), err)
+            ) from err
+        try:
+            return None if raw is None else float(raw)
+        except ValueError:
+            return None  # corrupt: treated as never seen, so its clock starts again
+
     def remove(self, appkey: str, service: str, host: str, port: int) -> Tuple[bool, Optional[Node]]:
         """Delete a node's stored settings; return (removed, what they were: None if corrupt).
 
@@ -207,6 +238,7 @@ class NodeSettingsStore:
                     old = None  # corrupt settings may be forgotten too
                 if self._client.eval(_CAS_DELETE_SCRIPT, 1, self._key, fieldname, raw):
                     log.info("removed the settings of %s", fieldname)
+                    self._client.hdel(self._seen_key, fieldname)
                     return True, old
             except _REDIS_ERRORS as err:
                 raise BackendError("cannot remove %s: %s" % (self._where(fieldname), err)) from err
