@@ -273,6 +273,19 @@ class _Core:
                 tried = tried | {address}
                 probe = None
                 error = err
+            except OSError as err:
+                # No socket could be made here (EMFILE, ENOBUFS...): the process's trouble, not
+                # the node's. Nothing was sent; a claimed probe goes back for a later call.
+                if probe is not None:
+                    outliers.probe_abandoned(probe)
+                raise TTransportException(
+                    TTransportException.NOT_OPEN,
+                    "cannot open a connection to %s:%d here: %s; nothing was sent" % (address[0], address[1], err),
+                ) from err
+            except BaseException:
+                if probe is not None:
+                    outliers.probe_abandoned(probe)
+                raise
 
     @staticmethod
     def _exchange(conn: PooledConnection, method: _Method, kwargs: Dict[str, Any], deadline: Optional[float]) -> Any:

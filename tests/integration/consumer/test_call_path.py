@@ -3,7 +3,9 @@ fleets do: a node that drops SYNs, one that dies mid-call, one that accepts and 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import socket
 import threading
 import time
@@ -296,3 +298,38 @@ def test_when_an_ejection_ends_exactly_one_call_probes_the_node(providers, zk, a
         assert hung.max_waiting == 1, "calls sent at once into the hung node after its ejection ended"
     finally:
         hung.close()
+
+
+def test_a_probe_that_could_not_open_a_socket_goes_back_for_a_later_call(providers, appkey, client_for):
+    # Review of B11: the process runs out of file descriptors just as a call claims the probe
+    # of a node whose ejection ended. That call fails (nothing was sent); the node must still
+    # get its probe from a later call, not stay shut out for the client's life.
+    providers("a")
+    b = providers("b")
+    detector = OutlierDetector(consecutive_failures=1, base_ejection=0.2, max_ejection=0.2, max_ejected_share=0.5)
+    client = client_for(outlier_detection=detector)
+    wait_until(lambda: len(client.table.snapshot.available) == 2, what="both nodes")
+    hurt = ("127.0.0.1", b.port)
+    detector.failure(hurt, 2)
+    assert hurt in detector.excluded()
+    pool = client._pool
+    real_acquire = pool.acquire
+
+    def no_fds(address, deadline=None):
+        if address == hurt:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_acquire(address, deadline)
+
+    pool.acquire = no_fds
+    try:
+        wait_until(lambda: detector.claim_probe(lambda a: False) is None and hurt in detector._probe_ready,
+                   5, "the ejection to end")
+        with pytest.raises(TTransportException, match="nothing was sent") as raised:
+            while True:  # the first call that claims the probe meets EMFILE
+                client.ping()
+        assert raised.value.type == TTransportException.NOT_OPEN
+    finally:
+        del pool.acquire
+    answered = collections.Counter()
+    wait_until(lambda: answered.update([client.ping()]) or answered["b"] > 0, 5, "a call to reach the node again")
+    assert hurt not in detector.excluded()
