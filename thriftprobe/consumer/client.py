@@ -31,7 +31,7 @@ from ..idl import IdlSource, load_service
 from ..node import Node, validate_names
 from ..registry import Registry, Watch, open_registry
 from .balancer import Balancer, WeightedRandom
-from .cache import TableCache
+from .cache import CacheWriter, TableCache
 from .health import HealthChecker, OutlierDetector
 from .pool import ConnectionPool, PooledConnection
 from .retry import Retry
@@ -101,6 +101,7 @@ class _Core:
         retry: Optional[Retry],
         outliers: OutlierDetector,
         health_check_interval: Optional[float],
+        cache_writer: Optional[CacheWriter] = None,
     ) -> None:
         self._service = service
         self.env = cfg.env
@@ -117,6 +118,7 @@ class _Core:
         self._health_check_interval = health_check_interval
         self._health: Optional[HealthChecker] = None
         self._eligible_cache: Tuple[Optional[Snapshot], FrozenSet[Address]] = (None, frozenset())
+        self._cache_writer = cache_writer
         self._methods: Dict[str, _Method] = {name: _Method(service, name) for name in service.thrift_services}
         self._close_lock = threading.Lock()
         self._closed = False
@@ -128,6 +130,8 @@ class _Core:
         table.on_remove(self._node_left)
         self._attacher: Optional[threading.Thread] = None
         self._attach_stop = threading.Event()
+        if cache_writer is not None:
+            cache_writer.start(self._cache_confirmed_at, write_now=True)
         if registry is None:  # started from the node cache while ZooKeeper was unreachable
             self._start_attaching(first_wait=1.0)
         self._start_health_check()
@@ -345,6 +349,8 @@ class _Core:
             self._close_lock = threading.Lock()
             self._registry = self._watch = None  # the parent's
             self._attach_stop = threading.Event()
+            if self._cache_writer is not None:
+                self._cache_writer.start(self._cache_confirmed_at)
             self._start_attaching(first_wait=0.0)
             self._start_health_check()
             self._forked = False
@@ -389,6 +395,11 @@ class _Core:
             log.info("ZooKeeper reachable: %s/%s now follows the registry", self.appkey, self.service_name)
             return
 
+    def _cache_confirmed_at(self) -> Optional[float]:
+        """When ZooKeeper last confirmed the table (the cache file's age counts from it)."""
+        watch = self._watch
+        return watch.confirmed_at() if watch is not None else None
+
     def _node_left(self, node: Node) -> None:
         self._pool.drop(node.address)
         self._outliers.forget(node.address)
@@ -425,6 +436,8 @@ class _Core:
             if self._watch is not None:
                 self._watch.close()
             self._registry.close()
+        if self._cache_writer is not None:
+            self._cache_writer.close()  # last: it writes the table as it is now
 
     def __enter__(self) -> "_Core":
         return self
@@ -556,11 +569,19 @@ _live_clients: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
 
 def _mark_clients_forked() -> None:
-    # Runs in the child right after fork(), single-threaded: no lock is taken here.
+    # Runs in the child right after fork(), single-threaded: no lock is taken here. Every lock
+    # the child may take before it adopts (close() included) is renewed: a parent thread that
+    # held one at the fork (a watch callback inside the table, the health or cache thread in
+    # an event) does not exist in the child and would never release it.
     for client in list(_live_clients):
         client._forked = True
         client._fork_lock = threading.Lock()
         client._close_lock = threading.Lock()
+        client._attach_stop = threading.Event()
+        client._health = None  # its thread is the parent's; adopting starts the child's own
+        client.table.reinit_after_fork()
+        if client._cache_writer is not None:
+            client._cache_writer.reinit_after_fork()
 
 
 os.register_at_fork(after_in_child=_mark_clients_forked)
@@ -678,6 +699,7 @@ def build_client(
     )
     table = NodeTable(empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name))
     cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
+    confirmed_at: Optional[float] = None
     registry: Optional[Registry] = None
     watch: Optional[Watch] = None
     try:
@@ -689,6 +711,7 @@ def build_client(
             cached, age = cache.load(cache_max_age)
         except ThriftProbeError as cache_err:
             raise BackendError("%s; and %s" % (err, cache_err)) from err
+        confirmed_at = time.time() - age
         for name, node in cached.items():
             table.upsert(name, node)
         log.warning("%s; starting %s/%s from %d cached node(s), %.0f s old", err, appkey, service_name,
@@ -699,9 +722,11 @@ def build_client(
         except BaseException:
             registry.close()
             raise
+    writer: Optional[CacheWriter] = None
     if cache is not None:
-        table.on_change(cache.save)
-        cache.save(table.named())
+        writer = CacheWriter(cache, label="%s-%s" % (appkey, service_name), refresh=min(30.0, cache_max_age / 4),
+                             confirmed_at=confirmed_at)
+        table.on_change(writer.changed, call_now=True)
     log.info(
         "client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes)
     )
@@ -718,4 +743,5 @@ def build_client(
         retry=retry,
         outliers=outliers,
         health_check_interval=health_check_interval,
+        cache_writer=writer,
     ))

@@ -9,7 +9,9 @@ Empty-list protection: a removal that would leave the table with no node at all 
 ensemble, providers re-registering) therefore never empties a consumer's table: calls keep going
 to the last known nodes, and nodes that re-appear simply stay. A real removal of every provider
 is honoured when the grace period ends: the held nodes that did not come back are removed.
-(Until then, calls to them fail fast with NoAvailableNode as their ports refuse connections.)
+Each held node gets the full grace period from the moment it was held, also when an earlier
+hold's period is still running. (Until then, calls to them fail fast with NoAvailableNode as
+their ports refuse connections.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from typing import AbstractSet, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from ..node import Node
@@ -45,13 +48,15 @@ ChangeListener = Callable[[Dict[str, Node]], None]
 
 
 class NodeTable:
-    """Thread-safe: any number of readers and writers."""
+    """Thread-safe: any number of readers and writers. After ``fork()`` the owner calls
+    ``reinit_after_fork()`` in the child before anything else touches the table."""
 
     def __init__(self, empty_grace: float = 0.0, label: str = "") -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._nodes: Dict[str, Node] = {}
         self._held: Dict[str, Node] = {}
+        self._held_until: Dict[str, float] = {}  # when each held node's grace ends (monotonic)
         self._listeners: List[RemovalListener] = []
         self._change_listeners: List[ChangeListener] = []
         self._empty_grace = empty_grace
@@ -64,10 +69,15 @@ class NodeTable:
         with self._lock:
             self._listeners.append(listener)
 
-    def on_change(self, listener: ChangeListener) -> None:
-        """Call ``listener(nodes)`` (under the table's lock) with every node, after each change."""
+    def on_change(self, listener: ChangeListener, *, call_now: bool = False) -> None:
+        """Call ``listener(nodes)`` (under the table's lock: it must not block) with every node,
+        after each change, and at once if ``call_now``."""
         with self._lock:
             self._change_listeners.append(listener)
+            if call_now:
+                merged = dict(self._held)
+                merged.update(self._nodes)
+                listener(merged)
 
     def retain(self, names: AbstractSet[str]) -> None:
         """Remove every node whose name is not in ``names`` (the registry's own list), by the
@@ -78,13 +88,16 @@ class NodeTable:
 
     def upsert(self, name: str, node: Node) -> None:
         with self._lock:
-            if self._held.pop(name, None) is not None and not self._held:
-                self._cancel_timer()  # everything held came back: the next glitch gets a full grace
-            old = self._nodes.get(name)
+            held = self._held.pop(name, None)
+            if held is not None:
+                del self._held_until[name]
+                if not self._held:
+                    self._cancel_timer()
+            old = self._nodes.get(name) or held
             self._nodes[name] = node
             self._publish()
             if old is not None and old.address != node.address:
-                self._removed(old)
+                self._removed(old)  # back under its name, at another address: the old one left
 
     def remove(self, name: str) -> None:
         self.remove_many((name,))
@@ -97,7 +110,10 @@ class NodeTable:
             if not gone:
                 return
             if not self._nodes and self._empty_grace > 0:
-                self._held.update(gone)
+                until = time.monotonic() + self._empty_grace
+                for name, node in gone:
+                    self._held[name] = node
+                    self._held_until[name] = until
                 self._arm_timer()
                 log.warning(
                     "%s: the registry shows no node left; keeping the last %d for %.1f s in case it is a glitch",
@@ -110,8 +126,11 @@ class NodeTable:
                 self._removed(node)
 
     def _arm_timer(self) -> None:
-        if self._timer is None:
-            timer = threading.Timer(self._empty_grace, lambda: self._grace_over(timer))
+        """Under the lock: make the timer fire when the earliest hold ends (later holds end later,
+        so a running timer is never too late)."""
+        if self._timer is None and self._held_until:
+            delay = max(0.0, min(self._held_until.values()) - time.monotonic())
+            timer = threading.Timer(delay, lambda: self._grace_over(timer))
             self._timer = timer
             self._timer.name = "thriftprobe-grace-" + self._label
             self._timer.daemon = True
@@ -127,13 +146,18 @@ class NodeTable:
             if self._timer is not timer:  # cancelled after it fired: a newer hold owns the held nodes
                 return
             self._timer = None
-            held, self._held = self._held, {}
-            if not held:
+            now = time.monotonic()
+            over = [name for name, until in self._held_until.items() if until <= now]
+            gone = [self._held.pop(name) for name in over]
+            for name in over:
+                del self._held_until[name]
+            self._arm_timer()  # for the holds that began later
+            if not gone:
                 return
             log.warning("%s: %d node(s) did not come back within %.1f s; removing them",
-                        self._label, len(held), self._empty_grace)
+                        self._label, len(gone), self._empty_grace)
             self._publish()
-            for node in held.values():
+            for node in gone:
                 self._removed(node)
 
     def named(self) -> Dict[str, Node]:
@@ -154,6 +178,14 @@ class NodeTable:
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+
+    def reinit_after_fork(self) -> None:
+        """In a child right after ``fork()`` (single-threaded): a fresh lock, since a thread of
+        the parent (a watch callback) may have held it at the fork and does not exist here; the
+        grace timer's thread does not exist either."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._timer = None
 
     def copy_for_child(self) -> "NodeTable":
         """A new table with this one's nodes, for a child process after fork (locks are fresh)."""

@@ -86,6 +86,11 @@ class Watch(Protocol):
     def names(self) -> Set[str]:
         """The names of the nodes the watch follows now."""
 
+    def confirmed_at(self) -> Optional[float]:
+        """When (``time.time()``) the registry last confirmed that the listener holds what it has:
+        now while the watch is connected and in step, else the moment it stopped being; None if
+        never. (A node cache's age is measured from it.)"""
+
     def retain_only_watched(self, listener: Retainer) -> None:
         """Drop from ``listener`` every node the watch does not follow, so that nodes known from
         elsewhere (a cache file, a parent process) leave once the registry is the source."""

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from kazoo.client import KazooClient
 from kazoo.exceptions import (
     BadVersionError,
+    ConnectionClosedError,
     ConnectionLoss,
     KazooException,
     NodeExistsError,
@@ -35,7 +36,6 @@ from kazoo.exceptions import (
 )
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, KeeperState
-from kazoo.recipe.watchers import ChildrenWatch
 from kazoo.retry import KazooRetry
 
 from ..config import TlsConfig, ZooKeeperConfig
@@ -274,22 +274,15 @@ class ZooKeeperRegistry(Registry):
         return ServiceWatch(self.client, self._cfg, env, appkey, service, listener)
 
     def watch_appkeys(self, env: str, on_appkeys: Callable[[List[str]], None]) -> Callable[[], None]:
-        """A ChildrenWatch on ``/services/<env>``; the returned function ends it."""
-        stopped = threading.Event()
-
-        def on_children(children: List[str]) -> Optional[bool]:
-            if stopped.is_set():
-                return False  # ends kazoo's watch
-            on_appkeys(children)
-            return None
-
+        """Follow the children of ``/services/<env>`` (see _FolderWatch); the returned function ends it."""
         path = "/services/%s" % env
+        folder = _FolderWatch(self.client, path, on_appkeys)
         try:
             self.client.ensure_path(path)
-            ChildrenWatch(self.client, path, on_children)
+            folder.start()
         except KazooException as err:
             raise BackendError("cannot watch %s in %s: %s" % (path, self._cfg.describe(), err)) from err
-        return stopped.set
+        return folder.stop
 
     def appkeys(self, env: str) -> List[str]:
         """The appkeys that have (or had) nodes registered in ``env``."""
@@ -605,26 +598,188 @@ def apply_settings(zk: KazooClient, path: str, settings: Node) -> Optional[Node]
         return new
 
 
+def _owner(watcher: Any) -> Any:
+    """The object a watcher function belongs to (a bound method's, or a partial of one's)."""
+    return getattr(getattr(watcher, "func", watcher), "__self__", None)
+
+
+def _forget_watchers(client: KazooClient, owner: object, path: str) -> None:
+    """Remove from the session the watchers ``owner`` left on ``path`` and below it.
+
+    kazoo keeps a watcher until its znode changes, and has no call to remove one: a closed watch
+    would stay reachable from the shared session (with everything it references) for as long as
+    its znodes stay quiet. The server's own one-shot watch stays; when it fires, kazoo finds no
+    watcher of ours and calls nothing.
+    """
+    full = (client.chroot or "").rstrip("/") + path
+    below = full + "/"
+    for table in (client._child_watchers, client._data_watchers):
+        for key, watchers in list(table.items()):
+            if key == full or key.startswith(below):
+                for watcher in list(watchers):
+                    if _owner(watcher) is owner:
+                        watchers.discard(watcher)
+
+
+def _forget_watchers_when_settled(client: KazooClient, owner: object, path: str) -> None:
+    """``_forget_watchers`` now, and again once every request sent so far has been answered.
+
+    kazoo records a read's watcher when its reply arrives, so a read still in flight would leave
+    one behind. Replies come in the order requests were sent, and kazoo records each reply's
+    watcher before it reads the next reply: once a request sent now is answered, every earlier
+    one's watcher is recorded. The owner must send nothing more before calling this.
+    """
+    _forget_watchers(client, owner, path)
+    with contextlib.suppress(KazooException):  # a closed session dropped every watcher itself
+        client.exists_async(path).rawlink(lambda _: _forget_watchers(client, owner, path))
+
+
+class _FolderWatch:
+    """Follows the children of one znode, also while that znode does not exist.
+
+    ``on_children(names)`` is called with the children now (on the caller's thread) and after
+    every change (on kazoo's completion thread), with ``[]`` while the folder does not exist. A
+    deleted folder is followed with an exists watch, so the children of a folder created again
+    are seen (kazoo's ChildrenWatch ends for good on a deleted folder). kazoo drops every watch
+    with the connection: the children are read again when it is back. A list older than one
+    already given (replies can be handed over out of order) is dropped. Calls never overlap.
+    ``stop()`` ends it and removes its watchers and listener from the session. Thread-safe.
+    """
+
+    def __init__(self, client: KazooClient, path: str, on_children: Callable[[List[str]], None]) -> None:
+        self._client = client
+        self._path = path
+        self._on_children = on_children
+        # Reentrant: kazoo runs a reply's callbacks inline when its handler is stopped.
+        self._lock = threading.RLock()
+        self._stopped = False
+        self._pzxid = -1  # the newest children list given (its parent's pzxid)
+
+    def start(self) -> None:
+        """Read the children, give them to ``on_children`` on this thread, and keep following.
+        Raises KazooException when the first read fails."""
+        self._client.add_listener(self._on_state)
+        try:
+            for _ in range(3):  # the folder may be deleted and created again meanwhile
+                try:
+                    children, stat = self._client.get_children(self._path, watch=self._on_event, include_data=True)
+                except NoNodeError:
+                    if self._client.exists(self._path, watch=self._on_event) is not None:
+                        continue  # created meanwhile: its exists watch fired too, harmlessly
+                    self._give([], None)
+                else:
+                    self._give(children, stat)
+                return
+            self._give([], None)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _give(self, children: List[str], stat: Any) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            if stat is not None:
+                if stat.pzxid < self._pzxid:
+                    return  # an older list than one already given
+                self._pzxid = stat.pzxid
+            self._on_children(children)
+
+    def _read(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            try:
+                pending = self._client.get_children_async(self._path, watch=self._on_event, include_data=True)
+            except KazooException as err:
+                log.debug("cannot read the children of %s (%s)", self._path, err)
+                return
+            pending.rawlink(self._on_reply)
+
+    def _on_reply(self, pending: Any) -> None:
+        try:
+            children, stat = pending.get()
+        except NoNodeError:
+            self._give([], None)
+            self._await_creation()
+            return
+        except (ConnectionLoss, SessionExpiredError, ConnectionClosedError) as err:
+            log.debug("reading the children of %s failed (%s); read again on reconnect", self._path, err)
+            return
+        except KazooException as err:
+            log.warning("cannot read the children of %s: %s", self._path, err)
+            return
+        self._give(children, stat)
+
+    def _await_creation(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            try:
+                pending = self._client.exists_async(self._path, watch=self._on_event)
+            except KazooException as err:
+                log.debug("cannot watch for %s (%s)", self._path, err)
+                return
+            pending.rawlink(self._on_exists)
+
+    def _on_exists(self, pending: Any) -> None:
+        try:
+            stat = pending.get()
+        except KazooException as err:  # connection loss: read again on reconnect
+            log.debug("watching for %s failed (%s)", self._path, err)
+            return
+        if stat is not None:
+            self._read()  # created meanwhile; otherwise its creation fires the exists watch
+
+    def _on_event(self, event: Any) -> None:
+        if event.type != "NONE" and not self._stopped:  # NONE: the connection dropped
+            self._read()
+
+    def _on_state(self, state: str) -> None:
+        # kazoo's connection thread: only schedule work, never block here.
+        if state == KazooState.CONNECTED and not self._stopped:
+            self._client.handler.spawn(self._read)
+
+    def stop(self) -> None:
+        """Stop following: no call after this returns, no watcher or listener left. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._client.remove_listener(self._on_state)
+        _forget_watchers_when_settled(self._client, self, self._path)
+
+
 class _Token:
     """Identifies one node's data watch, so a cancelled watch never touches a newer one's entry."""
 
-    __slots__ = ("cancelled", "mzxid")
+    __slots__ = ("cancelled", "mzxid", "watcher")
 
     def __init__(self) -> None:
         self.cancelled = False
         self.mzxid = -1  # the newest version applied, so a late reply never wins over a newer one
+        self.watcher: Callable[[Any], None] = lambda event: None  # one object per node: kazoo keeps it once
 
 
 class ServiceWatch:
     """Keeps a NodeListener (a client's node table, an operator's event printer) in step with
     the znodes of one service, or of every service of the appkey when ``service`` is None.
 
-    A ChildrenWatch on the appkey folder notices joins and leaves. Each node of the service has a
-    one-shot data watch, re-armed by the read that each change triggers, so a change to one node
-    costs one read of that node, never a re-read of every node. Reads are asynchronous: the
+    A children watch on the appkey folder notices joins and leaves; it follows the folder also
+    while it does not exist (deleted while empty, or not created yet). Each node of the service
+    has a one-shot data watch, re-armed by the read that each change triggers, so a change to one
+    node costs one read of that node, never a re-read of every node. Reads are asynchronous: the
     first fill of 1,000 nodes is 1,000 reads in flight at once, not 1,000 round trips in a row.
-    kazoo drops every watch when the connection drops; when it is back, every node is read
-    again. The listener is called on kazoo's threads, under the watch's lock: it must not block.
+    kazoo drops every watch when the connection drops; when it is back, every node is read again.
+
+    The children list decides which nodes are in: a node leaves only when the list no longer has
+    it. A read answering "no node" for a listed name (the znode was deleted and maybe created
+    again under the same name, as a provider restarted on its port does) is followed by an exists
+    watch, so the node's current data arrives whichever order kazoo's threads hand replies over.
+
+    The listener is called on kazoo's threads (the first fill on the caller's), under the watch's
+    lock: it must not block. Thread-safe. ``close()`` leaves no watcher or listener of this watch
+    on the shared session.
     """
 
     def __init__(
@@ -640,51 +795,100 @@ class ServiceWatch:
         self._service = service
         self._listener = listener
         self._path = service_path(env, appkey)
-        self._lock = threading.Lock()
+        # Reentrant: kazoo runs a reply's callbacks inline when its handler is stopped. Requests
+        # are sent under it too, so that after close() nothing more is sent (see close()).
+        self._lock = threading.RLock()
         self._tokens: Dict[str, _Token] = {}
         self._closed = False
-        self._initial: Optional[Set[str]] = None
-        self._initial_left = 0
-        self._initial_done = threading.Event()
+        self._in_step = False  # the listener holds what ZooKeeper has (connected, list applied)
+        self._confirmed_at: Optional[float] = None  # when it last was, if it is not now
+        self._first_reads: Optional[List[Tuple[str, _Token, Any]]] = []
+        self._folder = _FolderWatch(client, self._path, self._on_children)
         try:
             client.ensure_path(self._path)
             client.add_listener(self._on_state)
-            ChildrenWatch(client, self._path, self._on_children)
+            self._folder.start()
         except KazooException as err:
-            client.remove_listener(self._on_state)
+            self.close()
             raise BackendError("cannot watch %s in %s: %s" % (self._path, cfg.describe(), err)) from err
-        if not self._initial_done.wait(cfg.connect_timeout + cfg.session_timeout):
-            log.warning("%s: not every node could be read at start; the rest follow as they arrive", self._path)
+        with self._lock:
+            first, self._first_reads = self._first_reads or [], None
+        # Wait for the first reads' replies themselves (set by kazoo's connection thread), not for
+        # their callbacks: this may run on kazoo's completion thread (an operator's watch of every
+        # appkey starts one from there), which would then wait for itself.
+        deadline = time.monotonic() + cfg.connect_timeout + cfg.session_timeout
+        late = 0
+        for name, token, pending in first:
+            if pending.wait(max(0.0, deadline - time.monotonic())):
+                self._on_data(name, token, pending)  # again when its callback runs: applied once
+            else:
+                late += 1
+        if late:
+            log.warning("%s: %d node(s) could not be read at start; they follow as they arrive", self._path, late)
 
-    def _on_children(self, children: List[str]) -> Optional[bool]:
-        if self._closed:
-            return False
+    def _on_children(self, children: List[str]) -> None:
         mine = set()
         for name in children:
             parsed = parse_znode_name(name)
             if parsed is not None and (self._service is None or parsed[0] == self._service):
                 mine.add(name)
         with self._lock:
+            if self._closed:
+                return
             gone = set(self._tokens) - mine
             for name in gone:
-                self._tokens.pop(name).cancelled = True
+                token = self._tokens.pop(name)
+                token.cancelled = True
+                self._forget_node_watcher(name, token)
             if gone:
                 self._listener.remove_many(gone)  # at once: all N gone at once is one glitch, not N removals
-            fresh = {name: _Token() for name in mine - set(self._tokens)}
-            self._tokens.update(fresh)
-            if self._initial is None:
-                self._initial = set(fresh)
-                self._initial_left = len(fresh)
-                if not fresh:
-                    self._initial_done.set()
-        for name, token in fresh.items():
-            self._fetch(name, token)
-        return None
+            for name in mine - set(self._tokens):
+                token = self._tokens[name] = _Token()
+                token.watcher = partial(self._on_event, name, token)
+                pending = self._fetch(name, token)
+                if pending is not None and self._first_reads is not None:
+                    self._first_reads.append((name, token, pending))
+            self._in_step = self._client.connected
 
-    def _fetch(self, name: str, token: _Token) -> None:
+    def _forget_node_watcher(self, name: str, token: _Token) -> None:
+        full = (self._client.chroot or "").rstrip("/") + self._path + "/" + name
+        watchers = self._client._data_watchers.get(full)
+        if watchers is not None:
+            watchers.discard(token.watcher)
+
+    def _fetch(self, name: str, token: _Token) -> Any:
         """Read a node and leave a watch on it; the reply arrives in ``_on_data``."""
-        pending = self._client.get_async(self._path + "/" + name, watch=partial(self._on_event, name, token))
-        pending.rawlink(partial(self._on_data, name, token))
+        with self._lock:
+            if token.cancelled or self._closed:
+                return None
+            try:
+                pending = self._client.get_async(self._path + "/" + name, watch=token.watcher)
+            except KazooException as err:  # the session is closed
+                log.debug("cannot read %s/%s (%s)", self._path, name, err)
+                return None
+            pending.rawlink(partial(self._on_data, name, token))
+            return pending
+
+    def _recheck(self, name: str, token: _Token) -> None:
+        """The list has the node but a read found none: watch for it, and read it if it is back."""
+        with self._lock:
+            if token.cancelled or self._closed:
+                return
+            try:
+                pending = self._client.exists_async(self._path + "/" + name, watch=token.watcher)
+            except KazooException as err:
+                log.debug("cannot watch for %s/%s (%s)", self._path, name, err)
+                return
+            pending.rawlink(partial(self._on_exists, name, token))
+
+    def _on_exists(self, name: str, token: _Token, pending: Any) -> None:
+        try:
+            stat = pending.get()
+        except KazooException as err:  # connection loss: everything is read again on reconnect
+            log.debug("watching for %s/%s failed (%s)", self._path, name, err)
+            return
+        if stat is not None:
+            self._fetch(name, token)  # otherwise its creation fires the watch, or the list drops it
 
     def _on_event(self, name: str, token: _Token, event: Any) -> None:
         if token.cancelled or self._closed:
@@ -697,59 +901,53 @@ class ServiceWatch:
         try:
             data, stat = pending.get()
         except NoNodeError:
-            data = stat = None
+            # Deleted, and maybe created again under the same name already (the list may have
+            # it again, and then says nothing more): never drop a listed node on this reply.
+            self._recheck(name, token)
+            return
         except KazooException as err:  # connection loss: everything is read again on reconnect
             log.debug("reading %s/%s failed (%s); it is read again on reconnect", self._path, name, err)
-            self._initial_read_done(name)
             return
         with self._lock:
-            if token.cancelled or self._closed:
-                pass
-            elif stat is None:  # the node is gone; the children watch may not have said so yet
-                token.cancelled = True
-                if self._tokens.get(name) is token:
-                    del self._tokens[name]
+            if token.cancelled or self._closed or stat.mzxid <= token.mzxid:
+                return
+            token.mzxid = stat.mzxid
+            try:
+                node = Node.from_json(data or b"")
+            except ValueError as err:
+                log.warning("skipping znode %s/%s with bad data %r: %s", self._path, name, data, err)
                 self._listener.remove(name)
-            elif stat.mzxid > token.mzxid:
-                token.mzxid = stat.mzxid
-                try:
-                    node = Node.from_json(data or b"")
-                except ValueError as err:
-                    log.warning("skipping znode %s/%s with bad data %r: %s", self._path, name, data, err)
-                    self._listener.remove(name)
-                else:
-                    self._listener.upsert(name, node)
-        self._initial_read_done(name)
-
-    def _initial_read_done(self, name: str) -> None:
-        if self._initial_done.is_set():
-            return
-        with self._lock:
-            if self._initial is not None and name in self._initial:
-                self._initial.discard(name)
-                self._initial_left -= 1
-                if self._initial_left <= 0:
-                    self._initial_done.set()
+            else:
+                self._listener.upsert(name, node)
 
     def _on_state(self, state: str) -> None:
-        # kazoo's connection thread: only schedule work on kazoo's worker, never block here.
-        if state == KazooState.CONNECTED and not self._closed:
+        # kazoo's connection thread: record and schedule work on kazoo's worker, never block here.
+        if self._closed:
+            return
+        if state == KazooState.CONNECTED:
             self._client.handler.spawn(self._refetch_all)
+        elif self._in_step:  # SUSPENDED or LOST: ZooKeeper confirmed the listener until now
+            self._confirmed_at = time.time()
+            self._in_step = False
 
     def _refetch_all(self) -> None:
         with self._lock:
             tokens = [(name, token) for name, token in self._tokens.items() if not token.cancelled]
         for name, token in tokens:
-            try:
-                self._fetch(name, token)
-            except KazooException as err:
-                log.debug("re-reading %s/%s failed (%s)", self._path, name, err)
-                return
+            self._fetch(name, token)
 
     def names(self) -> Set[str]:
         """The znode names of the nodes this watch follows now."""
         with self._lock:
             return set(self._tokens)
+
+    def confirmed_at(self) -> Optional[float]:
+        """When (``time.time()``) ZooKeeper last confirmed that the listener holds what it has:
+        now while the session is connected and the children list applied, else the moment the
+        connection dropped; None if never."""
+        if self._in_step and not self._closed:
+            return time.time()
+        return self._confirmed_at
 
     def retain_only_watched(self, listener: Retainer) -> None:
         """Drop from ``listener`` the nodes this watch does not follow (cached or inherited ones the
@@ -758,10 +956,16 @@ class ServiceWatch:
             listener.retain(set(self._tokens))
 
     def close(self) -> None:
-        """Stop calling the listener. Idempotent."""
+        """Stop calling the listener, and remove this watch's watchers and listeners from the
+        session (the last ones once the replies in flight are in). Idempotent."""
+        self._folder.stop()
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
+            self._in_step = False
             for token in self._tokens.values():
                 token.cancelled = True
             self._tokens.clear()
         self._client.remove_listener(self._on_state)
+        _forget_watchers_when_settled(self._client, self, self._path)
