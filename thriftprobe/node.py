@@ -81,6 +81,8 @@ class Node:
             data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError("not JSON: %s" % err) from err
+        except (RecursionError, ValueError) as err:  # nested too deep; an integer of 10,000 digits
+            raise ValueError("not a node: %s" % err) from None
         if not isinstance(data, dict):
             raise ValueError("not a JSON object: %r" % (data,))  # noqa: TRY004 - callers catch ValueError for any bad data
         return cls.from_dict(data)
@@ -152,20 +154,36 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also ac
 _HOST_RE = re.compile(r"[^\s_|/\x00-\x1f\x7f]{1,253}")
 
 
+MAX_NAME = 128  # the width of the appkey and service columns in MySQL
+
+
 def validate_names(appkey: object, service: object) -> None:
     """Raise InvalidArgument unless both names are safe to use in znode paths and Redis fields.
 
     A service name is ``^\\w+$``; an appkey is a non-empty string of word characters, dots and
-    dashes (no ``/`` or ``|``, which would break the path and the Redis field).
+    dashes (no ``/`` or ``|``, which would break the path and the Redis field), and not ``.`` or
+    ``..`` (path components). Both are at most 128 characters (their MySQL columns).
     """
-    if not isinstance(service, str) or not _SERVICE_RE.fullmatch(service):
+    if not isinstance(service, str) or not _SERVICE_RE.fullmatch(service) or len(service) > MAX_NAME:
         raise InvalidArgument(
-            "service_name %r is invalid: it must be a non-empty string of letters, digits and underscores" % (service,)
+            "service_name %r is invalid: it must be 1 to %d letters, digits and underscores" % (service, MAX_NAME)
         )
-    if not isinstance(appkey, str) or not _APPKEY_RE.fullmatch(appkey):
+    validate_appkey(appkey)
+
+
+def validate_appkey(appkey: object) -> str:
+    """Return ``appkey`` if it is a valid appkey (see ``validate_names``); raise InvalidArgument."""
+    if (
+        not isinstance(appkey, str)
+        or not _APPKEY_RE.fullmatch(appkey)
+        or appkey in (".", "..")
+        or len(appkey) > MAX_NAME
+    ):
         raise InvalidArgument(
-            "appkey %r is invalid: it must be a non-empty string of letters, digits, '_', '.' and '-'" % (appkey,)
+            "appkey %r is invalid: it must be 1 to %d letters, digits, '_', '.' and '-', and not '.' or '..'"
+            % (appkey, MAX_NAME)
         )
+    return appkey
 
 
 def validate_host(host: object) -> str:

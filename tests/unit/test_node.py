@@ -34,6 +34,8 @@ def test_seed_written_json_is_accepted():
         b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": NaN}',
         b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": -Infinity}',
         b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "start_time": 1e400}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"host": "h", "port": 1, "weight": 1, "valid": 1, "pid": ' + b"9" * 5000 + b"}",
     ],
 )
 def test_malformed_node_data_is_rejected(raw):
@@ -61,13 +63,13 @@ def test_znode_name_parsing_keeps_underscored_service_names_apart():
     assert parse_znode_name("calc_host_port") is None
 
 
-@pytest.mark.parametrize("service", ["", "a-b", "a b", None, 5, "x/y"])
+@pytest.mark.parametrize("service", ["", "a-b", "a b", None, 5, "x/y", "s" * 129])
 def test_bad_service_names_are_rejected(service):
     with pytest.raises(InvalidArgument, match="service_name"):
         validate_names("app", service)
 
 
-@pytest.mark.parametrize("appkey", ["", "a/b", "a|b", None, "a b"])
+@pytest.mark.parametrize("appkey", ["", "a/b", "a|b", None, "a b", ".", "..", "a" * 129])
 def test_bad_appkeys_are_rejected(appkey):
     with pytest.raises(InvalidArgument, match="appkey"):
         validate_names(appkey, "svc")

@@ -35,6 +35,8 @@ def _convert_args(service: Any, method: str, raw: Union[str, None]) -> Dict[str,
             given = json.loads(raw, parse_constant=_no_constant)
         except json.JSONDecodeError as err:
             raise InvalidArgument("JSON_ARGS is not valid JSON: %s" % err) from err
+        except (RecursionError, ValueError) as err:  # nested too deep; an integer of 10,000 digits
+            raise InvalidArgument("JSON_ARGS cannot be read: %s" % err) from None
     if isinstance(given, list):
         if len(given) > len(names):
             raise InvalidArgument("%s takes %d arguments, got %d" % (method, len(names), len(given)))

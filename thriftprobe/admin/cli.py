@@ -70,10 +70,7 @@ def cmd_db_init(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_appkey_add(args: argparse.Namespace, out: Output) -> int:
     cfg = _cfg(args)
-    from ..node import validate_names
-
-    validate_names(args.appkey, "x")
-    added = appkeys.add_appkey(cfg.mysql, args.appkey, args.owner, args.description)
+    added = appkeys.add_appkey(cfg.mysql, args.appkey, args.owner, args.description)  # validates the name
     out.data({"appkey": args.appkey, "added": added})
     out.line("appkey %s %s" % (args.appkey, "registered" if added else "was already registered (unchanged)"))
     return EXIT_OK

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..config import Config
 from ..errors import BackendError, InvalidArgument, SettingsError
-from ..node import MAX_WEIGHT, Node, validate_host, validate_names
+from ..node import MAX_WEIGHT, Node, validate_appkey, validate_host, validate_names
 from ..registry import Watch, open_registry
 from ..stores import audit
 from ..stores.appkeys import check_appkey
@@ -170,6 +170,14 @@ class Pruned:
         return dataclasses.asdict(self)
 
 
+def _check_filter(appkey: Optional[str], service: Optional[str]) -> None:
+    """An appkey or service given to look at must be a valid name (``..`` would read the parent)."""
+    if appkey is not None:
+        validate_appkey(appkey)
+    if service is not None:
+        validate_names("x", service)
+
+
 def check_weight(weight: object) -> int:
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
         raise InvalidArgument("weight must be an integer 0..%d (0 = no traffic), got %r" % (MAX_WEIGHT, weight))
@@ -198,7 +206,9 @@ class Governance:
 
     def fleet(self, appkey: Optional[str] = None, service: Optional[str] = None) -> List[NodeView]:
         """Every node of the environment (or of one appkey / service): live ones from ZooKeeper,
-        offline ones from the settings Redis keeps for nodes that are not running."""
+        offline ones from the settings Redis keeps for nodes that are not running.
+        Raises InvalidArgument for a malformed appkey or service, BackendError."""
+        _check_filter(appkey, service)
         now = time.time()
         views: Dict[Tuple[str, str, str, int], NodeView] = {}
         corrupt: Dict[Tuple[str, str, str, int], str] = {}
@@ -459,10 +469,12 @@ class Governance:
         self, on_event: Callable[[FleetEvent], None], appkey: Optional[str] = None, service: Optional[str] = None
     ) -> Callable[[], None]:
         """Report joins, leaves and changes as they happen; return a function that stops it.
+        Raises InvalidArgument for a malformed appkey or service, BackendError.
 
         Nodes present at the start are reported as joins. ``on_event`` runs on kazoo's worker
         thread: keep it short.
         """
+        _check_filter(appkey, service)
         lock = threading.Lock()
         watches: Dict[str, Watch] = {}
         stopped = threading.Event()

@@ -188,7 +188,7 @@ class _Core:
                     self._pool.release(conn)
                 else:  # half a request went out: the connection is out of step
                     self._pool.discard(conn)
-                message = _describe_unencodable(self.service_name, method, kwargs, bad.error)
+                message = _describe_unencodable(self.service_name, method, kwargs, bad.error, bad.partly_sent)
                 raise InvalidArgument(message) from bad.error
             except _TRANSPORT_ERRORS as err:
                 self._pool.discard(conn)
@@ -599,21 +599,31 @@ def _addresses(addresses: FrozenSet[Address]) -> str:
     return ", ".join("%s:%d" % a for a in sorted(addresses))
 
 
-def _describe_unencodable(service_name: str, method: _Method, kwargs: Dict[str, Any], err: BaseException) -> str:
-    """Name the argument that did not fit its IDL type, and why (the error path only)."""
+def _describe_unencodable(
+    service_name: str, method: _Method, kwargs: Dict[str, Any], err: BaseException, partly_sent: bool
+) -> str:
+    """Name the argument that did not fit its IDL type, the field and the type it needs, and
+    the value's type: never the value (it can be large, or hold a secret). The error path only."""
     where = "%s.%s" % (service_name, method.name)
+    outcome = "the request was cut short and its connection closed; nothing ran" if partly_sent else "nothing was sent"
     if isinstance(err, TDecodeException) and err.struct_name == method.args_cls.__name__:
-        return "argument %r of %s must be %s, got %r (%s); nothing was sent" % (
-            err.field, where, err.type_repr, err.value, type(err.value).__name__,
+        return "argument %r of %s must be %s, got a %s; %s" % (
+            err.field, where, err.type_repr, type(err.value).__name__, outcome,
         )
+    if isinstance(err, TDecodeException):
+        why = "field '%s(%s)' of '%s' needs type '%s', got a %s" % (
+            err.field, err.fid, err.struct_name, err.type_repr, type(err.value).__name__,
+        )
+    else:
+        why = "%s: %s" % (type(err).__name__, str(err)[:100])
     for name, value in kwargs.items():  # a nested field: find the argument that holds it
         alone = method.args_cls()
         setattr(alone, name, value)
         try:
             alone.write(TBinaryProtocol(TMemoryBuffer()))
         except _ENCODE_ERRORS:
-            return "argument %r of %s cannot be encoded: %s; nothing was sent" % (name, where, err)
-    return "the arguments of %s cannot be encoded: %s; nothing was sent" % (where, err)
+            return "argument %r of %s cannot be encoded: %s; %s" % (name, where, why, outcome)
+    return "the arguments of %s cannot be encoded: %s; %s" % (where, why, outcome)
 
 
 def _unpack(reply: Any) -> Any:

@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
+import pymysql
+
 from ..config import MysqlConfig
 from ..errors import AppkeyNotRegistered
+from ..node import validate_appkey
 from .mysql import connect
+
+_DUPLICATE_ENTRY = 1062  # MySQL ER_DUP_ENTRY
 
 __all__ = ["TABLE", "Appkey", "add_appkey", "check_appkey", "list_appkeys", "remove_appkey"]
 
@@ -23,13 +28,22 @@ class Appkey:
 
 
 def add_appkey(cfg: MysqlConfig, appkey: str, owner: str = "", description: str = "") -> bool:
-    """Register an appkey. Returns False if it was already registered (nothing is changed)."""
+    """Register an appkey. Returns False if it was already registered (nothing is changed).
+
+    Raises InvalidArgument for a malformed appkey, BackendError for anything MySQL refuses (a
+    plain INSERT: INSERT IGNORE would store a too-long value cut short, and say it was added)."""
+    validate_appkey(appkey)
     with connect(cfg) as conn, conn.cursor() as cur:
-        added = cur.execute(
-            "INSERT IGNORE INTO serviceapp (appkey, owner, description) VALUES (%s, %s, %s)",
-            (appkey, owner, description),
-        )
-    return bool(added)
+        try:
+            cur.execute(
+                "INSERT INTO serviceapp (appkey, owner, description) VALUES (%s, %s, %s)",
+                (appkey, owner, description),
+            )
+        except pymysql.err.IntegrityError as err:
+            if err.args and err.args[0] == _DUPLICATE_ENTRY:
+                return False
+            raise
+    return True
 
 
 def remove_appkey(cfg: MysqlConfig, appkey: str) -> bool:

@@ -13,8 +13,10 @@ import time
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 
 from ..config import RedisConfig
 from ..errors import BackendError, SettingsError
@@ -80,6 +82,9 @@ class NodeSettingsStore:
             "password": cfg.password,
             "socket_timeout": cfg.socket_timeout,
             "socket_connect_timeout": cfg.socket_timeout,
+            # One immediate retry (a dropped idle connection), not redis-py's default of three
+            # with backoff: that made a Redis that is down take 4-15 s to report at start.
+            "retry": Retry(NoBackoff(), 1),
         }
         if cfg.tls.enabled:  # like rediss://; redis-py never falls back to plaintext
             common.update(

@@ -66,6 +66,8 @@ def test_a_number_out_of_range_on_the_command_line_exits_2_with_a_message(run, c
         ("compute", '{"operation": {"left": 1, "right": 99999999999}}', "operation.right"),
         ("compute", '{"operation": {"left": 1}}', "right"),
         ("echo", "[NaN]", "NaN"),
+        ("echo", "[" * 100_000 + "]" * 100_000, "cannot be read"),  # review: was a RecursionError
+        ("sleep_ms", "[" + "9" * 5000 + "]", "cannot be read"),  # review: Python's int digit limit
     ],
 )
 def test_call_arguments_that_do_not_fit_the_idl_exit_2_naming_the_argument(
@@ -90,6 +92,24 @@ def nan_znode(zk, appkey):
     zk.delete(path)
 
 
+def test_a_deeply_nested_znode_is_shown_as_corrupt_not_a_traceback(run, zk, providers, appkey):
+    svc = providers("a")
+    port = free_port()
+    path = "/services/%s/%s/Calculator_127.0.0.1_%d" % (TEST_ENV, appkey, port)
+    zk.create(path, b"[" * 100_000 + b"]" * 100_000, makepath=True)
+    try:
+        nodes = {n["port"]: n for n in strict_json(run("--json", "ls", appkey))["nodes"]}
+        assert nodes[port]["state"] == "corrupt" and nodes[svc.port]["state"] == "live"
+    finally:
+        zk.delete(path)
+
+
+@pytest.mark.parametrize("argv", [["ls", ".."], ["ls", "."], ["watch", "..", "--for", "0.1"], ["ls", "a" * 129]])
+def test_an_appkey_that_is_a_path_component_or_too_long_exits_2(run, argv, capsys):
+    run(*argv, expect=2)
+    assert "appkey" in capsys.readouterr().err
+
+
 def test_ls_shows_a_znode_with_nan_as_corrupt(run, providers, appkey, nan_znode):
     svc = providers("a")
     text = run("ls", appkey)
@@ -110,3 +130,15 @@ def test_the_console_fleet_is_valid_json_with_a_corrupt_znode(cfg, providers, ap
         assert reply.status_code == 200
         nodes = [n for n in strict_json(reply.get_data(as_text=True))["nodes"] if n["appkey"] == appkey]
     assert sorted(n["state"] for n in nodes) == ["corrupt", "live"]
+
+
+def test_appkey_add_never_stores_a_value_cut_short(run, capsys):
+    # Review: INSERT IGNORE stored a 300-character appkey as its first 128 and said "registered".
+    run("appkey", "add", "a" * 129, expect=2)
+    assert "appkey" in capsys.readouterr().err
+    key = "t.long.%d" % free_port()
+    run("appkey", "add", key, "--owner", "o" * 129, expect=1)  # wider than its column: refused, not cut
+    assert key not in run("appkey", "list")
+    assert "registered" in run("appkey", "add", key, "--owner", "team")
+    assert "already registered" in run("appkey", "add", key)
+    run("appkey", "remove", key)

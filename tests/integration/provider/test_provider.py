@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import threading
+import time
 import uuid
 
 import pytest
@@ -157,8 +158,12 @@ zkserver: {{test: {{host: 127.0.0.1, port: {ZK_PORT}}}}}
 """
     )
     port = free_port()
+    began = time.monotonic()
     with pytest.raises(BackendError, match=r"redis 127\.0\.0\.1:1"):
         start_service(IDL, appkey, "Calculator", Handler("x"), port, config=str(path), env="test", block=False)
+    # A refused connection is reported at once, not after redis-py's default retries with
+    # backoff (4-15 s); the bound is loose, the old figure far above it.
+    assert time.monotonic() - began < 3.0
     assert children(zk, appkey) == []
     assert port_is_free(port)
 
