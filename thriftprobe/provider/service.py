@@ -24,7 +24,7 @@ from .. import config as config_mod
 from .._version import __version__
 from ..errors import InvalidArgument, ThriftProbeError
 from ..idl import IdlSource, load_service
-from ..node import Node, validate_names
+from ..node import Node, validate_host, validate_names
 from ..registry import Registration, Registry, open_registry
 from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
@@ -187,10 +187,6 @@ class RunningService:
         )
 
 
-def _valid_host(host: object) -> bool:
-    return isinstance(host, str) and not any(c in host for c in "_/| \t")
-
-
 def _check_handler(handler: object, service: types.ModuleType, service_name: str) -> None:
     if handler is None:
         raise InvalidArgument("handler for service %r is None" % service_name)
@@ -286,9 +282,12 @@ def start_service(
     if io_timeout is not None and (not isinstance(io_timeout, int) or io_timeout <= 0):
         raise InvalidArgument("io_timeout must be a positive number of milliseconds or None, got %r" % (io_timeout,))
     for label, value in (("bind_host", bind_host), ("advertise_host", advertise_host)):
-        if value is not None and not _valid_host(value):
-            raise InvalidArgument("%s %r is invalid: no '_', '/', '|' or spaces (it becomes part of the znode name)"
-                                  % (label, value))
+        if value is None or (label == "bind_host" and value == ""):  # "" = every interface
+            continue
+        try:
+            validate_host(value)  # it becomes part of the znode name and the Redis field
+        except InvalidArgument as err:
+            raise InvalidArgument("%s: %s" % (label, err)) from None
     cfg = config_mod.resolve(config, env)
     check_appkey(cfg.mysql, cfg.env, appkey)
     service = load_service(thrift_path, service_name)

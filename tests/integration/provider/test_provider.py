@@ -117,6 +117,16 @@ def test_bad_service_name_is_rejected_before_anything(name, cfg, appkey, zk):
     assert children(zk, appkey) == []
 
 
+@pytest.mark.parametrize("option, host", [("advertise_host", "10.0.0.5\n"), ("advertise_host", "a_b"),
+                                          ("bind_host", "127.0.0.1 "), ("advertise_host", "h" * 254)])
+def test_a_host_that_cannot_name_a_node_is_rejected_before_anything(option, host, cfg, appkey, zk):
+    port = free_port()
+    with pytest.raises(InvalidArgument, match=option):
+        start_service(IDL, appkey, "Calculator", Handler("x"), port, config=cfg, block=False, **{option: host})
+    assert children(zk, appkey) == []
+    assert port_is_free(port)
+
+
 def test_missing_idl_names_file_and_service(cfg, appkey, zk):
     with pytest.raises(IdlError, match=r"IDL file /nope/missing.thrift not found \(looking for service 'Calculator'"):
         start_service("/nope/missing.thrift", appkey, "Calculator", Handler("x"), 0, config=cfg, block=False)
