@@ -260,7 +260,8 @@ class Governance:
     def _probe_entry(
         self, action: str, actor: str, appkey: str, service: str, host: str, port: int
     ) -> audit.AuditEntry:
-        """The identity of an audit row about to be written, for ``audit.check_ready``."""
+        """The identity of an audit row about to be written (for ``audit.check_ready``, and the
+        base of the row itself)."""
         return audit.AuditEntry(
             changed_at="",
             actor=actor,
@@ -334,15 +335,8 @@ class Governance:
         try:
             audit.record(
                 self.cfg.mysql,
-                audit.AuditEntry(
-                    changed_at="",
-                    actor=actor,
-                    source=self._source,
-                    env=self.env,
-                    appkey=appkey,
-                    service=service,
-                    host=host,
-                    port=port,
+                dataclasses.replace(
+                    self._probe_entry("set", actor, appkey, service, host, port),
                     old_weight=None if old is None else old.weight,
                     old_valid=None if old is None else old.valid,
                     new_weight=new.weight,
