@@ -5,6 +5,7 @@ Every test gets its own appkey, so tests never see each other's nodes or setting
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -21,7 +22,9 @@ import redis.cluster
 from kazoo.client import KazooClient
 
 from thriftprobe import config, start_service
-from thriftprobe.node import settings_field
+from thriftprobe.admin import cli
+from thriftprobe.admin.governance import Governance
+from thriftprobe.node import Node, settings_field
 from thriftprobe.stores import appkeys, mysql
 from thriftprobe.stores.settings import hash_key
 
@@ -232,3 +235,31 @@ def spawn_provider(config_path: str, env: str, appkey: str, tag: str, port: int 
         raise AssertionError("provider did not start: %r" % line)
     proc.port = int(line.split()[1])  # type: ignore[attr-defined]
     return proc
+
+
+@pytest.fixture
+def run(config_path: str) -> Callable[..., str]:
+    """Run the ``thriftprobe`` command in-process on the test env; assert its exit code."""
+
+    def run(*argv: str, expect: int = 0) -> str:
+        out = io.StringIO()
+        try:
+            code = cli.main(["--config", config_path, "--env", TEST_ENV, *argv], stream=out)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        assert code == expect, out.getvalue()
+        return out.getvalue()
+
+    return run
+
+
+@pytest.fixture
+def gov(cfg: config.Config) -> Iterator[Governance]:
+    with Governance(cfg) as g:
+        yield g
+
+
+def live(zk: KazooClient, path: str) -> Node:
+    """The node a znode holds now."""
+    return Node.from_json(zk.get(path)[0])
+

@@ -22,12 +22,6 @@ POD_FQDN = ".".join(
 )
 
 
-@pytest.fixture
-def gov(cfg):
-    with Governance(cfg) as g:
-        yield g
-
-
 def test_an_actor_longer_than_the_audit_column_changes_nothing(gov, providers, settings, zk, appkey):
     svc = providers("a")
     before = zk.get(svc.znode_path)[0]

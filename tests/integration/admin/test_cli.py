@@ -18,17 +18,6 @@ COMMANDS = [[], ["db"], ["db", "init"], ["appkey"], ["appkey", "add"], ["appkey"
             ["ls"], ["node"], ["history"], ["watch"], ["call"], ["doctor"], ["console"]]
 
 
-@pytest.fixture
-def run(config_path):
-    def run(*argv, expect=0):
-        out = io.StringIO()
-        code = cli.main(["--config", config_path, "--env", TEST_ENV, *argv], stream=out)
-        assert code == expect, out.getvalue()
-        return out.getvalue()
-
-    return run
-
-
 @pytest.mark.parametrize("argv", COMMANDS, ids=lambda a: " ".join(a) or "thriftprobe")
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -3,13 +3,11 @@ corrupt, never a traceback or invalid JSON (issue 10 C12)."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 from conftest import IDL, TEST_ENV, free_port
 
-from thriftprobe.admin import cli
 from thriftprobe.admin.console import create_app
 from thriftprobe.admin.governance import Governance
 from thriftprobe.config import ConsoleConfig
@@ -22,20 +20,6 @@ def strict_json(text):
         raise ValueError("not JSON: %s" % name)
 
     return json.loads(text, parse_constant=refuse)
-
-
-@pytest.fixture
-def run(config_path):
-    def run(*argv, expect=0):
-        out = io.StringIO()
-        try:
-            code = cli.main(["--config", config_path, "--env", TEST_ENV, *argv], stream=out)
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code
-        assert code == expect, out.getvalue()
-        return out.getvalue()
-
-    return run
 
 
 @pytest.mark.parametrize(

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
-from conftest import TEST_ENV, free_port
+from conftest import free_port
 
 from thriftprobe.admin import cli
-
-
-@pytest.fixture
-def run(config_path):
-    def run(*argv, expect=0):
-        out = io.StringIO()
-        try:
-            code = cli.main(["--config", config_path, "--env", TEST_ENV, *argv], stream=out)
-        except SystemExit as exc:
-            code = exc.code
-        assert code == expect, out.getvalue()
-        return out.getvalue()
-
-    return run
 
 
 def test_forget_removes_the_settings_of_a_node_that_is_gone_and_audits_it(run, settings, appkey):

@@ -7,23 +7,13 @@ import threading
 import time
 
 import pytest
-from conftest import IDL, free_port, wait_until
+from conftest import IDL, free_port, live, wait_until
 from kazoo.client import KazooClient
 
 from thriftprobe import AppkeyNotRegistered, InvalidArgument, build_client, config
 from thriftprobe.admin.governance import Governance
 from thriftprobe.node import Node
 from thriftprobe.registry.zookeeper import apply_settings
-
-
-@pytest.fixture
-def gov(cfg):
-    with Governance(cfg) as g:
-        yield g
-
-
-def live(zk, path):
-    return Node.from_json(zk.get(path)[0])
 
 
 def test_change_is_persisted_applied_live_and_reaches_a_running_consumer(providers, gov, settings, zk, cfg, appkey):

@@ -3,32 +3,16 @@ stay (issue 10 C13). A node's age is the time since its provider last recorded i
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
 import pytest
-from conftest import TEST_ENV, free_port, wait_until
+from conftest import free_port, wait_until
 
-from thriftprobe.admin import cli
 from thriftprobe.admin.governance import Governance
 from thriftprobe.stores.settings import NodeSettingsStore
 
 DAY = 86400.0
-
-
-@pytest.fixture
-def run(config_path):
-    def run(*argv, expect=0):
-        out = io.StringIO()
-        try:
-            code = cli.main(["--config", config_path, "--env", TEST_ENV, *argv], stream=out)
-        except SystemExit as exc:
-            code = exc.code
-        assert code == expect, out.getvalue()
-        return out.getvalue()
-
-    return run
 
 
 @pytest.fixture

@@ -4,22 +4,11 @@ lost the node's settings or holds older ones; revisions never go backwards."""
 from __future__ import annotations
 
 import pytest
-from conftest import TEST_ENV
+from conftest import TEST_ENV, live
 
 from thriftprobe import BackendError
-from thriftprobe.admin.governance import Governance
 from thriftprobe.node import Node, settings_field
 from thriftprobe.stores.settings import hash_key
-
-
-@pytest.fixture
-def gov(cfg):
-    with Governance(cfg) as g:
-        yield g
-
-
-def live(zk, path):
-    return Node.from_json(zk.get(path)[0])
 
 
 def stored(settings, port):
