@@ -387,9 +387,12 @@ class Governance:
             )
         return self._remove_settings("forget", actor, appkey, service, host, port)
 
-    def _remove_settings(self, action: str, actor: str, appkey: str, service: str, host: str, port: int) -> bool:
-        """Remove a node's stored settings and audit it as ``action``; False if none were stored."""
-        removed, old = self._store.remove(appkey, service, host, port)
+    def _remove_settings(
+        self, action: str, actor: str, appkey: str, service: str, host: str, port: int, seen: Optional[float] = None
+    ) -> bool:
+        """Remove a node's stored settings and audit it as ``action``; False if none were stored
+        (or, given ``seen``, if the node was stamped as running since that stamp)."""
+        removed, old = self._store.remove(appkey, service, host, port, seen=seen)
         if not removed:
             return False
         entry = dataclasses.replace(
@@ -426,7 +429,8 @@ class Governance:
         """
         if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not older_than > 0:
             raise InvalidArgument("older_than must be a number of seconds > 0, got %r" % (older_than,))
-        now = time.time() if now is None else now
+        # Ages by the clock of the Redis server providers stamp with, never this machine's.
+        now = self._store.server_time() if now is None else now
         keys = [appkey] if appkey else self._registry.appkeys(self.env)
         live = {(key, e.service, e.host, e.port) for key in keys for e in self._registry.entries(self.env, key)}
         pruned: List[Pruned] = []
@@ -438,12 +442,17 @@ class Governance:
                 if not dry_run:
                     self._store.mark_seen(key, service, node.host, node.port, when=now)
                 continue
-            if now - seen < older_than:
+            if now - seen < older_than:  # a stamp ahead of ``now`` (clock skew) counts as seen now
                 continue
             if not dry_run:
                 who = self._check_target(key, service, node.host, node.port, actor)
                 audit.check_ready(self.cfg.mysql, self._probe_entry("prune", who, key, service, node.host, node.port))
-                if not self._remove_settings("prune", who, key, service, node.host, node.port):
+                # A node may have started since the fleet was read: it stamps itself before it
+                # reads its settings, so the removal below (only if the stamp is still ``seen``)
+                # and this last look at the registry leave a starting node alone.
+                if self._registry.live_node(self.env, key, service, node.host, node.port) is not None:
+                    continue
+                if not self._remove_settings("prune", who, key, service, node.host, node.port, seen=seen):
                     continue
             pruned.append(Pruned(key, service, node.host, node.port, now - seen))
         return pruned

@@ -1,10 +1,11 @@
 """start_service and the RunningService handle that stops it.
 
 Start order (nothing is left behind when a step fails: no znode, no bound port, no thread):
-validate -> config -> appkey in MySQL -> IDL -> bind -> node settings from Redis -> ephemeral
-znode -> accept connections. Stop order: delete the znode, drain, stop accepting, let in-flight
-calls finish, release ZooKeeper and Redis; on a thread of its own, so that ``stop()`` returns in
-time whatever the backends do, and works from any thread. The server itself is ``server.py``.
+validate -> config -> appkey in MySQL -> IDL -> bind -> stamp the node as running -> node
+settings from Redis (from the audit trail in MySQL if Redis lost them) -> ephemeral znode ->
+accept connections. Stop order: delete the znode, drain, stop accepting, let in-flight calls
+finish, release ZooKeeper and Redis; on a thread of its own, so that ``stop()`` returns in time
+whatever the backends do, and works from any thread. The server itself is ``server.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..errors import InvalidArgument, ThriftProbeError
 from ..idl import IdlSource, load_service
 from ..node import Node, validate_host, validate_names
 from ..registry import Registration, Registry, open_registry
+from ..stores import audit
 from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
 from .dispatch import Dispatcher
@@ -306,7 +308,15 @@ def start_service(
             "sdk": "thriftprobe/" + __version__,
         }
         store = NodeSettingsStore(cfg.redis, cfg.env)
-        node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras))
+        # Stamped before the settings are read, so that a prune deciding by an older stamp
+        # leaves this node's settings alone (its compare-and-delete sees the new stamp).
+        store.mark_seen(appkey, service_name, host, bound_port)
+
+        def recover() -> Optional[Node]:
+            found = audit.newest_settings(cfg.mysql, cfg.env, appkey, service_name, host, bound_port)
+            return None if found is None else Node(host, bound_port, found[0], found[1], rev=found[2])
+
+        node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras), recover)
         label = "%s-%d" % (service_name, bound_port)
         proto_factory = TBinaryProtocolFactory()
         dispatcher = Dispatcher(service, handler, proto_factory, label=label, expose_errors=expose_errors)
@@ -319,14 +329,14 @@ def start_service(
 
     def refresh(current: Node) -> Node:
         """The node with its settings as stored now (an operator may have changed them); and
-        the record that it runs, which ``thriftprobe node prune`` goes by."""
+        the record that it runs, which ``thriftprobe node prune`` goes by. Settings Redis lost
+        (or holds at a lower revision) are written back from the running node, so that the next
+        start does not fall back to the defaults."""
         try:
             store.mark_seen(appkey, service_name, current.host, current.port)
         except ThriftProbeError as err:  # never in the way of the settings themselves
             log.debug("cannot record %s:%d as seen: %s", current.host, current.port, err)
-        stored = store.get(appkey, service_name, current.host, current.port)
-        if stored is None:  # settings deleted by hand: keep ours, never fall back to defaults
-            return current
+        stored = store.restore(appkey, service_name, current)
         return current.with_settings(stored.weight, stored.valid, stored.rev)
 
     registry: Optional[Registry] = None

@@ -466,8 +466,15 @@ class ZooKeeperRegistration:
         session = zk.client_id  # None while disconnected; read once, it can change under us
         if not zk.connected or session is None:
             return  # the CONNECTED state wakes us again
+        try:
+            data, stat = zk.get(self.path)
+        except NoNodeError:
+            stat = None
+        if stat is not None and stat.ephemeralOwner == session[0]:
+            self._adopt(data)
         current = self._read_settings()
-        stat = zk.exists(self.path)
+        if stat is not None:
+            stat = zk.exists(self.path)  # it may have gone while the settings were read
         if stat is None or stat.ephemeralOwner != session[0]:
             if self._stopping:
                 return
@@ -480,6 +487,16 @@ class ZooKeeperRegistration:
         live = apply_settings(zk, self.path, current)
         if live is not None:
             self.node = live
+
+    def _adopt(self, data: bytes) -> None:
+        """Take the settings an operator wrote into our znode since we last looked: ``refresh()``
+        starts from them (and writes them back to a store that lost them)."""
+        try:
+            live = Node.from_json(data)
+        except ValueError:
+            return  # corrupt: the audit rewrites it from what we hold
+        if live.rev > self.node.rev:
+            self.node = self.node.with_settings(live.weight, live.valid, live.rev)
 
     def _session_closed(self) -> bool:
         return bool(self._client.client_state == KeeperState.CLOSED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -11,7 +12,9 @@ from ..config import MysqlConfig
 from ..errors import BackendError, InvalidArgument
 from .mysql import columns, connect, outdated_columns
 
-__all__ = ["ACTIONS", "AuditEntry", "check_ready", "history", "record"]
+__all__ = ["ACTIONS", "AuditEntry", "check_ready", "history", "newest_settings", "record"]
+
+log = logging.getLogger(__name__)
 
 TABLE = "settings_audit"
 ACTIONS = ("set", "forget", "prune")
@@ -151,6 +154,41 @@ def record(cfg: MysqlConfig, entry: AuditEntry) -> None:
     """Append one change; ``entry.changed_at`` is ignored (the database clock stamps it)."""
     with connect(cfg) as conn, conn.cursor() as cur:
         cur.execute(_INSERT, _row(entry))
+
+
+# MySQL's "no such table" and "command denied": an audit trail this user cannot read is no trail.
+_NO_TRAIL = (1146, 1142)
+
+
+def newest_settings(
+    cfg: MysqlConfig, env: str, appkey: str, service: str, host: str, port: int
+) -> Optional[Tuple[int, bool, int]]:
+    """The settings the newest audit row of one node left it with, as (weight, valid, rev); None
+    when it has no row, when its newest row removed its settings (``forget``, ``prune``: it
+    starts again from the defaults) or when this MySQL user has no audit table to read (logged).
+
+    For a provider whose settings are missing from Redis at start: Redis lost them, and the
+    audit trail still knows what the operator chose. Raises BackendError if MySQL fails.
+    """
+    with connect(cfg) as conn, conn.cursor() as cur:
+        try:
+            cur.execute(
+                "SELECT action, new_weight, new_valid, rev FROM settings_audit"
+                " WHERE env = %s AND appkey = %s AND service = %s AND host = %s AND port = %s"
+                " ORDER BY changed_at DESC, id DESC LIMIT 1",
+                (env, appkey, service, host, port),
+            )
+        except pymysql.MySQLError as err:
+            if err.args and err.args[0] in _NO_TRAIL:
+                log.warning(
+                    "cannot read the audit table %s of %s (%s); no settings to recover", TABLE, cfg.describe(), err
+                )
+                return None
+            raise  # connect() reports it
+        row = cur.fetchone()
+    if row is None or row[0] != "set" or row[1] is None or row[2] is None:
+        return None
+    return int(row[1]), bool(row[2]), int(row[3])
 
 
 def history(

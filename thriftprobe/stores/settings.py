@@ -9,8 +9,7 @@ provider restart. A ``NodeSettingsStore`` wraps one redis-py client, which is it
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import redis
 from redis.backoff import NoBackoff
@@ -43,12 +42,34 @@ return 1
 """
 
 
-# Delete a hash field only if it still holds the value the caller read.
+# Delete a node's settings field, and its seen stamp, only if the field still holds the value the
+# caller read and the stamp is still the one it read ('' = absent): a node that started (or was
+# changed) meanwhile keeps both. KEYS[2] carries KEYS[1] as its hash tag, so both keys live in
+# one slot and this runs on Redis Cluster too.
 _CAS_DELETE_SCRIPT = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current == false or current ~= ARGV[2] then return 0 end
+if ARGV[4] == '1' then
+  local seen = redis.call('HGET', KEYS[2], ARGV[1])
+  if seen == false then seen = '' end
+  if seen ~= ARGV[3] then return -1 end
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
+"""
+
+# Stamp a node as seen now, by the clock of the Redis server that holds the stamps: every
+# provider and every operator's prune compare stamps against that one clock, never their own.
+_MARK_SEEN_SCRIPT = """
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], now[1])
+return now[1]
+"""
+
+_SERVER_TIME_SCRIPT = """
+local now = redis.call('TIME')
+return now[1]
 """
 
 
@@ -61,9 +82,10 @@ def hash_key(env: str) -> str:
 
 
 def seen_key(env: str) -> str:
-    """The hash that keeps, per settings field, when its node was last seen running (unix time):
-    the age ``thriftprobe node prune`` goes by."""
-    return "thriftprobe_%s_seen" % env
+    """The hash that keeps, per settings field, when its node was last seen running (unix time of
+    the Redis server): the age ``thriftprobe node prune`` goes by. Its hash tag is the settings
+    hash's name, so both share a Redis Cluster slot (prune removes from both at once)."""
+    return "{%s}_seen" % hash_key(env)
 
 
 class NodeSettingsStore:
@@ -120,27 +142,84 @@ class NodeSettingsStore:
         except ValueError as err:
             raise SettingsError("corrupt settings in %s: %s" % (self._where(fieldname), err)) from err
 
-    def load_or_init(self, appkey: str, service: str, node: Node) -> Node:
-        """Return ``node`` with its stored weight and valid flag, storing defaults if it has none.
+    def load_or_init(
+        self, appkey: str, service: str, node: Node, recover: Optional[Callable[[], Optional[Node]]] = None
+    ) -> Node:
+        """Return ``node`` with its stored weight, valid flag and revision; when it has none, store
+        and return the settings ``recover()`` finds (the newest ones the audit trail records: the
+        field was lost while the node was down), else the defaults (weight 10, valid 1, rev 0).
 
-        The defaults (weight 10, valid 1) are written with HSETNX, so two starts racing never
-        overwrite an operator's setting. Corrupt stored settings raise SettingsError: falling back
-        to defaults could switch an operator-disabled node back on.
+        The first settings are written with HSETNX, so two starts racing never overwrite an
+        operator's setting. Corrupt stored settings raise SettingsError: falling back to defaults
+        could switch an operator-disabled node back on. ``recover`` may raise; nothing is
+        written then.
         """
         fieldname = settings_field(appkey, self._env, service, node.host, node.port)
-        defaults = Node(node.host, node.port, DEFAULT_WEIGHT, True)
-        try:
-            created = self._client.hsetnx(self._key, fieldname, defaults.to_json())
-        except _REDIS_ERRORS as err:
-            raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
-        if created:
-            log.info("stored default settings for %s: weight %d, valid 1", fieldname, DEFAULT_WEIGHT)
-            return node.with_settings(DEFAULT_WEIGHT, True, 0)
-        stored = self.get(appkey, service, node.host, node.port)
-        if stored is None:  # deleted between HSETNX and HGET: an operator reset it; start again
-            return self.load_or_init(appkey, service, node)
-        log.info("loaded settings for %s: weight %d, valid %d", fieldname, stored.weight, stored.valid)
-        return node.with_settings(stored.weight, stored.valid, stored.rev)
+        for _ in range(_CAS_ATTEMPTS):
+            stored = self.get(appkey, service, node.host, node.port)
+            if stored is not None:
+                log.info(
+                    "loaded settings for %s: weight %d, valid %d, rev %d",
+                    fieldname, stored.weight, stored.valid, stored.rev,
+                )
+                return node.with_settings(stored.weight, stored.valid, stored.rev)
+            first = recover() if recover is not None else None
+            if first is None:
+                first = Node(node.host, node.port, DEFAULT_WEIGHT, True)
+            else:
+                log.warning(
+                    "settings of %s are missing from Redis; restored the newest recorded: weight %d, valid %d, rev %d",
+                    fieldname, first.weight, first.valid, first.rev,
+                )
+            try:
+                created = self._client.hsetnx(self._key, fieldname, first.to_json())
+            except _REDIS_ERRORS as err:
+                raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
+            if created:
+                if recover is None or first.rev == 0:
+                    log.info("stored default settings for %s: weight %d, valid 1", fieldname, first.weight)
+                return node.with_settings(first.weight, first.valid, first.rev)
+            # Written by someone else between our read and HSETNX: read theirs.
+        raise BackendError("gave up loading %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
+
+    def restore(self, appkey: str, service: str, live: Node) -> Node:
+        """Keep the stored settings at least as new as the running node's: when the field is
+        missing or holds a lower revision than ``live`` (Redis lost it: a failover with
+        asynchronous replication, a restart without persistence, an eviction), write ``live``'s
+        weight, valid flag and revision back, with compare-and-set. Returns the settings stored
+        now: ``live``'s, or newer ones an operator wrote. Raises SettingsError (corrupt field,
+        left alone) and BackendError.
+        """
+        fieldname = settings_field(appkey, self._env, service, live.host, live.port)
+        wanted = Node(live.host, live.port, live.weight, live.valid, rev=live.rev)
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                raw = self._client.hget(self._key, fieldname)
+            except _REDIS_ERRORS as err:
+                raise BackendError("cannot read %s: %s" % (self._where(fieldname), err)) from err
+            stored: Optional[Node] = None
+            if raw is not None:
+                try:
+                    stored = Node.from_json(raw)  # type: ignore[arg-type]
+                except ValueError as err:
+                    raise SettingsError("corrupt settings in %s: %s" % (self._where(fieldname), err)) from err
+                if stored.rev >= live.rev:
+                    return stored
+            try:
+                swapped = self._client.eval(_CAS_SCRIPT, 1, self._key, fieldname, raw or b"", wanted.to_json())
+            except _REDIS_ERRORS as err:
+                raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
+            if swapped:
+                log.warning(
+                    "settings of %s were %s in Redis; wrote back the running node's: weight %d, valid %d, rev %d",
+                    fieldname,
+                    "missing" if stored is None else "behind (rev %d)" % stored.rev,
+                    live.weight,
+                    live.valid,
+                    live.rev,
+                )
+                return wanted
+        raise BackendError("gave up restoring %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
 
     def update(
         self,
@@ -203,34 +282,53 @@ class NodeSettingsStore:
             log.debug("concurrent change of %s; retrying", fieldname)
         raise BackendError("gave up changing %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
 
-    def mark_seen(self, appkey: str, service: str, host: str, port: int, when: Optional[float] = None) -> None:
-        """Record that the node runs now (or at ``when``). Raises BackendError."""
+    def mark_seen(self, appkey: str, service: str, host: str, port: int, when: Optional[float] = None) -> float:
+        """Record that the node runs now, by the Redis server's clock (or at ``when``, a time of
+        that clock); return the stamp. Raises BackendError."""
         fieldname = settings_field(appkey, self._env, service, host, port)
         try:
-            self._client.hset(self._seen_key, fieldname, int(time.time() if when is None else when))
+            if when is not None:
+                self._client.hset(self._seen_key, fieldname, int(when))
+                return float(int(when))
+            return float(self._client.eval(_MARK_SEEN_SCRIPT, 1, self._seen_key, fieldname))
         except _REDIS_ERRORS as err:
             raise BackendError("cannot record %s as seen in %s: %s" % (fieldname, self._cfg.describe(), err)) from err
+
+    def server_time(self) -> float:
+        """Now, by the clock of the Redis server that keeps the seen stamps. Raises BackendError."""
+        try:
+            return float(self._client.eval(_SERVER_TIME_SCRIPT, 1, self._seen_key))
+        except _REDIS_ERRORS as err:
+            raise BackendError("cannot read the time of %s: %s" % (self._cfg.describe(), err)) from err
 
     def last_seen(self, appkey: str, service: str, host: str, port: int) -> Optional[float]:
         """When the node was last seen running (unix time), or None if never recorded (a node
         of an SDK without the stamp, or settings written by hand). Raises BackendError."""
-        fieldname = settings_field(appkey, self._env, service, host, port)
-        try:
-            raw = self._client.hget(self._seen_key, fieldname)
-        except _REDIS_ERRORS as err:
-            raise BackendError(
-                "cannot read when %s was seen in %s: %s" % (fieldname, self._cfg.describe(), err)
-            ) from err
+        raw = self._raw_seen(settings_field(appkey, self._env, service, host, port))
         try:
             return None if raw is None else float(raw)
         except ValueError:
             return None  # corrupt: treated as never seen, so its clock starts again
 
-    def remove(self, appkey: str, service: str, host: str, port: int) -> Tuple[bool, Optional[Node]]:
-        """Delete a node's stored settings; return (removed, what they were: None if corrupt).
+    def _raw_seen(self, fieldname: str) -> Optional[bytes]:
+        try:
+            raw: Optional[bytes] = self._client.hget(self._seen_key, fieldname)  # type: ignore[assignment]
+        except _REDIS_ERRORS as err:
+            raise BackendError(
+                "cannot read when %s was seen in %s: %s" % (fieldname, self._cfg.describe(), err)
+            ) from err
+        return raw
+
+    def remove(
+        self, appkey: str, service: str, host: str, port: int, *, seen: Optional[float] = None
+    ) -> Tuple[bool, Optional[Node]]:
+        """Delete a node's stored settings and seen stamp; return (removed, what they were: None
+        if corrupt). (False, None) when there was nothing stored.
 
         Compare-and-delete, like ``update``: a change landing meanwhile is re-read, never lost
-        silently. (False, None) when there was nothing stored."""
+        silently. With ``seen`` (the stamp the caller decided by, from ``last_seen``), nothing is
+        removed, (False, settings) returned, if the node was stamped since: it started meanwhile.
+        """
         fieldname = settings_field(appkey, self._env, service, host, port)
         for _ in range(_CAS_ATTEMPTS):
             try:
@@ -241,12 +339,24 @@ class NodeSettingsStore:
                     old: Optional[Node] = Node.from_json(raw)  # type: ignore[arg-type]
                 except ValueError:
                     old = None  # corrupt settings may be forgotten too
-                if self._client.eval(_CAS_DELETE_SCRIPT, 1, self._key, fieldname, raw):
-                    log.info("removed the settings of %s", fieldname)
-                    self._client.hdel(self._seen_key, fieldname)
-                    return True, old
+                done = self._client.eval(
+                    _CAS_DELETE_SCRIPT,
+                    2,
+                    self._key,
+                    self._seen_key,
+                    fieldname,
+                    raw,
+                    "" if seen is None else str(int(seen)),
+                    "0" if seen is None else "1",
+                )
             except _REDIS_ERRORS as err:
                 raise BackendError("cannot remove %s: %s" % (self._where(fieldname), err)) from err
+            if done == 1:
+                log.info("removed the settings of %s", fieldname)
+                return True, old
+            if done == -1:
+                log.info("kept the settings of %s: its node was seen running meanwhile", fieldname)
+                return False, old
             log.debug("concurrent change of %s; retrying", fieldname)
         raise BackendError("gave up removing %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
 

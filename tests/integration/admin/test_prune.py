@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 from conftest import free_port, wait_until
@@ -68,3 +69,82 @@ def test_a_node_never_recorded_starts_its_clock_at_the_first_prune(cfg, settings
 def test_a_bad_age_exits_2(run, age, capsys):
     run("node", "prune", "--older-than=" + age, expect=2)
     assert "duration" in capsys.readouterr().err
+
+
+def test_ages_go_by_the_redis_clock_not_the_operators(cfg, settings, store, appkey, monkeypatch):
+    """A provider stamps itself by the Redis server's clock; an operator whose own clock runs a
+    day ahead must not prune a node that ran a moment ago (issue 10 D2)."""
+    port = free_port()
+    settings.put(port, weight=4, valid=0)
+    stamp = store.mark_seen(appkey, "Calculator", "127.0.0.1", port)  # as a provider does
+    assert abs(stamp - store.server_time()) < 2
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + DAY)  # this machine's clock is wrong
+    with Governance(cfg) as gov:
+        assert gov.prune(3600, appkey) == []
+    assert settings.get(port) is not None
+
+
+def test_a_stamp_from_the_future_counts_as_seen_now(cfg, settings, store, appkey):
+    port = free_port()
+    settings.put(port, weight=4)
+    store.mark_seen(appkey, "Calculator", "127.0.0.1", port, when=store.server_time() + DAY)  # a skewed writer
+    with Governance(cfg) as gov:
+        assert gov.prune(60, appkey) == []
+    assert settings.get(port) is not None
+
+
+def test_a_node_that_starts_while_prune_decides_keeps_its_settings(cfg, providers, settings, store, appkey):
+    """prune read an old stamp; before it removes anything the node starts (and stamps itself):
+    its settings stay (issue 10 D3)."""
+    port = free_port()
+    settings.put(port, weight=2, valid=0)
+    store.mark_seen(appkey, "Calculator", "127.0.0.1", port, when=store.server_time() - 10 * DAY)
+    started = []
+    with Governance(cfg) as gov:
+        check_target = gov._check_target
+
+        def start_meanwhile(*args, **kwargs):
+            if not started:  # between prune's read and its removal, the node starts
+                started.append(providers("late", port=port))
+            return check_target(*args, **kwargs)
+
+        gov._check_target = start_meanwhile
+        assert gov.prune(DAY, appkey) == []
+    assert started and (started[0].node.weight, started[0].node.valid) == (2, False)
+    assert settings.get(port) is not None
+
+
+def test_a_stamp_written_between_read_and_removal_keeps_the_settings(cfg, settings, store, appkey):
+    """The compare-and-delete itself: the node was stamped after prune read the stamp, but has
+    not registered yet (it is between its stamp and its znode)."""
+    port = free_port()
+    settings.put(port, weight=2, valid=0)
+    old = store.mark_seen(appkey, "Calculator", "127.0.0.1", port, when=store.server_time() - 10 * DAY)
+    store.mark_seen(appkey, "Calculator", "127.0.0.1", port)
+    removed, what = store.remove(appkey, "Calculator", "127.0.0.1", port, seen=old)
+    assert not removed and what.weight == 2
+    assert settings.get(port) is not None and store.last_seen(appkey, "Calculator", "127.0.0.1", port) is not None
+    removed, _ = store.remove(appkey, "Calculator", "127.0.0.1", port)
+    assert removed and store.last_seen(appkey, "Calculator", "127.0.0.1", port) is None
+
+
+def test_stamps_prune_and_write_back_work_on_redis_cluster(cluster_cfg):
+    """The stamp hash shares the settings hash's slot: the two-key compare-and-delete and the
+    Redis-clock scripts run on a 3-master cluster."""
+    from thriftprobe.node import Node
+    from thriftprobe.stores import appkeys
+
+    key = "t.cluster.%s" % uuid.uuid4().hex[:12]
+    appkeys.add_appkey(cluster_cfg.mysql, key)
+    port = free_port()
+    with NodeSettingsStore(cluster_cfg.redis, cluster_cfg.env) as cstore:
+        live = Node("127.0.0.1", port, 6, False, rev=4)
+        assert cstore.restore(key, "Calculator", live).rev == 4  # missing field: written back
+        assert cstore.get(key, "Calculator", "127.0.0.1", port).valid is False
+        now = cstore.server_time()
+        cstore.mark_seen(key, "Calculator", "127.0.0.1", port, when=now - 10 * DAY)
+        with Governance(cluster_cfg) as gov:
+            assert [p.port for p in gov.prune(DAY, key, actor="cron")] == [port]
+        assert cstore.get(key, "Calculator", "127.0.0.1", port) is None
+        assert cstore.last_seen(key, "Calculator", "127.0.0.1", port) is None
