@@ -312,7 +312,11 @@ class Governance:
         except BackendError as err:  # still stored; the live update below says what happened
             log.warning("cannot read the live node %s:%d of %s/%s: %s", host, port, appkey, service, err)
             current = None
-        old, new = self._store.update(appkey, service, host, port, weight, valid, live=current)
+        def recover() -> Optional[Node]:
+            found = audit.recover_settings(self.cfg.mysql, self.env, appkey, service, host, port)
+            return None if found is None else Node(host, port, found[0], found[1], rev=found[2])
+
+        old, new = self._store.update(appkey, service, host, port, weight, valid, live=current, recover=recover)
         # Persisted: from here on the change is real (providers apply it at their next audit),
         # so it is audited whatever happens to the live update.
         live_error: Optional[BackendError] = None
@@ -442,7 +446,11 @@ class Governance:
                 if not dry_run:
                     self._store.mark_seen(key, service, node.host, node.port, when=now)
                 continue
-            if now - seen < older_than:  # a stamp ahead of ``now`` (clock skew) counts as seen now
+            if seen > now + 60:  # a stamp from the future (a clock that jumped): its clock starts now
+                if not dry_run:
+                    self._store.mark_seen(key, service, node.host, node.port, when=now)
+                continue
+            if now - seen < older_than:
                 continue
             if not dry_run:
                 who = self._check_target(key, service, node.host, node.port, actor)

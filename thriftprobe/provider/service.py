@@ -313,7 +313,7 @@ def start_service(
         store.mark_seen(appkey, service_name, host, bound_port)
 
         def recover() -> Optional[Node]:
-            found = audit.newest_settings(cfg.mysql, cfg.env, appkey, service_name, host, bound_port)
+            found = audit.recover_settings(cfg.mysql, cfg.env, appkey, service_name, host, bound_port)
             return None if found is None else Node(host, bound_port, found[0], found[1], rev=found[2])
 
         node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras), recover)

@@ -10,13 +10,18 @@ import pymysql
 
 from ..config import MysqlConfig
 from ..errors import BackendError, InvalidArgument
-from .mysql import columns, connect, outdated_columns
+from ..node import DEFAULT_WEIGHT
+from .mysql import columns, connect, indexes, outdated_columns
 
-__all__ = ["ACTIONS", "AuditEntry", "check_ready", "history", "newest_settings", "record"]
+__all__ = ["ACTIONS", "AuditEntry", "check_ready", "history", "record", "recover_settings"]
 
 log = logging.getLogger(__name__)
 
 TABLE = "settings_audit"
+_RECOVERY_INDEX = "ix_settings_audit_host"
+# MySQL's "no such table", "unknown column" and "command / column denied": an audit trail this
+# user cannot read is no trail.
+_NO_TRAIL = (1146, 1054, 1142, 1143)
 ACTIONS = ("set", "forget", "prune")
 """``set``: weight or on/off changed; ``forget``/``prune``: a node's stored settings removed."""
 
@@ -156,28 +161,50 @@ def record(cfg: MysqlConfig, entry: AuditEntry) -> None:
         cur.execute(_INSERT, _row(entry))
 
 
-# MySQL's "no such table" and "command denied": an audit trail this user cannot read is no trail.
-_NO_TRAIL = (1146, 1142)
+_NODE = "env = %s AND appkey = %s AND service = %s AND host = %s AND port = %s"
 
 
-def newest_settings(
+def recover_settings(
     cfg: MysqlConfig, env: str, appkey: str, service: str, host: str, port: int
 ) -> Optional[Tuple[int, bool, int]]:
-    """The settings the newest audit row of one node left it with, as (weight, valid, rev); None
-    when it has no row, when its newest row removed its settings (``forget``, ``prune``: it
-    starts again from the defaults) or when this MySQL user has no audit table to read (logged).
+    """What the audit trail says a node's settings are, as (weight, valid, rev), for a node whose
+    Redis field is gone (Redis lost it); None when the trail knows nothing of the node.
 
-    For a provider whose settings are missing from Redis at start: Redis lost them, and the
-    audit trail still knows what the operator chose. Raises BackendError if MySQL fails.
+    The settings are those of the highest revision set since the node's settings were last
+    removed (``forget``, ``prune``): revisions are what orders changes, not the time their rows
+    were written. After a removal with no change since, the defaults (weight 10, valid 1) at the
+    removed settings' revision, so that revisions never go backwards across a removal.
+
+    An audit table this version cannot use (missing, older schema without ``action``, no index
+    on the node: run ``thriftprobe db init``; or no SELECT privilege) is logged and counts as an
+    empty trail: the lookup must never scan a large table on every start. Raises BackendError if
+    MySQL fails.
     """
+    node = (env, appkey, service, host, port)
     with connect(cfg) as conn, conn.cursor() as cur:
         try:
+            present = columns(cur, cfg.database, TABLE)
+            missing = [c for c in ("action", "rev", "new_weight", "new_valid") if c not in present]
+            if missing or _RECOVERY_INDEX not in indexes(cur, cfg.database, TABLE):
+                log.warning(
+                    "the audit table %s of %s %s; settings cannot be recovered from it (run 'thriftprobe db init')",
+                    TABLE,
+                    cfg.describe(),
+                    "is missing" if not present else "lacks " + (", ".join(missing) or "index " + _RECOVERY_INDEX),
+                )
+                return None
             cur.execute(
-                "SELECT action, new_weight, new_valid, rev FROM settings_audit"
-                " WHERE env = %s AND appkey = %s AND service = %s AND host = %s AND port = %s"
-                " ORDER BY changed_at DESC, id DESC LIMIT 1",
-                (env, appkey, service, host, port),
+                "SELECT id, rev FROM settings_audit WHERE " + _NODE + " AND action IN ('forget', 'prune')"
+                " ORDER BY id DESC LIMIT 1",
+                node,
             )
+            removed = cur.fetchone()
+            cur.execute(
+                "SELECT new_weight, new_valid, rev FROM settings_audit WHERE " + _NODE + " AND action = 'set'"
+                " AND id > %s AND new_weight IS NOT NULL AND new_valid IS NOT NULL ORDER BY rev DESC, id DESC LIMIT 1",
+                (*node, 0 if removed is None else removed[0]),
+            )
+            row = cur.fetchone()
         except pymysql.MySQLError as err:
             if err.args and err.args[0] in _NO_TRAIL:
                 log.warning(
@@ -185,10 +212,11 @@ def newest_settings(
                 )
                 return None
             raise  # connect() reports it
-        row = cur.fetchone()
-    if row is None or row[0] != "set" or row[1] is None or row[2] is None:
-        return None
-    return int(row[1]), bool(row[2]), int(row[3])
+    if row is not None:
+        return int(row[0]), bool(row[1]), int(row[2])
+    if removed is not None:
+        return DEFAULT_WEIGHT, True, int(removed[1])
+    return None
 
 
 def history(

@@ -18,7 +18,10 @@ import pymysql
 from ..config import MysqlConfig
 from ..errors import BackendError
 
-__all__ = ["TABLES", "ColumnInfo", "columns", "connect", "create_schema", "missing_schema", "outdated_columns"]
+__all__ = [
+    "TABLES", "ColumnInfo", "columns", "connect", "create_schema", "indexes", "missing_indexes", "missing_schema",
+    "outdated_columns",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ _TABLES_DDL: Tuple[Tuple[str, str], ...] = (
             new_valid   TINYINT NULL,
             rev         BIGINT UNSIGNED NOT NULL,
             live        TINYINT NOT NULL,
-            KEY ix_settings_audit_node (env, appkey, service, changed_at)
+            KEY ix_settings_audit_node (env, appkey, service, changed_at),
+            KEY ix_settings_audit_host (env, appkey, service, host, port, id)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
         """,
     ),
@@ -73,6 +77,13 @@ _UPGRADES: Dict[str, Tuple[Tuple[str, str], ...]] = {
         ("created_at", "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP"),
     ),
     "settings_audit": (("action", "VARCHAR(16) NOT NULL DEFAULT 'set' AFTER source"),),
+}
+
+
+# Indexes added after a table was first created: a starting provider looks up one node's audit
+# rows (stores/audit.py recover_settings), which must not scan every row of its service.
+_INDEXES: Dict[str, Tuple[Tuple[str, str], ...]] = {
+    "settings_audit": (("ix_settings_audit_host", "(env, appkey, service, host, port, id)"),),
 }
 
 
@@ -182,6 +193,21 @@ def columns(cur: pymysql.cursors.Cursor, database: str, table: str) -> Dict[str,
     }
 
 
+def indexes(cur: pymysql.cursors.Cursor, database: str, table: str) -> List[str]:
+    """The names of ``table``'s indexes (empty if the table does not exist)."""
+    cur.execute(
+        "SELECT DISTINCT index_name FROM information_schema.statistics WHERE table_schema = %s AND table_name = %s",
+        (database, table),
+    )
+    return [str(row[0]).lower() for row in cur.fetchall()]
+
+
+def missing_indexes(cur: pymysql.cursors.Cursor, database: str, table: str) -> List[Tuple[str, str]]:
+    """The (name, columns) of the indexes an existing ``table`` lacks."""
+    have = indexes(cur, database, table)
+    return [(name, cols) for name, cols in _INDEXES.get(table, ()) if name not in have]
+
+
 def outdated_columns(table: str, present: Dict[str, ColumnInfo]) -> Dict[str, _Column]:
     """The columns of ``table`` that exist but are narrower or stricter than they must be."""
     found = {}
@@ -217,6 +243,9 @@ def create_schema(cfg: MysqlConfig) -> List[str]:
             for column, want in outdated_columns(table, present).items():
                 cur.execute("ALTER TABLE `%s` MODIFY COLUMN `%s` %s" % (table, column, want.definition))
                 done.append("changed column %s.%s to %s" % (table, column, want.definition))
+            for name, cols in missing_indexes(cur, cfg.database, table):
+                cur.execute("ALTER TABLE `%s` ADD INDEX `%s` %s" % (table, name, cols))
+                done.append("added index %s.%s" % (table, name))
     for line in done:
         log.info("%s: %s", cfg.describe(), line)
     return done
@@ -239,4 +268,5 @@ def missing_schema(cfg: MysqlConfig) -> List[str]:
                 "column %s.%s as %s" % (table, column, want.definition)
                 for column, want in outdated_columns(table, present).items()
             )
+            missing.extend("index %s.%s" % (table, name) for name, _ in missing_indexes(cur, cfg.database, table))
     return missing

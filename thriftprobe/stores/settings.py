@@ -43,7 +43,7 @@ return 1
 
 
 # Delete a node's settings field, and its seen stamp, only if the field still holds the value the
-# caller read and the stamp is still the one it read ('' = absent): a node that started (or was
+# caller read and the stamp still has the value it read (compared as numbers): a node that started (or was
 # changed) meanwhile keeps both. KEYS[2] carries KEYS[1] as its hash tag, so both keys live in
 # one slot and this runs on Redis Cluster too.
 _CAS_DELETE_SCRIPT = """
@@ -51,8 +51,7 @@ local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current == false or current ~= ARGV[2] then return 0 end
 if ARGV[4] == '1' then
   local seen = redis.call('HGET', KEYS[2], ARGV[1])
-  if seen == false then seen = '' end
-  if seen ~= ARGV[3] then return -1 end
+  if seen == false or tonumber(seen) ~= tonumber(ARGV[3]) then return -1 end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -145,42 +144,60 @@ class NodeSettingsStore:
     def load_or_init(
         self, appkey: str, service: str, node: Node, recover: Optional[Callable[[], Optional[Node]]] = None
     ) -> Node:
-        """Return ``node`` with its stored weight, valid flag and revision; when it has none, store
-        and return the settings ``recover()`` finds (the newest ones the audit trail records: the
-        field was lost while the node was down), else the defaults (weight 10, valid 1, rev 0).
+        """Return ``node`` with its settings: the stored ones, or those ``recover()`` finds (the
+        audit trail) when they carry a higher revision (Redis lost the field, or a failover
+        promoted a replica that missed the latest change, while the node was down); the defaults
+        (weight 10, valid 1, rev 0) when neither has any. What is returned is stored.
 
-        The first settings are written with HSETNX, so two starts racing never overwrite an
-        operator's setting. Corrupt stored settings raise SettingsError: falling back to defaults
-        could switch an operator-disabled node back on. ``recover`` may raise; nothing is
-        written then.
+        Writes are compare-and-set (HSETNX for a missing field), so two starts racing, or a start
+        racing an operator, never overwrite a newer setting. Corrupt stored settings raise
+        SettingsError: falling back to defaults could switch an operator-disabled node back on.
+        ``recover`` may raise; nothing is written then.
         """
         fieldname = settings_field(appkey, self._env, service, node.host, node.port)
+        recorded = recover() if recover is not None else None
         for _ in range(_CAS_ATTEMPTS):
-            stored = self.get(appkey, service, node.host, node.port)
-            if stored is not None:
+            try:
+                raw = self._client.hget(self._key, fieldname)
+            except _REDIS_ERRORS as err:
+                raise BackendError("cannot read %s: %s" % (self._where(fieldname), err)) from err
+            stored = self._parse(raw, fieldname)
+            if stored is not None and (recorded is None or stored.rev >= recorded.rev):
                 log.info(
                     "loaded settings for %s: weight %d, valid %d, rev %d",
                     fieldname, stored.weight, stored.valid, stored.rev,
                 )
                 return node.with_settings(stored.weight, stored.valid, stored.rev)
-            first = recover() if recover is not None else None
-            if first is None:
-                first = Node(node.host, node.port, DEFAULT_WEIGHT, True)
-            else:
-                log.warning(
-                    "settings of %s are missing from Redis; restored the newest recorded: weight %d, valid %d, rev %d",
-                    fieldname, first.weight, first.valid, first.rev,
-                )
+            first = recorded or Node(node.host, node.port, DEFAULT_WEIGHT, True)
             try:
-                created = self._client.hsetnx(self._key, fieldname, first.to_json())
+                if raw is None:
+                    written = self._client.hsetnx(self._key, fieldname, first.to_json())
+                else:
+                    written = self._client.eval(_CAS_SCRIPT, 1, self._key, fieldname, raw, first.to_json())
             except _REDIS_ERRORS as err:
                 raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
-            if created:
-                if recover is None or first.rev == 0:
+            if written:
+                if recorded is None:
                     log.info("stored default settings for %s: weight %d, valid 1", fieldname, first.weight)
+                else:  # a node removed by forget/prune, or settings Redis lost
+                    log.log(
+                        logging.INFO if stored is None else logging.WARNING,
+                        "settings of %s taken from the audit trail (Redis had %s): weight %d, valid %d, rev %d",
+                        fieldname,
+                        "none" if stored is None else "rev %d" % stored.rev,
+                        first.weight, first.valid, first.rev,
+                    )
                 return node.with_settings(first.weight, first.valid, first.rev)
-            # Written by someone else between our read and HSETNX: read theirs.
+            # Written by someone else between our read and our write: read theirs.
         raise BackendError("gave up loading %s after %d concurrent changes" % (self._where(fieldname), _CAS_ATTEMPTS))
+
+    def _parse(self, raw: Union[bytes, str, None], fieldname: str) -> Optional[Node]:
+        if raw is None:
+            return None
+        try:
+            return Node.from_json(raw)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise SettingsError("corrupt settings in %s: %s" % (self._where(fieldname), err)) from err
 
     def restore(self, appkey: str, service: str, live: Node) -> Node:
         """Keep the stored settings at least as new as the running node's: when the field is
@@ -231,6 +248,7 @@ class NodeSettingsStore:
         valid: Optional[bool],
         *,
         live: Optional[Node] = None,
+        recover: Optional[Callable[[], Optional[Node]]] = None,
     ) -> Tuple[Optional[Node], Node]:
         """Change a node's weight and/or valid flag with compare-and-set; return (old, new).
 
@@ -240,31 +258,32 @@ class NodeSettingsStore:
         the stored settings (the field was lost or reset: a failover with asynchronous
         replication, a restart without persistence, an eviction, a hand edit), the change starts
         from it, so revisions never go backwards and the fields not changed keep their live
-        values. ``old`` is then the live node's settings. A node with neither starts from the
-        defaults (weight 10, valid 1) and ``old`` is None.
+        values. ``old`` is then the live node's settings. For a node that is not live, the same
+        holds for what ``recover()`` finds (the audit trail: Redis lost the field, or holds older
+        settings, while the node is down). A node with none of these starts from the defaults
+        (weight 10, valid 1) and ``old`` is None.
         """
         fieldname = settings_field(appkey, self._env, service, host, port)
+        # The audit trail is asked once, only for a node that is not live (a live node's keeper
+        # keeps Redis at least at its revision).
+        recorded = recover() if recover is not None and live is None else None
         for _ in range(_CAS_ATTEMPTS):
             try:
                 raw = self._client.hget(self._key, fieldname)
             except _REDIS_ERRORS as err:
                 raise BackendError("cannot read %s: %s" % (self._where(fieldname), err)) from err
-            old = None
-            if raw is not None:
-                try:
-                    old = Node.from_json(raw)  # type: ignore[arg-type]
-                except ValueError as err:
-                    raise SettingsError("corrupt settings in %s: %s" % (self._where(fieldname), err)) from err
-            if live is not None and (old is None or live.rev > old.rev):
-                log.warning(
-                    "stored settings of %s (%s) are behind the live node (rev %d); the change starts from it",
-                    fieldname,
-                    "missing" if old is None else "rev %d" % old.rev,
-                    live.rev,
-                )
-                base_of_change: Optional[Node] = Node(host, port, live.weight, live.valid, rev=live.rev)
-            else:
-                base_of_change = old
+            old = self._parse(raw, fieldname)
+            base_of_change = old
+            for source, candidate in (("live node", live), ("audit trail", recorded)):
+                if candidate is not None and (base_of_change is None or candidate.rev > base_of_change.rev):
+                    log.warning(
+                        "stored settings of %s (%s) are behind the %s (rev %d); the change starts from it",
+                        fieldname,
+                        "missing" if old is None else "rev %d" % old.rev,
+                        source,
+                        candidate.rev,
+                    )
+                    base_of_change = Node(host, port, candidate.weight, candidate.valid, rev=candidate.rev)
             base = base_of_change or Node(host, port)
             new = Node(
                 host,
@@ -346,7 +365,7 @@ class NodeSettingsStore:
                     self._seen_key,
                     fieldname,
                     raw,
-                    "" if seen is None else str(int(seen)),
+                    "" if seen is None else repr(float(seen)),
                     "0" if seen is None else "1",
                 )
             except _REDIS_ERRORS as err:

@@ -8,9 +8,10 @@ import time
 import uuid
 
 import pytest
-from conftest import free_port, wait_until
+from conftest import TEST_ENV, free_port, wait_until
 
 from thriftprobe.admin.governance import Governance
+from thriftprobe.node import settings_field
 from thriftprobe.stores.settings import NodeSettingsStore
 
 DAY = 86400.0
@@ -148,3 +149,24 @@ def test_stamps_prune_and_write_back_work_on_redis_cluster(cluster_cfg):
             assert [p.port for p in gov.prune(DAY, key, actor="cron")] == [port]
         assert cstore.get(key, "Calculator", "127.0.0.1", port) is None
         assert cstore.last_seen(key, "Calculator", "127.0.0.1", port) is None
+
+
+@pytest.mark.parametrize("stamp", ["1000.500", "1.0e+03", " 1000"])
+def test_a_stamp_written_in_another_number_form_is_still_pruned(cfg, settings, store, appkey, stamp):
+    port = free_port()
+    settings.put(port, weight=4)
+    store._client.hset(store._seen_key, settings_field(appkey, TEST_ENV, "Calculator", "127.0.0.1", port), stamp)
+    with Governance(cfg) as gov:
+        assert [p.port for p in gov.prune(DAY, appkey)] == [port]
+    assert settings.get(port) is None
+
+
+def test_a_stamp_from_the_future_restarts_the_clock(cfg, settings, store, appkey):
+    port = free_port()
+    settings.put(port, weight=4)
+    now = store.server_time()
+    store.mark_seen(appkey, "Calculator", "127.0.0.1", port, when=now + 30 * DAY)  # a clock that jumped
+    with Governance(cfg) as gov:
+        assert gov.prune(DAY, appkey) == []
+        assert store.last_seen(appkey, "Calculator", "127.0.0.1", port) <= store.server_time()
+        assert [p.port for p in gov.prune(DAY, appkey, now=now + DAY + 5)] == [port]

@@ -4,10 +4,17 @@ across the provider's next restart, and revisions must go on from where they wer
 
 from __future__ import annotations
 
+import pytest
 from conftest import TEST_ENV, live, wait_until
 
 from thriftprobe.node import Node, settings_field
-from thriftprobe.stores.settings import hash_key
+from thriftprobe.stores.settings import NodeSettingsStore, hash_key
+
+
+@pytest.fixture
+def store(cfg):
+    with NodeSettingsStore(cfg.redis, cfg.env) as store:
+        yield store
 
 
 def lose(settings, port):
@@ -64,7 +71,9 @@ def test_after_forget_a_node_starts_from_the_defaults(providers, gov, settings, 
     assert gov.forget_node(appkey, "Calculator", "127.0.0.1", port)
 
     again = providers("b", port=port)
-    assert triple(again.node) == (10, True, 0)  # forgotten on purpose: the audit trail is not replayed
+    # Forgotten on purpose: the defaults, not the settings before; at the removed revision, so
+    # that revisions never go backwards.
+    assert triple(again.node) == (10, True, 1)
 
 
 def test_an_older_revision_in_redis_is_replaced_by_the_live_one(providers, gov, settings, appkey):
@@ -89,3 +98,105 @@ def test_an_operator_change_racing_the_write_back_is_never_lost(providers, gov, 
     assert triple(stored(settings, svc.port)) == (29, False, change.new.rev)
     revs = [e.rev for e in gov.history(appkey)]
     assert len(revs) == len(set(revs)) == 11  # no revision given twice
+
+
+def test_a_change_while_the_node_is_down_and_its_field_lost_starts_from_the_audit_trail(
+    providers, gov, settings, appkey
+):
+    svc = providers("a")
+    port = svc.port
+    gov.set_node(appkey, "Calculator", "127.0.0.1", port, weight=7)
+    gov.set_node(appkey, "Calculator", "127.0.0.1", port, valid=False)
+    svc.stop(timeout=2.0, drain=0)
+    lose(settings, port)
+
+    change = gov.set_node(appkey, "Calculator", "127.0.0.1", port, weight=20)
+
+    assert triple(change.new) == (20, False, 3)  # still off; the next revision
+    assert triple(change.old) == (7, False, 2)
+    assert triple(providers("b", port=port).node) == (20, False, 3)
+
+
+def test_revisions_go_on_after_forget_so_a_stale_keeper_cannot_overwrite_a_newer_change(
+    providers, gov, settings, store, appkey
+):
+    """A provider cut off from ZooKeeper (its znode gone with its session) but not from Redis
+    holds rev 2; meanwhile an operator forgets the node and sets it anew. When the provider's
+    keeper comes back, the operator's change must win."""
+    svc = providers("a")
+    port = svc.port
+    gov.set_node(appkey, "Calculator", "127.0.0.1", port, weight=7)
+    gov.set_node(appkey, "Calculator", "127.0.0.1", port, valid=False)
+    stale = svc.node
+    svc.stop(timeout=2.0, drain=0)
+    wait_until(lambda: not gov._registry.entries(TEST_ENV, appkey), what="the node leaving")
+    assert gov.forget_node(appkey, "Calculator", "127.0.0.1", port)
+
+    change = gov.set_node(appkey, "Calculator", "127.0.0.1", port, weight=50)
+    assert triple(change.new) == (50, True, 3)  # defaults after forget, at the removed revision, + 1
+
+    assert triple(store.restore(appkey, "Calculator", stale)) == (50, True, 3)  # what the keeper would do
+    assert triple(stored(settings, port)) == (50, True, 3)
+
+
+def test_recovery_takes_the_highest_revision_not_the_newest_row(cfg, providers, gov, settings, appkey):
+    """Two operators at once: the one with the lower revision wrote its audit row last."""
+    from thriftprobe.stores import mysql
+
+    port = providers("a").port
+    providers.started[0].stop(timeout=2.0, drain=0)
+    rows = [("opB", 4, 99, 0), ("opA", 3, 6, 0)]  # rev 4 recorded first, rev 3 after it
+    with mysql.connect(cfg.mysql) as conn, conn.cursor() as cur:
+        for actor, rev, weight, valid in rows:
+            cur.execute(
+                "INSERT INTO settings_audit (actor, source, action, env, appkey, service, host, port, new_weight,"
+                " new_valid, rev, live)"
+                " VALUES (%s, 'cli', 'set', %s, %s, 'Calculator', '127.0.0.1', %s, %s, %s, %s, 0)",
+                (actor, TEST_ENV, appkey, port, weight, valid, rev),
+            )
+    lose(settings, port)
+    assert triple(providers("b", port=port).node) == (99, False, 4)
+
+
+def test_a_field_behind_the_audit_trail_is_replaced_at_start(providers, gov, settings, appkey):
+    """A failover promoted a replica that missed the last change while the node was down."""
+    svc = providers("a")
+    port = svc.port
+    gov.set_node(appkey, "Calculator", "127.0.0.1", port, valid=False)
+    gov.set_node(appkey, "Calculator", "127.0.0.1", port, weight=4)
+    svc.stop(timeout=2.0, drain=0)
+    settings.client.hset(
+        hash_key(TEST_ENV),
+        settings_field(appkey, TEST_ENV, "Calculator", "127.0.0.1", port),
+        Node("127.0.0.1", port, 10, False, rev=1).to_json(),
+    )
+    assert triple(providers("b", port=port).node) == (4, False, 2)
+
+
+def test_an_audit_table_this_version_cannot_use_never_blocks_a_start(cfg, appkey, caplog):
+    """Providers upgraded before 'thriftprobe db init': no action column, no index. The lookup
+    says so and finds nothing, without scanning the table or failing the start."""
+    import dataclasses
+
+    from thriftprobe.stores import audit, mysql
+
+    old = dataclasses.replace(cfg.mysql, database="tp_old_audit_schema")
+    with mysql.connect(old, with_database=False) as conn, conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS tp_old_audit_schema")
+        cur.execute("CREATE DATABASE tp_old_audit_schema")
+        cur.execute(
+            "CREATE TABLE tp_old_audit_schema.settings_audit (id BIGINT PRIMARY KEY AUTO_INCREMENT,"
+            " changed_at TIMESTAMP(3) DEFAULT CURRENT_TIMESTAMP(3), actor VARCHAR(64), source VARCHAR(16),"
+            " env VARCHAR(64), appkey VARCHAR(128), service VARCHAR(128), host VARCHAR(64), port INT,"
+            " old_weight INT, old_valid TINYINT, new_weight INT, new_valid TINYINT, rev BIGINT, live TINYINT)"
+        )
+    try:
+        assert audit.recover_settings(old, TEST_ENV, appkey, "Calculator", "127.0.0.1", 1) is None
+        assert "db init" in caplog.text
+        assert "index settings_audit.ix_settings_audit_host" in mysql.missing_schema(old)
+        mysql.create_schema(old)
+        assert mysql.missing_schema(old) == []
+        assert audit.recover_settings(old, TEST_ENV, appkey, "Calculator", "127.0.0.1", 1) is None  # no rows
+    finally:
+        with mysql.connect(old, with_database=False) as conn, conn.cursor() as cur:
+            cur.execute("DROP DATABASE IF EXISTS tp_old_audit_schema")
