@@ -19,6 +19,7 @@ from .errors import (
     IdlError,
     InvalidArgument,
     NoAvailableNode,
+    Overloaded,
     SettingsError,
     ThriftProbeError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidArgument",
     "NoAvailableNode",
     "OutlierDetector",
+    "Overloaded",
     "ProbeClient",
     "Retry",
     "RetryBudget",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+LOADSHEDDING = 11
+"""The ``TApplicationException`` type of a provider's "not executed" reply (fbthrift's name and
+number): it was overloaded or over a limit and did not run the handler, so the call is safe to
+send to another node, idempotent or not."""
+
 __all__ = [
     "AppkeyNotRegistered",
     "BackendError",
     "ConfigError",
     "IdlError",
     "InvalidArgument",
+    "LOADSHEDDING",
     "NoAvailableNode",
+    "Overloaded",
     "SettingsError",
     "ThriftProbeError",
 ]
@@ -44,3 +51,9 @@ class SettingsError(ThriftProbeError):
 
 class NoAvailableNode(ThriftProbeError):
     """No registered, valid node of the service could take the call (nothing was sent)."""
+
+
+class Overloaded(NoAvailableNode):
+    """Every node tried answered "not executed" (``LOADSHEDDING``: overloaded, or over a limit),
+    or the retry budget allowed no further try: the handler never ran anywhere. A subclass of
+    NoAvailableNode, since no node could take the call."""
