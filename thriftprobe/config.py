@@ -17,7 +17,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -28,6 +28,7 @@ __all__ = [
     "Config",
     "ConsoleConfig",
     "MysqlConfig",
+    "ProviderConfig",
     "RedisConfig",
     "TlsConfig",
     "ZooKeeperConfig",
@@ -143,6 +144,32 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class ProviderConfig:
+    """Optional section ``provider.<env>``: the server limits of every provider of the
+    environment, with the names and units of ``start_service``'s arguments (seconds, bytes).
+    ``start_service``'s own arguments win; what neither sets takes the server's defaults."""
+
+    workers: Optional[int] = None
+    queue_size: Optional[int] = None
+    max_connections: Optional[int] = None
+    max_message_size: Optional[int] = None
+    read_timeout: Optional[float] = None
+    idle_timeout: Optional[float] = None
+    transport: Optional[str] = None
+    protocol: Optional[str] = None
+
+    def set_values(self) -> Dict[str, Any]:
+        """The keys the file set, with their values."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+_PROVIDER_KEYS: Tuple[Tuple[str, type], ...] = (
+    ("workers", int), ("queue_size", int), ("max_connections", int), ("max_message_size", int),
+    ("read_timeout", float), ("idle_timeout", float), ("transport", str), ("protocol", str),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Config:
     """The settings of one environment, as read from one file."""
 
@@ -151,6 +178,7 @@ class Config:
     mysql: MysqlConfig
     redis: RedisConfig
     zookeeper: ZooKeeperConfig
+    provider: ProviderConfig = field(default_factory=ProviderConfig)
 
 
 def resolve_env(
@@ -207,6 +235,7 @@ def load(
         mysql=_mysql(reader, data),
         redis=_redis(reader, data),
         zookeeper=_zookeeper(reader, data),
+        provider=_provider(reader, data),
     )
 
 
@@ -402,6 +431,15 @@ def _redis(r: _Reader, data: Mapping[str, Any]) -> RedisConfig:
         socket_timeout=r.get(s, "redis", "socket_timeout", float, 2000.0) / 1000.0,
         tls=_tls(r, s, "redis"),
     )
+
+
+def _provider(r: _Reader, data: Mapping[str, Any]) -> ProviderConfig:
+    top = data.get("provider")
+    if top is None or (isinstance(top, dict) and top.get(r.env) is None):
+        return ProviderConfig()  # optional: every provider option has a default
+    s = r.section(data, "provider")
+    r.only(s, "provider", tuple(key for key, _ in _PROVIDER_KEYS))
+    return ProviderConfig(**{key: r.get(s, "provider", key, kind, None) for key, kind in _PROVIDER_KEYS})
 
 
 def _zookeeper(r: _Reader, data: Mapping[str, Any]) -> ZooKeeperConfig:

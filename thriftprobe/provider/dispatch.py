@@ -26,7 +26,14 @@ from thriftpy2.transport import TMemoryBuffer
 
 from ..idl import same_thrift_struct
 
-__all__ = ["Dispatcher"]
+__all__ = ["APPLICATION_ERROR", "DECLARED_EXCEPTION", "OK", "OUTCOMES", "Dispatcher"]
+
+OK = "ok"
+DECLARED_EXCEPTION = "declared_exception"
+APPLICATION_ERROR = "application_error"
+"""A TApplicationException: raised by the handler, an undeclared exception, an unknown method, a
+result that cannot be encoded."""
+OUTCOMES = (OK, DECLARED_EXCEPTION, APPLICATION_ERROR)
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +68,10 @@ class _Method:
 
 
 class Dispatcher:
-    """Serves the calls of one service on a binary protocol.
+    """Serves the calls of one service.
 
-    Stateless between calls: one instance is shared by every connection thread. ``protocol_factory``
-    builds the protocol that encodes replies into memory before they are written.
+    Stateless between calls: one instance is shared by every worker thread. ``protocol_factory``
+    builds the protocol that encodes replies into memory (the server frames and sends them).
     """
 
     def __init__(
@@ -83,24 +90,20 @@ class Dispatcher:
         self._label = label
         self._expose_errors = expose_errors
 
-    def handle(self, proto: Any) -> None:
-        """Read one message from ``proto``, run it, and write the reply (if any) to ``proto``'s
-        transport. Raises what reading or writing the connection raises (the caller ends it)."""
+    def handle(self, proto: Any) -> Tuple[Optional[bytes], str, str]:
+        """Read one message from ``proto`` (over the request's bytes), run it, and return
+        ``(reply, method name, outcome)``: the reply's bytes (None for a oneway call) and one of
+        ``OUTCOMES``. Raises what decoding a malformed request raises (the connection is ended)."""
         api, mtype, seqid = proto.read_message_begin()
         oneway = mtype == TMessageType.ONEWAY
         method = self._methods.get(api)
         if method is None:
             proto.skip(TType.STRUCT)
             proto.read_message_end()
-            if not oneway:
-                self._send_exception(
-                    proto, api, seqid,
-                    TApplicationException(
-                        TApplicationException.UNKNOWN_METHOD,
-                        "%s has no method %r" % (self._service_name, api),
-                    ),
-                )
-            return
+            error = TApplicationException(
+                TApplicationException.UNKNOWN_METHOD, "%s has no method %r" % (self._service_name, api)
+            )
+            return (None if oneway else self.exception_reply(api, seqid, error)), api, APPLICATION_ERROR
         args = method.args_cls()
         args.read(proto)
         proto.read_message_end()
@@ -109,20 +112,19 @@ class Dispatcher:
         try:
             result.success = method.func(*(values[name] for name in method.arg_names))
         except TApplicationException as exc:
-            if not oneway:
-                self._send_exception(proto, api, seqid, exc)
-            return
+            return (None if oneway else self.exception_reply(api, seqid, exc)), api, APPLICATION_ERROR
         except Exception as exc:  # noqa: BLE001 - a handler may raise anything: answered, and logged if undeclared
             field = method.declared_field(exc)
             if field is None:
                 error = self._internal_error(api, exc, oneway)
-                if not oneway:
-                    self._send_exception(proto, api, seqid, error)
-                return
+                return (None if oneway else self.exception_reply(api, seqid, error)), api, APPLICATION_ERROR
             setattr(result, field, exc)
+            outcome = DECLARED_EXCEPTION
+        else:
+            outcome = OK
         if oneway:
-            return
-        self._send_result(proto, api, seqid, result)
+            return None, api, outcome
+        return self._result_reply(api, seqid, result, outcome)
 
     def _internal_error(self, api: str, exc: Exception, oneway: bool) -> TApplicationException:
         error_id = uuid.uuid4().hex[:16]
@@ -144,38 +146,35 @@ class Dispatcher:
         write(self._protocol_factory.get_protocol(buffer))
         return buffer.getvalue()  # type: ignore[no-any-return]
 
-    def _send_result(self, proto: Any, api: str, seqid: int, result: Any) -> None:
+    def _result_reply(self, api: str, seqid: int, result: Any, outcome: str) -> Tuple[bytes, str, str]:
         def write(out: Any) -> None:
             out.write_message_begin(api, TMessageType.REPLY, seqid)
             result.write(out)
             out.write_message_end()
 
         try:
-            data = self._encode(write)
+            return self._encode(write), api, outcome
         except (TDecodeException, TypeError, ValueError, OverflowError, AttributeError) as exc:
             error_id = uuid.uuid4().hex[:16]
             log.error("%s: the result of %s.%s cannot be encoded (error id %s): %s",
                       self._label, self._service_name, api, error_id, exc)
-            self._send_exception(proto, api, seqid, TApplicationException(
+            error = TApplicationException(
                 TApplicationException.INTERNAL_ERROR,
                 "%s.%s returned a value that cannot be encoded: %s (error id %s)"
                 % (self._service_name, api, _describe_encode_error(exc), error_id),
-            ))
-            return
-        _send(proto, data)
+            )
+            return self.exception_reply(api, seqid, error), api, APPLICATION_ERROR
 
-    def _send_exception(self, proto: Any, api: str, seqid: int, exc: TApplicationException) -> None:
+    def exception_reply(self, api: str, seqid: int, exc: TApplicationException) -> bytes:
+        """The bytes of a reply carrying ``exc`` (also for requests the server answers itself:
+        overloaded, too large)."""
+
         def write(out: Any) -> None:
             out.write_message_begin(api, TMessageType.EXCEPTION, seqid)
             exc.write(out)
             out.write_message_end()
 
-        _send(proto, self._encode(write))
-
-
-def _send(proto: Any, data: bytes) -> None:
-    proto.trans.write(data)
-    proto.trans.flush()
+        return self._encode(write)
 
 
 def _describe_encode_error(exc: BaseException) -> str:

@@ -1,178 +1,803 @@
-"""The provider's server core: accept connections on a bound socket and run the handler's calls.
+"""The provider's server core: one I/O thread for every connection, a bounded pool of workers.
 
-It runs one thread per connection and never drops an idle connection (thriftpy2's
-``make_server`` closes connections idle for 3 s, which would break every pooled client).
-``service.py`` builds it, registers the node, and stops it.
+The I/O thread multiplexes the listening socket and every connection with ``selectors`` (epoll
+on Linux; no fd-number limit). It reads what connections send and, with ``framing.py``, knows
+when a request is whole; only then does a worker get it, so a slow or silent peer never holds a
+worker, and an idle connection costs a file descriptor and a few hundred bytes, never a thread.
+Workers (at most ``workers``, started as needed) decode, run the handler and send the reply. A
+worker that finished a request keeps its connection for a moment (``_LINGER``) when no other
+request waits, and serves the next request of a busy connection without a trip through the I/O
+thread: at low concurrency a call costs what it costs on a thread-per-connection server.
+
+Limits, and what a client sees when one is hit:
+- every worker busy and ``queue_size`` requests waiting: the request is answered at once, without
+  running, with ``TApplicationException(LOADSHEDDING)`` ("not executed", safe to retry elsewhere);
+- ``max_connections`` reached: the longest-idle connection is closed to make room (its client's
+  pool replaces it before use); if none is idle, the new connection's first request is answered
+  LOADSHEDDING and the connection closed;
+- a request over ``max_message_size`` (or a header claiming more): refused before anything is
+  allocated, with ``TApplicationException(PROTOCOL_ERROR)`` when its header could be read, and the
+  connection closed;
+- a request not whole ``read_timeout`` seconds after its first byte, or a reply the client does
+  not take within it: the connection is closed;
+- no request for ``idle_timeout`` seconds: the connection is closed;
+- malformed bytes: the connection is closed (its place in the stream is lost).
+The accept loop survives EMFILE/ENFILE (backs off 100 ms, logs once per burst) and any error of
+one connection; one connection's failure never touches another.
+
+``service.py`` builds the server, registers the node and stops it. ``stop()`` works from any
+thread, a worker's included.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
-import os
+import queue
+import resource
 import select
+import selectors
 import socket
+import struct
 import threading
 import time
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
+from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
+from thriftpy2.thrift import TApplicationException, TMessageType
+from thriftpy2.transport import TMemoryBuffer
 
+from ..errors import LOADSHEDDING, InvalidArgument
 from .dispatch import Dispatcher
+from .framing import BINARY, PROTOCOLS, TRANSPORTS, MessageError, MessageReader
+from .hooks import OVERLOADED, Peer, ServerHooks
 
-__all__ = ["Server"]
+__all__ = ["Server", "ServerOptions", "default_max_connections", "protocol_factory"]
 
 log = logging.getLogger(__name__)
 
+_LINGER = 0.002
+"""How long a worker that sent a reply waits for the same connection's next request before
+handing the connection back to the I/O thread (only while no other request waits)."""
+_MAX_STICKY = 64
+"""Requests a worker serves in a row on one connection before it lets the I/O thread decide again."""
+_RECV = 65536
+_ACCEPT_BACKOFF = 0.1
+_LINGERING_CLOSE = 1.0
+"""After an error reply, how long the input is drained before closing (so that the reply is not
+lost to a reset triggered by unread request bytes)."""
+_MAX_REJECTING = 64
+"""Connections over ``max_connections`` held at once to be answered LOADSHEDDING; more are closed."""
 
-class _ConnTransport(TSocket):
-    """A server-side socket that, between messages, waits for either data or the stop signal.
+_FRAME = struct.Struct("!i")
 
-    ``at_boundary`` is set by the serving loop before each message. The first read of a message
-    polls the socket and the server's wake pipe together: if only the wake pipe fires, the server
-    is stopping and the idle connection ends; a connection in the middle of a call is never cut.
-    """
+IDLE, READING, BUSY, WRITING, DRAINING, CLOSED = range(6)
 
-    def __init__(self, sock: socket.socket, wake_fd: int) -> None:
-        super().__init__(sock=sock)  # type: ignore[no-untyped-call]
-        self.at_boundary = True
-        self._fd = sock.fileno()
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN | select.POLLPRI)
-        poller.register(wake_fd, select.POLLIN)
-        self._poll = poller.poll
 
-    def read(self, sz: int) -> bytes:
-        if self.at_boundary:
-            self.at_boundary = False
-            events = self._poll()
-            if not any(fd == self._fd for fd, _ in events):
-                raise TTransportException(TTransportException.END_OF_FILE, "server stopping")
-        return super().read(sz)  # type: ignore[no-untyped-call,no-any-return]
+def _head(table: "collections.OrderedDict[int, _Conn]") -> _Conn:
+    return next(iter(table.values()))
+
+
+def default_max_connections() -> int:
+    """The open-file limit minus a margin for everything else the process opens, at least 64."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10000
+    return max(64, min(10000, soft - max(64, soft // 10)))
+
+
+def protocol_factory(protocol: str) -> Any:
+    """thriftpy2's factory for ``protocol`` (``binary``, with the compiled codec; ``compact``)."""
+    return TBinaryProtocolFactory() if protocol == BINARY else TCompactProtocolFactory()
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The server's limits; see the module docstring for what a client sees at each."""
+
+    workers: int = 64
+    queue_size: Optional[int] = None
+    """Requests waiting for a worker before new ones are shed (None: as many as ``workers``)."""
+    max_connections: Optional[int] = None
+    """None: ``default_max_connections()`` (from the open-file limit)."""
+    max_message_size: int = 16 * 1024 * 1024
+    read_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    transport: str = "buffered"
+    protocol: str = BINARY
+
+    def check(self) -> "ServerOptions":
+        """Raise InvalidArgument naming the first bad option; return self."""
+        for name in ("workers", "max_message_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidArgument("%s must be an integer >= 1, got %r" % (name, value))
+        for name in ("queue_size", "max_connections"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise InvalidArgument("%s must be an integer >= 0 or None, got %r" % (name, value))
+        for name in ("read_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise InvalidArgument("%s must be a number of seconds > 0, got %r" % (name, value))
+        if self.transport not in TRANSPORTS:
+            raise InvalidArgument("transport must be one of %s, got %r" % (", ".join(TRANSPORTS), self.transport))
+        if self.protocol not in PROTOCOLS:
+            raise InvalidArgument("protocol must be one of %s, got %r" % (", ".join(PROTOCOLS), self.protocol))
+        return self
+
+
+class _Conn:
+    """One client connection. Owned by the I/O thread, except while BUSY: then by one worker."""
+
+    __slots__ = (
+        "close_after", "fd", "inbuf", "out", "out_deadline", "peer", "read_start", "reader", "rejecting", "since",
+        "sock", "state",
+    )  # fmt: skip
+
+    def __init__(self, sock: socket.socket, peer: Peer, reader: MessageReader, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.reader = reader
+        self.inbuf = bytearray()
+        self.state = IDLE
+        self.since = now  # IDLE: idle since; DRAINING: draining since
+        self.read_start = 0.0
+        self.out: Optional[memoryview] = None
+        self.out_deadline = 0.0
+        self.close_after: Optional[str] = None  # after ``out`` is sent: drain and close, for this reason
+        self.rejecting: Optional[str] = None  # answer the first request LOADSHEDDING for this reason
 
 
 class Server:
-    """Accepts connections on a bound socket and serves each on its own named daemon thread.
+    """Serves one dispatcher on a bound, listening socket.
 
-    ``start()`` once; ``stop()`` (or ``close_unstarted()`` when it never started) once, from any
-    thread but one of its own connection threads."""
+    ``start()`` once; then ``stop(timeout)`` once (or ``close_unstarted()`` when it never
+    started). Both may be called from any thread.
+    """
 
     def __init__(
         self,
         dispatcher: Dispatcher,
         listener: socket.socket,
         label: str,
-        io_timeout: Optional[float],
-        proto_factory: Any,
+        options: ServerOptions,
+        hooks: Optional[ServerHooks] = None,
     ) -> None:
         self._dispatcher = dispatcher
         self._listener = listener
         self._label = label
-        self._io_timeout = io_timeout
-        self._trans_factory = TBufferedTransportFactory()
-        self._proto_factory = proto_factory
-        self._wake_r, self._wake_w = os.pipe()
+        self._opts = options
+        self._hooks = hooks
+        self._framed = options.transport == "framed"
+        self._in_factory = protocol_factory(options.protocol)
+        self._max_conns = options.max_connections if options.max_connections is not None else default_max_connections()
+        self._queue_size = options.workers if options.queue_size is None else options.queue_size
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._conns: Dict[int, _Conn] = {}
+        self._idle: "collections.OrderedDict[int, _Conn]" = collections.OrderedDict()  # oldest first
+        # Connections by state, each in the order of its deadline (the time it entered the state),
+        # so that finding the next deadline looks at the head only.
+        self._reading: "collections.OrderedDict[int, _Conn]" = collections.OrderedDict()
+        self._writing: "collections.OrderedDict[int, _Conn]" = collections.OrderedDict()
+        self._draining: "collections.OrderedDict[int, _Conn]" = collections.OrderedDict()
+        self._rejecting = 0
+        self._accept_paused_until = 0.0
+        self._accept_error_logged = False
+        self._rbuf = bytearray(_RECV)
+        self._rview = memoryview(self._rbuf)
+        # Workers.
+        self._jobs: "queue.SimpleQueue[Optional[_Conn]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._conns: Dict[threading.Thread, socket.socket] = {}
-        self._count = 0
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name="thriftprobe-accept-" + label, daemon=True
-        )
+        self._workers: List[threading.Thread] = []
+        self._idle_workers = 0
+        self._pending = 0  # jobs queued and not yet taken by a worker
+        # Connections workers hand back to the I/O thread.
+        self._returns: Deque[_Conn] = collections.deque()
+        self._woken = False
+        self._io_done = False
+        self._stopping = False
+        self._stop_deadline = float("inf")
+        self._io_thread = threading.Thread(target=self._io_loop, name="thriftprobe-io-" + label, daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._accept_thread.start()
-
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        listener.setblocking(False)
-        poller = select.poll()
-        poller.register(listener.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        try:
-            while True:
-                if any(fd == self._wake_r for fd, _ in poller.poll()):
-                    return
-                try:
-                    sock, _peer = listener.accept()
-                except BlockingIOError:
-                    continue
-                except OSError as err:
-                    if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("%s: cannot accept a connection: %s", self._label, err)
-                        select.select([self._wake_r], [], [], 0.1)  # back off, but wake at stop
-                    continue
-                try:
-                    self._spawn(sock)
-                except Exception:  # e.g. no thread can be started: drop this one, keep accepting
-                    log.exception("%s: cannot serve a new connection", self._label)
-                    sock.close()
-                    select.select([self._wake_r], [], [], 0.1)
-        finally:
-            listener.close()
-
-    def _spawn(self, sock: socket.socket) -> None:
-        sock.setblocking(True)
-        sock.settimeout(self._io_timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Idle connections are never timed out, so a consumer host that vanishes without a FIN
-        # must be found by TCP keepalive (about 2 minutes), or its thread would wait forever.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        with self._lock:
-            self._count += 1
-            thread = threading.Thread(
-                target=self._serve_conn,
-                args=(sock,),
-                name="thriftprobe-conn-%s-%d" % (self._label, self._count),
-                daemon=True,
-            )
-            self._conns[thread] = sock
-        thread.start()
-
-    def _serve_conn(self, sock: socket.socket) -> None:
-        raw = _ConnTransport(sock, self._wake_r)
-        trans = self._trans_factory.get_transport(raw)
-        proto = self._proto_factory.get_protocol(trans)
-        try:
-            while True:
-                raw.at_boundary = True
-                self._dispatcher.handle(proto)
-        except TTransportException:
-            pass  # peer closed, or the server is stopping
-        except OSError as err:
-            log.debug("%s: connection ended: %s", self._label, err)
-        except Exception:
-            log.exception("%s: connection failed", self._label)
-        finally:
-            trans.close()
-            with self._lock:
-                self._conns.pop(threading.current_thread(), None)
+        self._listener.setblocking(False)
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        self._io_thread.start()
 
     def stop(self, timeout: float) -> None:
-        """Stop accepting, let in-flight calls finish for up to ``timeout`` seconds, then cut the rest."""
-        os.write(self._wake_w, b"x")  # never drained: every poller sees it from now on
-        if self._accept_thread.ident is not None:
-            self._accept_thread.join()
-        deadline = time.monotonic() + timeout
+        """Stop accepting; close idle connections; answer requests that arrive from now on with
+        LOADSHEDDING; let requests already running finish, all together, until ``timeout``
+        seconds from now; then close every connection. Workers still in a handler at the deadline
+        end when it returns (a thread cannot be killed); they are logged."""
+        deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
-            threads = list(self._conns)
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            self._stopping = True
+            self._stop_deadline = deadline
+        self._wake()
+        me = threading.current_thread()
+        if self._io_thread.ident is None:  # never started
+            self._listener.close()
+        elif self._io_thread is not me:
+            self._io_thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
         with self._lock:
-            stuck = dict(self._conns)
-        for thread, sock in stuck.items():
-            log.warning("%s: %s still busy after %.1f s; closing its connection", self._label, thread.name, timeout)
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in stuck:
-            thread.join(1.0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            workers = list(self._workers)
+        for _ in workers:
+            self._jobs.put(None)
+        for worker in workers:
+            if worker is not me:
+                worker.join(max(0.0, deadline - time.monotonic()))
+        stuck = [w.name for w in workers if w.is_alive() and w is not me]
+        if stuck:
+            log.warning(
+                "%s: %d handler(s) still running after the stop deadline (%s); their threads end when they return",
+                self._label, len(stuck), ", ".join(stuck),
+            )
+        if not self._io_thread.is_alive():
+            self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def close_unstarted(self) -> None:
         self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
+            self._wake_w.send(b"x")
+
+    # -- the I/O thread --------------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # never expected: close everything rather than hang with a dead loop
+            log.exception("%s: the I/O thread failed; closing every connection", self._label)
+        finally:
+            self._shutdown()
+
+    def _serve(self) -> None:
+        sel = self._sel
+        listening = True
+        while True:
+            now = time.monotonic()
+            if self._stopping:
+                if listening:
+                    listening = False
+                    self._close_listener()
+                    for conn in list(self._idle.values()):
+                        self._close(conn, "stopping")
+                if not self._conns or now >= self._stop_deadline:
+                    return
+            elif self._accept_paused_until and now >= self._accept_paused_until:
+                self._accept_paused_until = 0.0
+                sel.register(self._listener, selectors.EVENT_READ, None)
+            for key, mask in sel.select(self._timeout(now)):
+                data = key.data
+                if data is None:
+                    self._accept()
+                elif data is self._wake_r:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                elif data.state != CLOSED:  # not closed by an earlier event of this batch
+                    if mask & selectors.EVENT_READ:
+                        self._on_readable(data)
+                    if mask & selectors.EVENT_WRITE and data.state == WRITING:
+                        self._flush(data)
+            self._take_returns()
+            self._sweep(time.monotonic())
+
+    def _timeout(self, now: float) -> float:
+        """How long the selector may wait: until the next deadline, at most 1 s."""
+        until = now + 1.0
+        if self._idle:
+            until = min(until, _head(self._idle).since + self._opts.idle_timeout)
+        if self._reading:
+            until = min(until, _head(self._reading).read_start + self._opts.read_timeout)
+        if self._writing:
+            until = min(until, _head(self._writing).out_deadline)
+        if self._draining:
+            until = min(until, _head(self._draining).since + _LINGERING_CLOSE)
+        if self._accept_paused_until:
+            until = min(until, self._accept_paused_until)
+        if self._stopping:
+            until = min(until, self._stop_deadline)
+        return max(0.0, until - now)
+
+    def _close_listener(self) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self._listener)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst at a time, then the others get their turn
+            try:
+                sock, peer = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM and anything else: back off and keep accepting.
+                if not self._accept_error_logged:
+                    log.error(
+                        "%s: cannot accept connections (%s); retrying every %.1f s, %d connections open",
+                        self._label, err, _ACCEPT_BACKOFF, len(self._conns),
+                    )
+                    self._accept_error_logged = True
+                self._sel.unregister(self._listener)
+                self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
+                return
+            if self._accept_error_logged:
+                log.warning("%s: accepting connections again", self._label)
+                self._accept_error_logged = False
+            self._admit(sock, (str(peer[0]), int(peer[1])))
+
+    def _admit(self, sock: socket.socket, peer: Peer) -> None:
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:  # reset before we got to it
+            sock.close()
+            return
+        now = time.monotonic()
+        reader = MessageReader(self._opts.protocol, self._framed, self._opts.max_message_size)
+        conn = _Conn(sock, peer, reader, now)
+        if len(self._conns) >= self._max_conns:
+            if self._idle:
+                oldest = next(iter(self._idle.values()))
+                self._close(oldest, "evicted")
+            elif self._rejecting >= _MAX_REJECTING:
+                sock.close()
+                self._hook_rejected(None, peer, "max_connections")
+                return
+            else:
+                conn.rejecting = "max_connections"
+                self._rejecting += 1
+        self._conns[conn.fd] = conn
+        if conn.rejecting is None:
+            self._idle[conn.fd] = conn
+        else:  # must send its request within read_timeout, and is never evicted
+            conn.state = READING
+            conn.read_start = now
+            self._reading[conn.fd] = conn
+        try:
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+        except (OSError, ValueError):
+            self._close(conn, "error")
+            return
+        if self._hooks is not None:
+            self._hook("connection_opened", peer)
+
+    def _on_readable(self, conn: _Conn) -> None:
+        if conn.state == DRAINING:
+            self._drain(conn)
+            return
+        try:
+            n = conn.sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            log.debug("%s: connection from %s:%d failed: %s", self._label, conn.peer[0], conn.peer[1], err)
+            self._close(conn, "error")
+            return
+        if n == 0:
+            self._close(conn, "peer_closed")
+            return
+        conn.inbuf += self._rview[:n]
+        if conn.state == IDLE:
+            del self._idle[conn.fd]
+            conn.state = READING
+            conn.read_start = time.monotonic()
+            self._reading[conn.fd] = conn
+        self._advance(conn)
+
+    def _advance(self, conn: _Conn) -> None:
+        """On the I/O thread, for a READING connection: hand a whole request on, if there is one."""
+        try:
+            found = conn.reader.feed(conn.inbuf)
+        except MessageError as err:
+            self._refuse(conn, err)
+            return
+        if found is None:
+            return
+        del self._reading[conn.fd]
+        conn.state = BUSY
+        self._sel.unregister(conn.sock)
+        reason = conn.rejecting or ("stopping" if self._stopping else None)
+        if reason is None:
+            if self._submit(conn):
+                return
+            reason = OVERLOADED
+        self._shed(conn, found, reason)
+
+    def _shed(self, conn: _Conn, found: Tuple[int, int], reason: str) -> None:
+        """Answer the whole request at the head of ``conn.inbuf`` LOADSHEDDING, without running it."""
+        reader = conn.reader
+        name, seqid, oneway = reader.name or "", reader.seqid or 0, reader.mtype == TMessageType.ONEWAY
+        del conn.inbuf[: found[1]]
+        reader.reset()
+        self._hook_rejected(name, conn.peer, reason)
+        close = None if reason == OVERLOADED else reason
+        if oneway:
+            self._after_request(conn, close)
+            return
+        text = {
+            OVERLOADED: "%s is overloaded: every worker is busy and the queue is full; not executed" % self._label,
+            "max_connections": "%s has too many connections; not executed" % self._label,
+            "stopping": "%s is stopping; not executed" % self._label,
+        }[reason]
+        reply = self._dispatcher.exception_reply(name, seqid, TApplicationException(LOADSHEDDING, text))
+        self._send_from_io(conn, self._frame(reply), close)
+
+    def _refuse(self, conn: _Conn, err: MessageError) -> None:
+        """A malformed or oversized request: answer what can be answered, then close."""
+        reader = conn.reader
+        reason = "too_large" if err.too_large else "protocol_error"
+        log.info("%s: closing the connection from %s:%d: %s", self._label, conn.peer[0], conn.peer[1], err)
+        if not err.too_large or reader.name is None or reader.mtype != TMessageType.CALL:
+            if err.too_large:
+                self._hook_rejected(reader.name, conn.peer, reason)
+            self._close(conn, reason)
+            return
+        self._hook_rejected(reader.name, conn.peer, reason)
+        del self._reading[conn.fd]
+        conn.state = BUSY
+        self._sel.unregister(conn.sock)
+        conn.inbuf.clear()
+        reply = self._dispatcher.exception_reply(
+            reader.name, reader.seqid or 0, TApplicationException(TApplicationException.PROTOCOL_ERROR, str(err))
+        )
+        self._send_from_io(conn, self._frame(reply), reason)
+
+    def _send_from_io(self, conn: _Conn, data: bytes, close: Optional[str]) -> None:
+        """On the I/O thread, for a BUSY (unregistered) connection: send ``data`` without
+        blocking, then go on (or drain and close, for ``close``)."""
+        conn.close_after = close
+        self._begin_write(conn, memoryview(data))
+
+    def _begin_write(self, conn: _Conn, out: memoryview) -> None:
+        conn.out = out
+        conn.out_deadline = time.monotonic() + self._opts.read_timeout
+        conn.state = WRITING
+        self._writing[conn.fd] = conn
+        try:
+            self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
+        except (OSError, ValueError):
+            self._close(conn, "error")
+            return
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        out = conn.out
+        assert out is not None
+        try:
+            while out:
+                sent = conn.sock.send(out)
+                out = out[sent:]
+        except (BlockingIOError, InterruptedError):
+            conn.out = out
+            return
+        except OSError as err:
+            log.debug("%s: cannot reply to %s:%d: %s", self._label, conn.peer[0], conn.peer[1], err)
+            self._close(conn, "error")
+            return
+        conn.out = None
+        del self._writing[conn.fd]
+        self._sel.unregister(conn.sock)
+        conn.state = BUSY
+        self._after_request(conn, conn.close_after)
+
+    def _after_request(self, conn: _Conn, close: Optional[str]) -> None:
+        """On the I/O thread, for a BUSY (unregistered) connection whose request is answered:
+        read on, serve a request already buffered, or drain and close."""
+        if conn.rejecting is not None:
+            close = conn.rejecting
+        if close is not None:
+            self._lingering_close(conn, close)
+            return
+        if self._stopping and not conn.inbuf:
+            self._close(conn, "stopping")
+            return
+        try:
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+        except (OSError, ValueError):
+            self._close(conn, "error")
+            return
+        if conn.inbuf:
+            conn.state = READING
+            conn.read_start = time.monotonic()
+            self._reading[conn.fd] = conn
+            self._advance(conn)
+        else:
+            conn.state = IDLE
+            conn.since = time.monotonic()
+            self._idle[conn.fd] = conn
+
+    def _lingering_close(self, conn: _Conn, reason: str) -> None:
+        """Stop sending, read and discard what the client still sends for a moment, then close:
+        closing with unread bytes would reset the connection and could destroy the reply."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+        except (OSError, ValueError):
+            self._close(conn, reason)
+            return
+        conn.inbuf.clear()
+        conn.state = DRAINING
+        conn.since = time.monotonic()
+        conn.close_after = reason
+        self._draining[conn.fd] = conn
+
+    def _drain(self, conn: _Conn) -> None:
+        try:
+            n = conn.sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:
+            self._close(conn, conn.close_after or "error")
+
+    def _take_returns(self) -> None:
+        """Connections workers handed back: go on reading them, or finish their reply."""
+        with self._lock:
+            if not self._returns:
+                self._woken = False
+                return
+            returns = list(self._returns)
+            self._returns.clear()
+            self._woken = False
+        for conn in returns:
+            if conn.state == CLOSED:
+                continue
+            if conn.close_after is not None and conn.out is None:
+                if conn.close_after == "peer_closed":
+                    self._close(conn, "peer_closed")
+                else:
+                    self._lingering_close(conn, conn.close_after)
+            elif conn.out is not None:
+                self._begin_write(conn, conn.out)
+            else:
+                self._after_request(conn, None)
+
+    def _sweep(self, now: float) -> None:
+        """Close connections past their deadlines."""
+        idle_limit = now - self._opts.idle_timeout
+        while self._idle and _head(self._idle).since <= idle_limit:
+            self._close(_head(self._idle), "idle_timeout")
+        read_limit = now - self._opts.read_timeout
+        while self._reading and _head(self._reading).read_start <= read_limit:
+            conn = _head(self._reading)
+            log.info(
+                "%s: closing the connection from %s:%d: %s within %.1f s",
+                self._label, conn.peer[0], conn.peer[1],
+                "no request" if conn.rejecting and not conn.inbuf else "its request did not arrive whole",
+                self._opts.read_timeout,
+            )
+            self._close(conn, "read_timeout")
+        while self._writing and _head(self._writing).out_deadline <= now:
+            self._close(_head(self._writing), "write_timeout")
+        while self._draining and _head(self._draining).since <= now - _LINGERING_CLOSE:
+            conn = _head(self._draining)
+            self._close(conn, conn.close_after or "error")
+
+    def _close(self, conn: _Conn, reason: str) -> None:
+        """On the I/O thread: close a connection it owns (not BUSY with a worker)."""
+        if conn.state == CLOSED:
+            return
+        fd = conn.fd
+        for table in (self._idle, self._reading, self._writing, self._draining):
+            table.pop(fd, None)
+        if self._conns.pop(fd, None) is not None and conn.rejecting is not None:
+            self._rejecting -= 1
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(conn.sock)
+        conn.state = CLOSED
+        conn.sock.close()
+        if self._hooks is not None:
+            self._hook("connection_closed", conn.peer, reason)
+
+    def _shutdown(self) -> None:
+        """The I/O thread's end: nothing is accepted; every connection it owns is closed, and
+        those a worker still has are shut down (the worker closes them when its handler returns)."""
+        with self._lock:
+            self._io_done = True
+            busy = [c for c in self._conns.values() if c.state == BUSY and c not in self._returns]
+        self._close_listener()
+        for conn in list(self._conns.values()):
+            if conn in busy:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            else:
+                self._close(conn, "stopping")
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def _submit(self, conn: _Conn) -> bool:
+        """Queue a request for a worker (starting one if none is idle and fewer than ``workers``
+        run); False when it must be shed."""
+        start = False
+        with self._lock:
+            waiting = self._pending - self._idle_workers
+            if waiting >= 0:
+                if len(self._workers) < self._opts.workers:
+                    start = True
+                elif waiting >= self._queue_size:
+                    return False
+            self._pending += 1
+            if start:
+                worker = threading.Thread(
+                    target=self._work,
+                    name="thriftprobe-worker-%s-%d" % (self._label, len(self._workers) + 1),
+                    daemon=True,
+                )
+                self._workers.append(worker)
+        if start:
+            try:
+                worker.start()
+            except RuntimeError:  # no thread can be started now: the queue still has room
+                log.exception("%s: cannot start a worker thread", self._label)
+                with self._lock:
+                    self._workers.remove(worker)
+                    if not self._workers:
+                        self._pending -= 1
+                        return False
+        self._jobs.put(conn)
+        return True
+
+    def _work(self) -> None:
+        poller = select.poll()
+        jobs = self._jobs
+        while True:
+            with self._lock:
+                self._idle_workers += 1
+            conn = jobs.get()
+            with self._lock:
+                self._idle_workers -= 1
+                if conn is not None:
+                    self._pending -= 1
+            if conn is None:
+                return
+            try:
+                self._serve_conn(conn, poller)
+            except BaseException:  # noqa: BLE001 - even SystemExit from a handler: the worker must live on
+                log.exception("%s: serving a connection from %s:%d failed", self._label, *conn.peer)
+                conn.close_after = "error"
+                conn.out = None
+                self._give_back(conn)
+
+    def _serve_conn(self, conn: _Conn, poller: "select.poll") -> None:
+        """Run the whole request at the head of ``conn.inbuf``, send the reply, and serve the
+        connection's next requests while they come quickly and nothing else waits."""
+        for _ in range(_MAX_STICKY):
+            start, end = conn.reader.feed(conn.inbuf) or (0, 0)
+            if end == 0:  # a worker is only handed, or keeps, a whole request
+                break
+            data = bytes(conn.inbuf[start:end])
+            name = conn.reader.name or ""
+            del conn.inbuf[:end]
+            conn.reader.reset()
+            if not self._run(conn, name, data):
+                return
+            if self._pending or self._stopping:
+                break
+            if not conn.inbuf and not self._await_next(conn, poller):
+                return
+            try:
+                if conn.reader.feed(conn.inbuf) is None:
+                    break
+            except MessageError:
+                break  # the I/O thread refuses it
+        self._give_back(conn)
+
+    def _run(self, conn: _Conn, name: str, data: bytes) -> bool:
+        """Decode, run and answer one request; False when the connection was handed back."""
+        hooks = self._hooks
+        started = time.perf_counter()
+        wall = time.time() if hooks is not None else 0.0
+        if hooks is not None:
+            self._hook("request_started", name, conn.peer)
+        try:
+            reply, method, outcome = self._dispatcher.handle(self._in_factory.get_protocol(TMemoryBuffer(data)))
+        except Exception as err:  # noqa: BLE001 - malformed arguments: the stream cannot be trusted
+            log.info("%s: closing the connection from %s:%d: bad request: %s", self._label, *conn.peer, err)
+            conn.close_after = "protocol_error"
+            self._give_back(conn)
+            return False
+        if reply is not None:
+            out = memoryview(self._frame(reply))
+            try:
+                while out:
+                    out = out[conn.sock.send(out) :]
+            except (BlockingIOError, InterruptedError):
+                conn.out = out  # the I/O thread sends the rest when the client reads
+            except OSError as err:
+                log.debug("%s: cannot reply to %s:%d: %s", self._label, conn.peer[0], conn.peer[1], err)
+                outcome = "transport_error"
+                conn.close_after = "error"
+        if hooks is not None:
+            self._hook("request_finished", method, conn.peer, wall, outcome, time.perf_counter() - started)
+        if conn.out is not None or conn.close_after is not None:
+            self._give_back(conn)
+            return False
+        return True
+
+    def _await_next(self, conn: _Conn, poller: "select.poll") -> bool:
+        """Wait up to ``_LINGER`` for the connection's next bytes and read them; False when the
+        connection was handed back (closed by the peer, or failed)."""
+        poller.register(conn.fd, select.POLLIN)
+        try:
+            ready = poller.poll(_LINGER * 1000.0)
+        finally:
+            poller.unregister(conn.fd)
+        if not ready:
+            return True
+        try:
+            data = conn.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            conn.close_after = "peer_closed"
+            self._give_back(conn)
+            return False
+        conn.inbuf += data
+        conn.read_start = time.monotonic()
+        return True
+
+    def _give_back(self, conn: _Conn) -> None:
+        """From a worker: hand a connection back to the I/O thread (or close it, if that ended)."""
+        with self._lock:
+            if not self._io_done:
+                self._returns.append(conn)
+                if self._woken:
+                    return
+                self._woken = True
+            else:
+                conn.state = CLOSED
+                conn.sock.close()
+                return
+        self._wake()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _frame(self, reply: bytes) -> bytes:
+        return _FRAME.pack(len(reply)) + reply if self._framed else reply
+
+    def _hook(self, name: str, *args: Any) -> None:
+        try:
+            getattr(self._hooks, name)(*args)
+        except Exception:  # a hook must never break the server
+            log.exception("%s: server hook %s failed", self._label, name)
+
+    def _hook_rejected(self, method: Optional[str], peer: Peer, reason: str) -> None:
+        if self._hooks is not None:
+            self._hook("request_rejected", method, peer, reason)
+
+    # -- introspection, for tests and the benchmark -------------------------------------------------
+
+    def stats(self) -> Dict[str, int]:
+        """Counts now: connections by state, worker threads, requests waiting for a worker."""
+        with self._lock:
+            return {
+                "connections": len(self._conns),
+                "idle": len(self._idle),
+                "reading": len(self._reading),
+                "workers": len(self._workers),
+                "queued": self._pending,
+            }

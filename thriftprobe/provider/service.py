@@ -19,11 +19,9 @@ import time
 import types
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from thriftpy2.protocol import TBinaryProtocolFactory
-
 from .. import config as config_mod
 from .._version import __version__
-from ..errors import InvalidArgument, ThriftProbeError
+from ..errors import ConfigError, InvalidArgument, ThriftProbeError
 from ..idl import IdlSource, load_service
 from ..node import Node, validate_host, validate_names
 from ..registry import Registration, Registry, open_registry
@@ -31,7 +29,8 @@ from ..stores import audit
 from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
 from .dispatch import Dispatcher
-from .server import Server
+from .hooks import ServerHooks
+from .server import Server, ServerOptions, protocol_factory
 
 __all__ = ["RunningService", "start_service"]
 
@@ -79,8 +78,8 @@ class RunningService:
         self._stopper: Optional[threading.Thread] = None
         self._stopped = False
         self._label = label
-        # The server core names its connection threads thriftprobe-conn-<label>-<n> (see the README).
-        self._handler_threads = "thriftprobe-conn-%s-" % label
+        # The server core names its worker threads thriftprobe-worker-<label>-<n> (see the README).
+        self._handler_threads = "thriftprobe-worker-%s-" % label
 
     @property
     def node(self) -> Node:
@@ -189,6 +188,18 @@ class RunningService:
         )
 
 
+def _server_options(cfg: config_mod.Config, **explicit: Any) -> ServerOptions:
+    """The server's options: the arguments given, else the config file's ``provider.<env>``,
+    else the defaults. A bad value is an InvalidArgument, or a ConfigError naming the file."""
+    from_file = cfg.provider.set_values()
+    try:
+        ServerOptions(**from_file).check()
+    except InvalidArgument as err:
+        raise ConfigError("config file %s: provider.%s: %s" % (cfg.path, cfg.env, err)) from None
+    given = {k: v for k, v in explicit.items() if v is not None}
+    return ServerOptions(**{**from_file, **given}).check()
+
+
 def _check_handler(handler: object, service: types.ModuleType, service_name: str) -> None:
     if handler is None:
         raise InvalidArgument("handler for service %r is None" % service_name)
@@ -245,11 +256,20 @@ def start_service(
     bind_host: str = "0.0.0.0",
     advertise_host: Optional[str] = None,
     block: bool = True,
-    io_timeout: Optional[int] = 30000,
     stop_timeout: float = 10.0,
     drain: float = 1.0,
     audit_interval: float = 30.0,
     expose_errors: bool = False,
+    workers: Optional[int] = None,
+    queue_size: Optional[int] = None,
+    max_connections: Optional[int] = None,
+    max_message_size: Optional[int] = None,
+    read_timeout: Optional[float] = None,
+    idle_timeout: Optional[float] = None,
+    transport: Optional[str] = None,
+    protocol: Optional[str] = None,
+    hooks: Optional[ServerHooks] = None,
+    io_timeout: Optional[int] = None,
 ) -> RunningService:
     """Serve ``handler`` as ``service_name`` of ``appkey`` and register it for discovery.
 
@@ -263,7 +283,21 @@ def start_service(
     the address written to ZooKeeper (default: see ``_advertised_host``). With ``block=True`` (the
     default) this serves until SIGTERM/SIGINT or ``stop()`` from another thread, then returns the
     stopped handle; with ``block=False`` it returns the running handle at once.
-    ``io_timeout`` (ms) bounds reading one request and writing one reply, never idle time.
+
+    The server (``server.py``): one I/O thread holds every connection; at most ``workers``
+    threads (default 64) run handlers. Limits, each with a default, also settable for the whole
+    environment in the config file's ``provider.<env>`` section (the arguments here win):
+    ``queue_size`` requests may wait for a worker (default: as many as ``workers``); beyond that a
+    request is answered at once, unrun, with TApplicationException LOADSHEDDING, which
+    thriftprobe consumers retry on another node. ``max_connections`` (default: from the
+    open-file limit), ``max_message_size`` bytes per request (default 16 MiB), ``read_timeout``
+    seconds for a request to arrive whole once begun and for a reply to be taken (default 10),
+    ``idle_timeout`` seconds a connection may stay without a request (default 120, longer than
+    consumers keep idle connections). ``transport`` ``buffered`` (default) or ``framed``,
+    ``protocol`` ``binary`` (default) or ``compact``: advertised in the znode, and consumers
+    follow them node by node. ``hooks`` (a ``ServerHooks``) is called around every request and on
+    connection open, close and reject. ``io_timeout`` (ms) is the former name of
+    ``read_timeout``.
     Stopping (``stop()``, SIGTERM, SIGINT) deregisters first, keeps serving for ``drain`` seconds
     while consumers drop the node, then stops accepting and gives in-flight calls up to
     ``stop_timeout`` seconds to finish.
@@ -281,8 +315,13 @@ def start_service(
         raise InvalidArgument("audit_interval must be > 0 seconds, got %r" % (audit_interval,))
     if not (drain >= 0 and stop_timeout >= 0):
         raise InvalidArgument("drain and stop_timeout must be >= 0 seconds")
-    if io_timeout is not None and (not isinstance(io_timeout, int) or io_timeout <= 0):
-        raise InvalidArgument("io_timeout must be a positive number of milliseconds or None, got %r" % (io_timeout,))
+    if io_timeout is not None:
+        if not isinstance(io_timeout, int) or isinstance(io_timeout, bool) or io_timeout <= 0:
+            raise InvalidArgument("io_timeout must be a positive number of milliseconds or None, got %r" % (io_timeout,))
+        if read_timeout is None:
+            read_timeout = io_timeout / 1000.0
+    if hooks is not None and not isinstance(hooks, ServerHooks):
+        raise InvalidArgument("hooks must be a thriftprobe.provider.ServerHooks, got %s" % type(hooks).__name__)
     for label, value in (("bind_host", bind_host), ("advertise_host", advertise_host)):
         if value is None or (label == "bind_host" and value == ""):  # "" = every interface
             continue
@@ -291,6 +330,17 @@ def start_service(
         except InvalidArgument as err:
             raise InvalidArgument("%s: %s" % (label, err)) from None
     cfg = config_mod.resolve(config, env)
+    options = _server_options(
+        cfg,
+        workers=workers,
+        queue_size=queue_size,
+        max_connections=max_connections,
+        max_message_size=max_message_size,
+        read_timeout=read_timeout,
+        idle_timeout=idle_timeout,
+        transport=transport,
+        protocol=protocol,
+    )
     check_appkey(cfg.mysql, cfg.env, appkey)
     service = load_service(thrift_path, service_name)
     _check_handler(handler, service, service_name)
@@ -301,8 +351,8 @@ def start_service(
         bound_port = listener.getsockname()[1]
         host = advertise_host or _advertised_host(bind_host, cfg.zookeeper.hosts)
         extras = {
-            "protocol": "binary",
-            "transport": "buffered",
+            "protocol": options.protocol,
+            "transport": options.transport,
             "pid": os.getpid(),
             "start_time": int(time.time()),
             "sdk": "thriftprobe/" + __version__,
@@ -318,9 +368,9 @@ def start_service(
 
         node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras), recover)
         label = "%s-%d" % (service_name, bound_port)
-        proto_factory = TBinaryProtocolFactory()
+        proto_factory = protocol_factory(options.protocol)
         dispatcher = Dispatcher(service, handler, proto_factory, label=label, expose_errors=expose_errors)
-        server = Server(dispatcher, listener, label, io_timeout / 1000.0 if io_timeout else None, proto_factory)
+        server = Server(dispatcher, listener, label, options, hooks)
     except BaseException:
         listener.close()
         if store is not None:
