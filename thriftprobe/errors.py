@@ -8,12 +8,12 @@ number): it was overloaded or over a limit and did not run the handler, so the c
 send to another node, idempotent or not."""
 
 __all__ = [
+    "LOADSHEDDING",
     "AppkeyNotRegistered",
     "BackendError",
     "ConfigError",
     "IdlError",
     "InvalidArgument",
-    "LOADSHEDDING",
     "NoAvailableNode",
     "Overloaded",
     "SettingsError",

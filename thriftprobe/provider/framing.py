@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from thriftpy2.thrift import TMessageType
 
@@ -26,6 +26,8 @@ BINARY = "binary"
 COMPACT = "compact"
 PROTOCOLS = (BINARY, COMPACT)
 TRANSPORTS = ("buffered", "framed")
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 MAX_DEPTH = 64
 """Nesting of structs and containers a request may have (thriftpy2 itself recurses per level)."""
@@ -99,7 +101,7 @@ class MessageReader:
         self._framed = framed
         self._max = max_size
         self._compact = protocol == COMPACT
-        self._walk: Callable[[bytes, int], bool] = self._walk_compact if self._compact else self._walk_binary
+        self._walk: Callable[[Buffer, int], bool] = self._walk_compact if self._compact else self._walk_binary
         self.reset()
 
     def reset(self) -> None:
@@ -116,7 +118,7 @@ class MessageReader:
         """True once any byte of the message was seen (the read timeout runs from then)."""
         return self._pos > 0 or self._header_done
 
-    def feed(self, buf: bytes) -> Optional[Tuple[int, int]]:
+    def feed(self, buf: Buffer) -> Optional[Tuple[int, int]]:
         n = len(buf)
         if self._framed:
             if n < 4:
@@ -141,15 +143,15 @@ class MessageReader:
             return None
         return 0, self._pos
 
-    def _peek_header(self, buf: bytes, start: int, end: int) -> None:
+    def _peek_header(self, buf: Buffer, start: int, end: int) -> None:
         """Read the header of a framed message, if its bytes are there (for the error reply)."""
         with memoryview(buf) as view, view[start:end] as frame, contextlib.suppress(_Incomplete):
-            self._header(frame, end - start)  # type: ignore[arg-type]  # no copy; released before buf grows
+            self._header(frame, end - start)  # no copy; released before buf grows
         self._pos = 0
 
     # -- headers ---------------------------------------------------------------------------------
 
-    def _header(self, buf: bytes, n: int) -> None:
+    def _header(self, buf: Buffer, n: int) -> None:
         if self._header_done:
             return
         if self._compact:
@@ -160,13 +162,13 @@ class MessageReader:
         if self.mtype not in (TMessageType.CALL, TMessageType.ONEWAY):
             raise MessageError("message type %r is not a call" % (self.mtype,))
 
-    def _name(self, buf: bytes, pos: int, length: int) -> str:
+    def _name(self, buf: Buffer, pos: int, length: int) -> str:
         try:
             return bytes(buf[pos : pos + length]).decode("utf-8")
         except UnicodeDecodeError:
             raise MessageError("the method name is not UTF-8") from None
 
-    def _binary_header(self, buf: bytes, n: int) -> None:
+    def _binary_header(self, buf: Buffer, n: int) -> None:
         if n < 4:
             raise _Incomplete
         (first,) = _I32.unpack_from(buf, 0)
@@ -192,7 +194,7 @@ class MessageReader:
             (self.seqid,) = _I32.unpack_from(buf, 5 + first)
             self._pos = 9 + first
 
-    def _compact_header(self, buf: bytes, n: int) -> None:
+    def _compact_header(self, buf: Buffer, n: int) -> None:
         if n < 2:
             raise _Incomplete
         if buf[0] != _COMPACT_ID:
@@ -217,7 +219,7 @@ class MessageReader:
                 "a %s of %d bytes exceeds max_message_size %d" % (what, length, self._max), too_large=True
             )
 
-    def _varint(self, buf: bytes, pos: int, n: int) -> Tuple[int, int]:
+    def _varint(self, buf: Buffer, pos: int, n: int) -> Tuple[int, int]:
         """An unsigned varint at ``pos``: (value, position after it). Raises _Incomplete."""
         result = shift = 0
         while True:
@@ -234,7 +236,7 @@ class MessageReader:
 
     # -- binary body -------------------------------------------------------------------------------
 
-    def _walk_binary(self, buf: bytes, n: int) -> bool:
+    def _walk_binary(self, buf: Buffer, n: int) -> bool:
         """Advance over whole values; True once the message's struct is closed."""
         if not self._header_done:
             try:
@@ -360,7 +362,7 @@ class MessageReader:
 
     # -- compact body ------------------------------------------------------------------------------
 
-    def _walk_compact(self, buf: bytes, n: int) -> bool:
+    def _walk_compact(self, buf: Buffer, n: int) -> bool:
         if not self._header_done:
             try:
                 self._header(buf, n)

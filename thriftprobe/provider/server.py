@@ -674,7 +674,7 @@ class Server:
                 return
             try:
                 self._serve_conn(conn, poller)
-            except BaseException:  # noqa: BLE001 - even SystemExit from a handler: the worker must live on
+            except BaseException:
                 log.exception("%s: serving a connection from %s:%d failed", self._label, *conn.peer)
                 conn.close_after = "error"
                 conn.out = None

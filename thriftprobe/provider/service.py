@@ -317,7 +317,7 @@ def start_service(
         raise InvalidArgument("drain and stop_timeout must be >= 0 seconds")
     if io_timeout is not None:
         if not isinstance(io_timeout, int) or isinstance(io_timeout, bool) or io_timeout <= 0:
-            raise InvalidArgument("io_timeout must be a positive number of milliseconds or None, got %r" % (io_timeout,))
+            raise InvalidArgument("io_timeout must be a positive number of milliseconds, got %r" % (io_timeout,))
         if read_timeout is None:
             read_timeout = io_timeout / 1000.0
     if hooks is not None and not isinstance(hooks, ServerHooks):
