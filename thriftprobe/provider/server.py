@@ -174,7 +174,10 @@ class Server:
         self._opts = options
         self._hooks = hooks
         self._framed = options.transport == "framed"
-        self._in_factory = protocol_factory(options.protocol)
+        # Requests are read leniently, like Apache Thrift servers: old non-strict binary messages too.
+        self._in_factory = (
+            TBinaryProtocolFactory(strict_read=False) if options.protocol == BINARY else TCompactProtocolFactory()
+        )
         self._max_conns = options.max_connections if options.max_connections is not None else default_max_connections()
         self._queue_size = options.workers if options.queue_size is None else options.queue_size
         self._sel = selectors.DefaultSelector()

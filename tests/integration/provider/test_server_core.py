@@ -167,6 +167,13 @@ def test_malformed_bytes_close_only_that_connection(providers):
         assert good.ping() == "a"
 
 
+def test_an_old_non_strict_binary_client_is_served(providers):
+    svc = providers("a")
+    with client(svc) as c:
+        c._c._oprot = TBinaryProtocolFactory(strict_write=False).get_protocol(c._c._oprot.trans)
+        assert c.echo("old") == "old"
+
+
 def test_pipelined_requests_are_answered_in_order(providers):
     svc = providers("a")
     s = connect(svc)
