@@ -175,7 +175,7 @@ class Server:
         self._hooks = hooks
         self._framed = options.transport == "framed"
         # Requests are read leniently, like Apache Thrift servers: old non-strict binary messages too.
-        self._in_factory = (
+        self._in_factory: Any = (
             TBinaryProtocolFactory(strict_read=False) if options.protocol == BINARY else TCompactProtocolFactory()
         )
         self._max_conns = options.max_connections if options.max_connections is not None else default_max_connections()
