@@ -272,14 +272,18 @@ class ConnectionPool:
                     conn.close()
                     return
                 idle = self._idle.get(address)
-                if idle is not None and idle.wire is not conn.wire:  # the list is the old wire's
-                    stale = self._idle.pop(address)
-                    idle = None
-                if idle is None:
+                if idle is not None and idle.wire is not conn.wire:
+                    if current is None:  # no word on which wire is the node's: the list stays
+                        idle = None
+                    else:  # the list is of the node's old wire
+                        stale = self._idle.pop(address)
+                        idle = self._idle[address] = _Idle(conn.wire)
+                elif idle is None:
                     idle = self._idle[address] = _Idle(conn.wire)
-                kept = len(idle) < self._max_idle
-                if kept:
+                kept = False
+                if idle is not None and len(idle) < self._max_idle:
                     idle.append(conn)
+                    kept = True
             if not kept:
                 conn.close()
             self._close_all(stale)
