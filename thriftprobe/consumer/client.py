@@ -36,7 +36,6 @@ from .health import HealthChecker, OutlierDetector
 from .pool import ConnectionPool, PooledConnection
 from .retry import Retry, RetryBudget
 from .table import NodeTable, Snapshot
-from .wire import Wire
 
 try:  # the compiled protocol's own error type, when thriftpy2 was built with Cython
     from thriftpy2.protocol.cybin import ProtocolError as _CyProtocolError  # type: ignore[attr-defined]
@@ -129,8 +128,10 @@ class _Core:
         self._forked = False
         self._fork_lock = threading.Lock()
         # A connection coming back to the pool for an address without an idle list is kept only
-        # if its node is still in the (current) table, and speaks the wire the node speaks now.
-        pool.set_keep(self._keeps, self._wire_now)
+        # if its node is still in the (current) table; and connections are made, lent and kept
+        # in the wire the node speaks now.
+        pool.set_keep(self._keeps)
+        table.on_change(self._table_changed, call_now=True)
         table.on_remove(self._node_left)
         self._attacher: Optional[threading.Thread] = None
         self._attach_stop = threading.Event()
@@ -147,9 +148,10 @@ class _Core:
         """Whether the pool keeps a connection to ``address`` (its node is in the table)."""
         return address in self.table.snapshot.wires
 
-    def _wire_now(self, address: Address) -> Optional[Wire]:
-        """The transport and protocol the node at ``address`` speaks now (None: not in the table)."""
-        return self.table.snapshot.wires.get(address)
+    def _table_changed(self, nodes: object) -> None:
+        """The table's change listener (under its lock, after it published the new snapshot).
+        After fork it stays on the child's copy of the table, and feeds the child's pool."""
+        self._pool.set_wires(self.table.snapshot.wires)
 
     def _eligible(self, snapshot: Snapshot) -> FrozenSet[Address]:
         """The addresses of the snapshot's nodes that can take calls (built once per snapshot)."""
@@ -176,10 +178,11 @@ class _Core:
         sends = 0  # sends that may have run: a shed reply says its send did not
         avoid: FrozenSet[Address] = frozenset()
         shed: Dict[Address, str] = {}  # the nodes that shed this call, with what they said
+        never: FrozenSet[Address] = frozenset()  # the same nodes, never to be sent this call again
         sent_error: Optional[TTransportException] = None  # the last failure after sending
         while True:
             try:
-                conn, probing = self._lend(avoid, deadline, timeout_ms, frozenset(shed))
+                conn, probing = self._lend(avoid, deadline, timeout_ms, never)
             except NoAvailableNode as none:
                 if sent_error is None:
                     if shed:
@@ -226,8 +229,10 @@ class _Core:
                 raise
             self._pool.release(conn)
             self._outliers.success(conn.address)
-            if isinstance(reply, TApplicationException) and reply.type == LOADSHEDDING:
+            # (_exchange makes a TApplicationException of this very class of an EXCEPTION reply)
+            if type(reply) is TApplicationException and reply.type == LOADSHEDDING:
                 shed[conn.address] = reply.message or ""
+                never = frozenset(shed)
                 why = self._why_not_resend(shed, deadline, timeout_ms)
                 if why is None:
                     log.debug("%s.%s was shed by %s:%d (%s); sending it to another node",
@@ -328,7 +333,7 @@ class _Core:
                     ) from error
                 address = node.address
             try:
-                # In the wire the node speaks now (the pool asks the table: see set_keep above).
+                # In the wire the node speaks now (the pool follows the table: see _table_changed).
                 return self._pool.acquire(address, deadline), probe is not None
             except TTransportException as err:
                 if deadline is not None and time.monotonic() >= deadline:

@@ -22,7 +22,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Mapping, Optional, Tuple
 
 from thriftpy2.protocol.base import TProtocolBase
 from thriftpy2.transport import TSocket, TTransportException
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 Address = Tuple[str, int]
 KeepFunc = Callable[[Address], bool]
-WireFunc = Callable[[Address], Optional[Wire]]
 _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
@@ -154,6 +153,8 @@ class PooledConnection:
 class _Idle(Deque[PooledConnection]):
     """A node's idle connections, all speaking ``wire``."""
 
+    __slots__ = ("wire",)
+
     def __init__(self, wire: Wire) -> None:
         super().__init__()
         self.wire = wire
@@ -176,7 +177,7 @@ class ConnectionPool:
         max_idle: int = 32,
         max_idle_age: Optional[float] = 30.0,
         keep: Optional[KeepFunc] = None,
-        current_wire: Optional[WireFunc] = None,
+        wires: Optional[Mapping[Address, Wire]] = None,
     ) -> None:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
@@ -185,24 +186,27 @@ class ConnectionPool:
         # Whether a connection to an address is still worth keeping when it comes back and the
         # address has no idle list (the node may have left while the call was out).
         self._keep: KeepFunc = keep or (lambda address: True)
-        # The wire a node speaks now (None: no opinion), asked when a connection comes back and
-        # the node's idle list speaks another one, or there is none.
-        self._current_wire: WireFunc = current_wire or (lambda address: None)
+        # The wire each node speaks now (see set_wires); a node missing: no word on it.
+        self._wires: Mapping[Address, Wire] = {} if wires is None else wires
         self._idle: Dict[Address, _Idle] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.owner_pid = os.getpid()
 
-    def set_keep(self, keep: KeepFunc, current_wire: Optional[WireFunc] = None) -> None:
+    def set_keep(self, keep: KeepFunc) -> None:
         self._keep = keep
-        if current_wire is not None:
-            self._current_wire = current_wire
+
+    def set_wires(self, wires: Mapping[Address, Wire]) -> None:
+        """The wire each node speaks now, by address: replaced whole when the table changes (the
+        pool only reads it). A connection is opened in its node's wire; one of another wire is
+        neither lent nor kept."""
+        self._wires = wires
 
     def acquire(
         self, address: Address, deadline: Optional[float] = None, wire: Optional[Wire] = None
     ) -> PooledConnection:
-        """Lend a live connection to ``address`` speaking ``wire`` (by default the one
-        ``current_wire`` names, else buffered binary), opening one if none is idle. Idle
+        """Lend a live connection to ``address`` speaking ``wire`` (by default the node's, as
+        ``set_wires`` gave it, else buffered binary), opening one if none is idle. Idle
         connections of another wire (the node's before it restarted speaking this one) are
         closed.
 
@@ -212,7 +216,7 @@ class ConnectionPool:
         another node.
         """
         if wire is None:
-            wire = self._current_wire(address) or BUFFERED_BINARY
+            wire = self._wires.get(address, BUFFERED_BINARY)
         idle = self._idle.get(address)
         if idle is not None and idle.wire is not wire:
             self._drop_list(address, idle)
@@ -263,7 +267,7 @@ class ConnectionPool:
             with self._lock:
                 # Checked under the lock that drop() takes: a node removed after this check is
                 # dropped after this list exists, so neither the list nor the socket outlives it.
-                current = self._current_wire(address)
+                current = self._wires.get(address)
                 if (
                     self._closed
                     or not self._keep(address)  # closed, or its node left meanwhile
@@ -354,7 +358,7 @@ class ConnectionPool:
             max_idle=self._max_idle,
             max_idle_age=None if self._max_idle_age == float("inf") else self._max_idle_age,
             keep=self._keep,
-            current_wire=self._current_wire,
+            wires=self._wires,
         )
 
     def idle_count(self, address: Address) -> int:

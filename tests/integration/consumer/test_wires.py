@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator, Tuple
 
@@ -196,3 +197,40 @@ def test_a_thriftprobe_provider_is_spoken_to_as_it_advertises(providers, cfg, ap
         assert (node.extras["transport"], node.extras["protocol"]) == ("buffered", "binary")
         assert client.ping() == "tp"
         assert client._pool._idle[("127.0.0.1", svc.port)][0].wire is BUFFERED_BINARY
+
+
+def test_a_forked_child_speaks_each_nodes_wire_and_follows_a_change(servers, zk, cfg, appkey):
+    framed = servers("framed", "framed", "compact")
+    path = register(zk, appkey, framed.port, "framed", "compact")
+    with build_client(IDL, appkey, "Calculator", config=cfg) as client:
+        assert client.ping() == "framed"  # the parent holds a pooled framed connection
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: calls on its own pool, then a restart in another wire; exit without pytest
+            code = 1
+            try:
+                os.close(read)
+                answers = [client.ping() for _ in range(5)]
+                os.write(write, (",".join(answers) + "\n").encode())
+                address = ("127.0.0.1", framed.port)
+                wait_until(lambda: str(client.table.snapshot.wires.get(address)) == "buffered/binary",
+                           what="the child to see the new wire")
+                answers = [client.ping() for _ in range(5)]
+                os.write(write, (",".join(answers) + "\n").encode())
+                client.close()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as lines:
+            assert lines.readline().strip() == ",".join(["framed"] * 5)
+            framed.stop()
+            zk.delete(path)
+            again = servers("buffered", port=framed.port)
+            register(zk, appkey, again.port)
+            assert lines.readline().strip() == ",".join(["buffered"] * 5)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        wait_until(lambda: str(client.table.snapshot.wires.get(("127.0.0.1", framed.port))) == "buffered/binary",
+                   what="the parent to see the new wire")
+        assert client.ping() == "buffered"  # the parent's framed connection was not lent

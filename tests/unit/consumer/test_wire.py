@@ -110,7 +110,7 @@ def test_connections_are_opened_in_the_wire_asked_for(listener):
 
 def test_idle_connections_of_the_nodes_old_wire_are_closed_not_lent(listener):
     current: dict = {}
-    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, current_wire=current.get)
+    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, wires=current)
     old = pool.acquire(listener)  # no opinion: buffered binary
     pool.release(old)
     current[listener] = FRAMED_COMPACT
@@ -124,7 +124,7 @@ def test_idle_connections_of_the_nodes_old_wire_are_closed_not_lent(listener):
 
 def test_a_connection_of_the_old_wire_coming_back_from_a_call_is_not_kept(listener):
     current: dict = {}
-    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, current_wire=current.get)
+    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, wires=current)
     old, older = pool.acquire(listener), pool.acquire(listener)  # out on calls
     current[listener] = FRAMED_COMPACT
     new = pool.acquire(listener)
@@ -139,7 +139,7 @@ def test_a_connection_of_the_old_wire_coming_back_from_a_call_is_not_kept(listen
 
 def test_a_returning_connection_of_the_current_wire_replaces_a_list_of_the_old_one(listener):
     current: dict = {}
-    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, current_wire=current.get)
+    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, wires=current)
     new = pool.acquire(listener, wire=FRAMED_COMPACT)  # opened for the new wire
     old = pool.acquire(listener)
     pool.release(old)  # the node's wire unknown to the pool yet: kept
@@ -150,7 +150,7 @@ def test_a_returning_connection_of_the_current_wire_replaces_a_list_of_the_old_o
 
 
 def test_the_wire_is_given_to_the_child_pool_after_fork(listener):
-    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, current_wire={listener: FRAMED_COMPACT}.get)
+    pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, wires={listener: FRAMED_COMPACT})
     child = pool.abandon_after_fork()
     assert child.acquire(listener).wire is FRAMED_COMPACT
     pool.close()
