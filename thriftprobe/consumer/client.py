@@ -758,8 +758,12 @@ def build_client(
     write of a call; ``connect_timeout`` (ms, default: the socket timeout) bounds opening a
     connection. ``config`` is a loaded Config or a path (see ``thriftprobe.config``).
 
+    Each node is spoken to in the transport and protocol its znode advertises (see ``wire``).
+
     Resilience (see the README's "Failure behaviour"): ``retry`` says which methods are idempotent
-    and may be sent again after a failure that followed sending (default: none are);
+    and may be sent again after a failure that followed sending (default: none are); its budget
+    also bounds sending a call a node shed (``LOADSHEDDING``) on to another node, which happens
+    whatever the method (default: a ``RetryBudget()`` of the client's own);
     ``outlier_detection`` ejects nodes that keep failing (default: ``OutlierDetector()``);
     ``health_check_interval`` (s) starts an active TCP health check (default: off);
     ``empty_grace`` (s) is how long the last nodes are kept when the registry suddenly shows none.
