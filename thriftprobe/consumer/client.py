@@ -26,7 +26,7 @@ from thriftpy2.thrift import TApplicationException, TClient, TDecodeException, T
 from thriftpy2.transport import TMemoryBuffer, TTransportException
 
 from .. import config as config_mod
-from ..errors import BackendError, InvalidArgument, NoAvailableNode, ThriftProbeError
+from ..errors import LOADSHEDDING, BackendError, InvalidArgument, NoAvailableNode, Overloaded, ThriftProbeError
 from ..idl import IdlSource, load_service
 from ..node import Node, validate_names
 from ..registry import Registry, Watch, open_registry
@@ -34,7 +34,7 @@ from .balancer import Balancer, WeightedRandom
 from .cache import CacheWriter, TableCache
 from .health import HealthChecker, OutlierDetector
 from .pool import ConnectionPool, PooledConnection
-from .retry import Retry
+from .retry import Retry, RetryBudget
 from .table import NodeTable, Snapshot
 
 try:  # the compiled protocol's own error type, when thriftpy2 was built with Cython
@@ -114,6 +114,9 @@ class _Core:
         self._pool = pool
         self._balancer = balancer
         self._retry = retry
+        # Sending a shed call to another node is a retry too: it draws from the same budget,
+        # which a client without a Retry policy still has for that.
+        self._budget = retry.budget if retry is not None else RetryBudget()
         self._outliers = outliers
         self._health_check_interval = health_check_interval
         self._health: Optional[HealthChecker] = None
@@ -125,8 +128,10 @@ class _Core:
         self._forked = False
         self._fork_lock = threading.Lock()
         # A connection coming back to the pool for an address without an idle list is kept only
-        # if its node is still in the (current) table.
-        pool.set_keep(lambda address: address in self.table.snapshot.addresses)
+        # if its node is still in the (current) table; and connections are made, lent and kept
+        # in the wire the node speaks now.
+        pool.set_keep(self._keeps)
+        table.on_change(self._table_changed, call_now=True)
         table.on_remove(self._node_left)
         self._attacher: Optional[threading.Thread] = None
         self._attach_stop = threading.Event()
@@ -138,6 +143,15 @@ class _Core:
         _live_clients.add(self)
 
     # -- the call path -------------------------------------------------------------------------
+
+    def _keeps(self, address: Address) -> bool:
+        """Whether the pool keeps a connection to ``address`` (its node is in the table)."""
+        return address in self.table.snapshot.wires
+
+    def _table_changed(self, nodes: object) -> None:
+        """The table's change listener (under its lock, after it published the new snapshot).
+        After fork it stays on the child's copy of the table, and feeds the child's pool."""
+        self._pool.set_wires(self.table.snapshot.wires)
 
     def _eligible(self, snapshot: Snapshot) -> FrozenSet[Address]:
         """The addresses of the snapshot's nodes that can take calls (built once per snapshot)."""
@@ -160,17 +174,19 @@ class _Core:
             ) from None
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
         retry = self._retry
-        if retry is not None:
-            retry.budget.deposit()
-        attempt = 0
+        self._budget.deposit()
+        sends = 0  # sends that may have run: a shed reply says its send did not
         avoid: FrozenSet[Address] = frozenset()
+        shed: Dict[Address, str] = {}  # the nodes that shed this call, with what they said
+        never: FrozenSet[Address] = frozenset()  # the same nodes, never to be sent this call again
         sent_error: Optional[TTransportException] = None  # the last failure after sending
         while True:
-            attempt += 1
             try:
-                conn, probing = self._lend(avoid, deadline, timeout_ms)
+                conn, probing = self._lend(avoid, deadline, timeout_ms, never)
             except NoAvailableNode as none:
                 if sent_error is None:
+                    if shed:
+                        raise self._overloaded(api, shed, "then: %s" % none) from none
                     raise
                 # The request was sent already (it may have run): never "nothing was sent". The
                 # original failure is the cause; the retry's NoAvailableNode the context.
@@ -195,7 +211,8 @@ class _Core:
                 eligible = self._eligible(self.table.snapshot)
                 self._outliers.failure(conn.address, len(eligible), after_send=True, eligible=eligible)
                 error = _transport_error(err, "%s.%s on %s:%d" % (self.service_name, api, *conn.address))
-                if retry is not None and retry.may_retry(api, attempt):
+                sends += 1
+                if retry is not None and retry.may_retry(api, sends):
                     log.debug("%s.%s failed on %s:%d (%s); retrying", self.service_name, api, *conn.address, err)
                     avoid = avoid | {conn.address}
                     sent_error = error
@@ -212,18 +229,68 @@ class _Core:
                 raise
             self._pool.release(conn)
             self._outliers.success(conn.address)
+            # (_exchange makes a TApplicationException of this very class of an EXCEPTION reply)
+            if type(reply) is TApplicationException and reply.type == LOADSHEDDING:
+                shed[conn.address] = reply.message or ""
+                never = frozenset(shed)
+                why = self._why_not_resend(shed, deadline, timeout_ms)
+                if why is None:
+                    log.debug("%s.%s was shed by %s:%d (%s); sending it to another node",
+                              self.service_name, api, conn.address[0], conn.address[1], reply.message)
+                    continue
+                if sent_error is not None:  # an earlier send may have run: not "never ran anywhere"
+                    overloaded = self._overloaded(api, shed, why)
+                    raise TTransportException(
+                        sent_error.type, "%s; sending it again: %s" % (sent_error.message, overloaded)
+                    ) from sent_error
+                raise self._overloaded(api, shed, why)
             return _unpack(reply)
 
+    def _why_not_resend(
+        self, shed: Dict[Address, str], deadline: Optional[float], timeout_ms: Optional[int]
+    ) -> Optional[str]:
+        """After a node shed a call (``LOADSHEDDING``: it did not run the handler), None when the
+        call may go to another node; otherwise why not.
+
+        Such a reply is no failure of the node: it answered at once and in step, so its
+        connection goes back to the pool and outlier detection counts it as a success (the node
+        is busy, not broken; ejecting busy nodes would pile their load onto the rest). The call
+        is safe to send elsewhere even for a method that is not idempotent, since nothing ran:
+        to a node that has not shed it yet, while the call's timeout lasts and the retry budget
+        (shared with the retries after failures) allows, so an overloaded fleet does not face
+        a retry storm on top of its load.
+        """
+        if deadline is not None and time.monotonic() >= deadline:
+            return "the call's timeout of %d ms ran out" % (timeout_ms or 0)
+        if all(node.address in shed for node in self.table.snapshot.available):
+            return "no other node is left"
+        if not self._budget.withdraw():
+            return "the retry budget allows no further try"
+        return None
+
+    def _overloaded(self, api: str, shed: Dict[Address, str], why: str) -> Overloaded:
+        said = ", ".join("%s:%d (%r)" % (address[0], address[1], message) for address, message in shed.items())
+        return Overloaded(
+            "%s.%s did not run: %d node(s) shed it as overloaded (LOADSHEDDING): %s; %s"
+            % (self.service_name, api, len(shed), said, why)
+        )
+
     def _lend(
-        self, avoid: FrozenSet[Address], deadline: Optional[float], timeout_ms: Optional[int]
+        self,
+        avoid: FrozenSet[Address],
+        deadline: Optional[float],
+        timeout_ms: Optional[int],
+        never: FrozenSet[Address] = frozenset(),
     ) -> Tuple[PooledConnection, bool]:
-        """Borrow a connection to a picked node; on a connect failure try the other nodes.
-        Returns it, and whether this call is the probe of a node whose ejection just ended.
+        """Borrow a connection to a picked node, in the node's wire; on a connect failure
+        try the other nodes. Returns it, and whether this call is the probe of a node whose
+        ejection just ended.
 
         Ejected nodes and ``avoid`` (nodes this call already failed on) are skipped while any
-        other node is left; when none is, every node is eligible again (panic mode). A node
-        whose ejection ended is avoided too, except by the one call that claims its probe.
-        Connects end by ``deadline`` (``time.monotonic()`` seconds), if given.
+        other node is left; when none is, every node is eligible again (panic mode). ``never``
+        (nodes that shed this call) are skipped even then. A node whose ejection ended is avoided
+        too, except by the one call that claims its probe. Connects end by ``deadline``
+        (``time.monotonic()`` seconds), if given.
         """
         if self._closed:
             raise ThriftProbeError("client for %s/%s is closed" % (self.appkey, self.service_name))
@@ -234,10 +301,11 @@ class _Core:
         probe: Optional[Address] = None
         if soft:
             eligible = self._eligible(snapshot)
-            probe = outliers.claim_probe(lambda address: address in eligible and address not in avoid)
+            barred = avoid | never
+            probe = outliers.claim_probe(lambda address: address in eligible and address not in barred)
         if avoid:
             soft = soft | avoid
-        tried: FrozenSet[Address] = frozenset()
+        tried: FrozenSet[Address] = never
         error: Optional[Exception] = None
         while True:
             if probe is not None:
@@ -248,6 +316,11 @@ class _Core:
                     soft = frozenset()
                     continue
                 if node is None:
+                    if tried is never and never:
+                        raise NoAvailableNode(
+                            "no node of service %r in env %s, appkey %s is left that has not shed the call (shed: %s)"
+                            % (self.service_name, self.env, self.appkey, _addresses(never))
+                        )
                     if not tried:
                         raise NoAvailableNode(
                             "no valid node of service %r in env %s, appkey %s "
@@ -256,10 +329,11 @@ class _Core:
                         )
                     raise NoAvailableNode(
                         "no node of service %r in env %s, appkey %s accepted a connection (tried %s)"
-                        % (self.service_name, self.env, self.appkey, _addresses(tried))
+                        % (self.service_name, self.env, self.appkey, _addresses(tried - never) or "none")
                     ) from error
                 address = node.address
             try:
+                # In the wire the node speaks now (the pool follows the table: see _table_changed).
                 return self._pool.acquire(address, deadline), probe is not None
             except TTransportException as err:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -269,7 +343,8 @@ class _Core:
                     raise NoAvailableNode(
                         "no node of service %r in env %s, appkey %s accepted a connection within the call's "
                         "timeout of %d ms (tried %s)"
-                        % (self.service_name, self.env, self.appkey, timeout_ms or 0, _addresses(tried | {address}))
+                        % (self.service_name, self.env, self.appkey, timeout_ms or 0,
+                           _addresses((tried - never) | {address}))
                     ) from err
                 log.debug("cannot connect to %s:%d (%s); trying another node", address[0], address[1], err)
                 eligible = self._eligible(snapshot)
@@ -344,8 +419,7 @@ class _Core:
             self.table = self.table.copy_for_child()
             self.table.on_remove(self._node_left)
             self._outliers.reinit_after_fork()
-            if self._retry is not None:
-                self._retry.budget.reinit_after_fork()
+            self._budget.reinit_after_fork()
             self._close_lock = threading.Lock()
             self._registry = self._watch = None  # the parent's
             self._attach_stop = threading.Event()
@@ -472,8 +546,18 @@ class ProbeClient(TClient):
     ZooKeeper session) and builds its own, starting from the inherited table of nodes.
     Close it (or use ``with``) to release its sockets and its share of the ZooKeeper session.
 
+    Each node is spoken to with the transport and protocol its znode advertises (buffered or
+    framed, binary or compact; buffered binary when it says nothing); a node advertising others
+    takes no calls.
+
+    A reply ``TApplicationException(LOADSHEDDING)`` says the node did not run the handler
+    (overloaded, or over a limit): the call goes on to a node that has not shed it, whatever
+    the method, within the call's timeout and the retry budget.
+
     Errors of a call: ``NoAvailableNode`` when no node is available or none accepted a connection
-    (within the call's timeout, for ``with_timeout``): nothing was sent; ``InvalidArgument`` when
+    (within the call's timeout, for ``with_timeout``): nothing was sent; ``Overloaded`` (a
+    ``NoAvailableNode``) when the nodes tried shed the call and no other may be tried (none
+    left, the budget spent, the timeout over): it ran nowhere; ``InvalidArgument`` when
     an argument does not fit its IDL type: nothing was sent and no node is blamed; thriftpy2's
     ``TTransportException`` when the connection failed or timed out after the request was sent
     and the retry policy did not (or could not) send it again; ``TApplicationException`` and the
@@ -674,8 +758,12 @@ def build_client(
     write of a call; ``connect_timeout`` (ms, default: the socket timeout) bounds opening a
     connection. ``config`` is a loaded Config or a path (see ``thriftprobe.config``).
 
+    Each node is spoken to in the transport and protocol its znode advertises (see ``wire``).
+
     Resilience (see the README's "Failure behaviour"): ``retry`` says which methods are idempotent
-    and may be sent again after a failure that followed sending (default: none are);
+    and may be sent again after a failure that followed sending (default: none are); its budget
+    also bounds sending a call a node shed (``LOADSHEDDING``) on to another node, which happens
+    whatever the method (default: a ``RetryBudget()`` of the client's own);
     ``outlier_detection`` ejects nodes that keep failing (default: ``OutlierDetector()``);
     ``health_check_interval`` (s) starts an active TCP health check (default: off);
     ``empty_grace`` (s) is how long the last nodes are kept when the registry suddenly shows none.

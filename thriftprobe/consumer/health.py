@@ -10,10 +10,17 @@ take calls (valid, weight > 0) are ever ejected, so a bad network on the client'
 empty the table. If every remaining node is excluded anyway, the client panics and uses all
 nodes.
 
+A node that answers ``LOADSHEDDING`` (overloaded: it did not run the handler) is not failing: it
+answered at once, in step, so the call path reports a success for it, never a failure. Ejecting
+busy nodes would pile their load onto the others; the call moves on instead (see the client).
+
 ``HealthChecker`` is the optional active check (like the seed's proxy health thread): a
 background thread that opens a TCP connection to each node that can take calls every
 ``interval`` seconds and reports the outcome to the detector, so even an idle client knows which
 nodes are down. A round that fails for any reason is logged and the next one runs as usual.
+The check only connects and sends no byte, so it works alike whatever transport and protocol a
+node speaks; nodes advertising a wire the consumer does not speak take no calls and are not
+checked. The probe call after an ejection is a real call, in the node's wire.
 """
 
 from __future__ import annotations

@@ -6,11 +6,15 @@ event on an idle socket means the peer closed it (or sent bytes nobody asked for
 replaced and the call does not fail on a connection a restarted or idle-closing provider dropped.
 A connection idle for longer than ``max_idle_age`` is closed instead of lent: a NAT or load
 balancer that silently forgot it would otherwise fail the next call after sending.
+
+Each connection is opened with the transport and protocol (the ``Wire``) its caller asks for,
+the node's as advertised. A node's idle connections are all of one wire: when a node comes back
+on the same host and port speaking another one, its idle connections of the old wire are closed
+instead of lent, and a connection of the old wire that comes back from a call is not kept.
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import logging
 import os
@@ -18,18 +22,20 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Mapping, Optional, Tuple
 
-from thriftpy2.protocol import TBinaryProtocolFactory
-from thriftpy2.protocol.base import TProtocolBase, TProtocolFactory
-from thriftpy2.transport import TBufferedTransportFactory, TSocket, TTransportException
-from thriftpy2.transport.base import TTransportBase, TTransportFactory
+from thriftpy2.protocol.base import TProtocolBase
+from thriftpy2.transport import TSocket, TTransportException
+from thriftpy2.transport.base import TTransportBase
+
+from .wire import BUFFERED_BINARY, Wire
 
 __all__ = ["ConnectionPool", "PooledConnection"]
 
 log = logging.getLogger(__name__)
 
 Address = Tuple[str, int]
+KeepFunc = Callable[[Address], bool]
 _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
@@ -74,14 +80,24 @@ class _CallSocket(TSocket):
 
 
 class PooledConnection:
-    """One open connection to one node. Used by one thread at a time (the pool hands it out)."""
+    """One open connection to one node, speaking ``wire``. Used by one thread at a time (the
+    pool hands it out)."""
 
     __slots__ = (
         "_default_timeout", "_poll", "_socket", "_transport", "address", "idle_since", "protocol", "seqid", "tsocket",
+        "wire",
     )
 
-    def __init__(self, address: Address, sock: _CallSocket, transport: TTransportBase, protocol: TProtocolBase) -> None:
+    def __init__(
+        self,
+        address: Address,
+        sock: _CallSocket,
+        transport: TTransportBase,
+        protocol: TProtocolBase,
+        wire: Wire = BUFFERED_BINARY,
+    ) -> None:
         self.address = address
+        self.wire = wire
         self.protocol = protocol
         self._transport = transport
         self.tsocket = sock
@@ -134,9 +150,20 @@ class PooledConnection:
         self._socket.close()
 
 
+class _Idle(Deque[PooledConnection]):
+    """A node's idle connections, all speaking ``wire``."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, wire: Wire) -> None:
+        super().__init__()
+        self.wire = wire
+
+
 class ConnectionPool:
     """Idle connections kept per node address, at most ``max_idle`` each, none idle for longer
-    than ``max_idle_age`` seconds (None: no limit).
+    than ``max_idle_age`` seconds (None: no limit). All of one node's idle connections speak
+    one wire (see the module docstring).
 
     Thread-safe: any number of threads may acquire and release concurrently. After fork, a child
     calls ``abandon_after_fork()`` and uses the pool it returns.
@@ -149,37 +176,52 @@ class ConnectionPool:
         socket_timeout_ms: int,
         max_idle: int = 32,
         max_idle_age: Optional[float] = 30.0,
-        proto_factory: Optional[TProtocolFactory] = None,
-        trans_factory: Optional[TTransportFactory] = None,
-        keep: Optional[Callable[[Address], bool]] = None,
+        keep: Optional[KeepFunc] = None,
+        wires: Optional[Mapping[Address, Wire]] = None,
     ) -> None:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
         self._max_idle = max_idle
         self._max_idle_age = float("inf") if max_idle_age is None else max_idle_age
-        self._proto_factory = proto_factory or TBinaryProtocolFactory()
-        self._trans_factory = trans_factory or TBufferedTransportFactory()
         # Whether a connection to an address is still worth keeping when it comes back and the
         # address has no idle list (the node may have left while the call was out).
-        self._keep = keep or (lambda address: True)
-        self._idle: Dict[Address, Deque[PooledConnection]] = {}
+        self._keep: KeepFunc = keep or (lambda address: True)
+        # The wire each node speaks now (see set_wires); a node missing: no word on it.
+        self._wires: Mapping[Address, Wire] = {} if wires is None else wires
+        self._idle: Dict[Address, _Idle] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.owner_pid = os.getpid()
 
-    def set_keep(self, keep: Callable[[Address], bool]) -> None:
+    def set_keep(self, keep: KeepFunc) -> None:
         self._keep = keep
 
-    def acquire(self, address: Address, deadline: Optional[float] = None) -> PooledConnection:
-        """Lend a live connection to ``address``, opening one if none is idle.
+    def set_wires(self, wires: Mapping[Address, Wire]) -> None:
+        """The wire each node speaks now, by address: replaced whole when the table changes (the
+        pool only reads it). A connection is opened in its node's wire; one of another wire is
+        neither lent nor kept."""
+        self._wires = wires
+
+    def acquire(
+        self, address: Address, deadline: Optional[float] = None, wire: Optional[Wire] = None
+    ) -> PooledConnection:
+        """Lend a live connection to ``address`` speaking ``wire`` (by default the node's, as
+        ``set_wires`` gave it, else buffered binary), opening one if none is idle. Idle
+        connections of another wire (the node's before it restarted speaking this one) are
+        closed.
 
         ``deadline`` (``time.monotonic()`` seconds) caps the connect timeout by the time a call
         has left. Raises thriftpy2's TTransportException (NOT_OPEN, or TIMED_OUT when the connect
         timed out) when the connection cannot be opened: nothing was sent, so the caller may try
         another node.
         """
+        if wire is None:
+            wire = self._wires.get(address, BUFFERED_BINARY)
         idle = self._idle.get(address)
-        if idle:
+        if idle is not None and idle.wire is not wire:
+            self._drop_list(address, idle)
+            log.info("node %s:%d now speaks %s (was %s): its idle connections are closed", *address, wire, idle.wire)
+        elif idle:
             oldest_allowed = time.monotonic() - self._max_idle_age
             while idle:
                 try:
@@ -194,9 +236,9 @@ class ConnectionPool:
                 else:
                     log.debug("dropping a connection to %s:%d closed by the peer", *address)
                 conn.close()
-        return self._open(address, deadline)
+        return self._open(address, deadline, wire)
 
-    def _open(self, address: Address, deadline: Optional[float] = None) -> PooledConnection:
+    def _open(self, address: Address, deadline: Optional[float], wire: Wire) -> PooledConnection:
         connect_timeout_ms: float = self._connect_timeout_ms
         if deadline is not None:
             left_ms = (deadline - time.monotonic()) * 1000.0
@@ -210,34 +252,52 @@ class ConnectionPool:
             socket_timeout=self._socket_timeout_ms,
             connect_timeout=connect_timeout_ms,
         )
-        transport = self._trans_factory.get_transport(sock)
+        transport = wire.transport_factory.get_transport(sock)
         transport.open()  # raises TTransportException(NOT_OPEN); TSocket closes its socket then
-        log.debug("opened a connection to %s:%d", *address)
-        return PooledConnection(address, sock, transport, self._proto_factory.get_protocol(transport))
+        log.debug("opened a %s connection to %s:%d", wire, *address)
+        return PooledConnection(address, sock, transport, wire.protocol_factory.get_protocol(transport), wire)
 
     def release(self, conn: PooledConnection) -> None:
         """Take back a connection whose last call completed cleanly."""
         now = conn.idle_since = time.monotonic()
-        idle = self._idle.get(conn.address)
-        if idle is None:
+        address = conn.address
+        idle = self._idle.get(address)
+        if idle is None or idle.wire is not conn.wire:
+            stale: Optional[_Idle] = None
             with self._lock:
                 # Checked under the lock that drop() takes: a node removed after this check is
                 # dropped after this list exists, so neither the list nor the socket outlives it.
-                if self._closed or not self._keep(conn.address):  # closed, or its node left meanwhile
+                current = self._wires.get(address)
+                if (
+                    self._closed
+                    or not self._keep(address)  # closed, or its node left meanwhile
+                    or (current is not None and current is not conn.wire)  # it speaks another wire now
+                ):
                     conn.close()
                     return
-                idle = self._idle.setdefault(conn.address, collections.deque())
-                if len(idle) < self._max_idle:
+                idle = self._idle.get(address)
+                if idle is not None and idle.wire is not conn.wire:
+                    if current is None:  # no word on which wire is the node's: the list stays
+                        idle = None
+                    else:  # the list is of the node's old wire
+                        stale = self._idle.pop(address)
+                        idle = self._idle[address] = _Idle(conn.wire)
+                elif idle is None:
+                    idle = self._idle[address] = _Idle(conn.wire)
+                kept = False
+                if idle is not None and len(idle) < self._max_idle:
                     idle.append(conn)
-                    return
-            conn.close()
+                    kept = True
+            if not kept:
+                conn.close()
+            self._close_all(stale)
             return
         if len(idle) >= self._max_idle:
             conn.close()
             return
         self._close_expired(idle, now)
         idle.append(conn)
-        if self._idle.get(conn.address) is not idle:  # dropped or closed meanwhile: leave nothing behind
+        if self._idle.get(address) is not idle:  # dropped, closed or replaced meanwhile: leave nothing behind
             try:
                 idle.remove(conn)
             except ValueError:  # another thread took it and owns it now
@@ -267,10 +327,21 @@ class ConnectionPool:
         """Close the idle connections to a node that left the registry."""
         with self._lock:
             idle = self._idle.pop(address, None)
+        self._close_all(idle)
+
+    def _drop_list(self, address: Address, idle: _Idle) -> None:
+        """Close ``idle`` and forget it, if it still is the address's list."""
+        with self._lock:
+            if self._idle.get(address) is idle:
+                del self._idle[address]
+        self._close_all(idle)
+
+    @staticmethod
+    def _close_all(idle: Optional[_Idle]) -> None:
         while idle:
             try:
                 conn = idle.pop()
-            except IndexError:
+            except IndexError:  # another thread took the last one; it sees the list is gone
                 return
             conn.close()
 
@@ -286,9 +357,8 @@ class ConnectionPool:
             socket_timeout_ms=self._socket_timeout_ms,
             max_idle=self._max_idle,
             max_idle_age=None if self._max_idle_age == float("inf") else self._max_idle_age,
-            proto_factory=self._proto_factory,
-            trans_factory=self._trans_factory,
             keep=self._keep,
+            wires=self._wires,
         )
 
     def idle_count(self, address: Address) -> int:

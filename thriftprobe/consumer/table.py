@@ -2,7 +2,10 @@
 
 Writers (the registry's watch callbacks) take a lock and publish a new immutable ``Snapshot``;
 readers (every call) read ``table.snapshot`` with no lock at all. A snapshot keeps the nodes that
-may take calls and their cumulative weights, so a weighted pick is one bisect.
+may take calls and their cumulative weights, so a weighted pick is one bisect, and the wire
+(transport and protocol) each node speaks. A node that advertises a transport or protocol the
+consumer does not speak takes no calls; the table logs one warning for it (again only if it
+changes what it advertises), never one per call.
 
 Empty-list protection: a removal that would leave the table with no node at all is held for
 ``empty_grace`` seconds instead of applied. A registry glitch (a session expiry, a restarted
@@ -23,6 +26,7 @@ import time
 from typing import AbstractSet, Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from ..node import Node
+from .wire import PROTOCOLS, TRANSPORTS, Wire, advertised, wire_of
 
 __all__ = ["NodeTable", "Snapshot"]
 
@@ -30,15 +34,27 @@ log = logging.getLogger(__name__)
 
 
 class Snapshot:
-    """An immutable view of the table: ``available`` nodes (valid, weight > 0), ``cumulative``
-    weights aligned with them, and their ``total``. Built in O(n) on every change."""
+    """An immutable view of the table: ``available`` nodes (valid, weight > 0, speaking a known
+    wire), ``cumulative`` weights aligned with them, and their ``total``; ``wires``: the wire of
+    every node that speaks a known one, by address; ``unspoken``: the nodes that do not. Built
+    in O(n) on every change."""
 
-    __slots__ = ("addresses", "all_nodes", "available", "cumulative", "total")
+    __slots__ = ("addresses", "all_nodes", "available", "cumulative", "total", "unspoken", "wires")
 
     def __init__(self, nodes: Dict[str, Node]) -> None:
         self.all_nodes: Tuple[Node, ...] = tuple(nodes.values())
         self.addresses: FrozenSet[Tuple[str, int]] = frozenset(n.address for n in self.all_nodes)
-        self.available: Tuple[Node, ...] = tuple(n for n in self.all_nodes if n.available)
+        wires: Dict[Tuple[str, int], Wire] = {}
+        unspoken: List[Node] = []
+        for node in self.all_nodes:
+            wire = wire_of(node)
+            if wire is None:
+                unspoken.append(node)
+            else:
+                wires[node.address] = wire
+        self.wires = wires
+        self.unspoken: Tuple[Node, ...] = tuple(unspoken)
+        self.available: Tuple[Node, ...] = tuple(n for n in self.all_nodes if n.available and n.address in wires)
         self.cumulative: Tuple[int, ...] = tuple(itertools.accumulate(n.weight for n in self.available))
         self.total: int = self.cumulative[-1] if self.cumulative else 0
 
@@ -62,6 +78,7 @@ class NodeTable:
         self._empty_grace = empty_grace
         self._label = label
         self._timer: Optional[threading.Timer] = None
+        self._warned: Dict[Tuple[str, int], Tuple[str, str]] = {}  # nodes logged as unspoken, and what they said
         self.snapshot: Snapshot = Snapshot({})
 
     def on_remove(self, listener: RemovalListener) -> None:
@@ -201,10 +218,26 @@ class NodeTable:
     def _publish(self) -> None:
         merged = dict(self._held)
         merged.update(self._nodes)
-        self.snapshot = Snapshot(merged)
+        snapshot = self.snapshot = Snapshot(merged)
+        if snapshot.unspoken or self._warned:
+            self._warn_unspoken(snapshot)
         self._changed.notify_all()
         for listener in self._change_listeners:
             listener(merged)
+
+    def _warn_unspoken(self, snapshot: Snapshot) -> None:
+        """Log each node this consumer cannot speak to once (under the lock)."""
+        warned: Dict[Tuple[str, int], Tuple[str, str]] = {}
+        for node in snapshot.unspoken:
+            said = tuple(repr(value) for value in advertised(node))
+            warned[node.address] = (said[0], said[1])
+            if self._warned.get(node.address) != said:
+                log.warning(
+                    "%s: node %s:%d advertises transport %s and protocol %s; this consumer speaks "
+                    "transports %s and protocols %s, so it sends the node no calls",
+                    self._label, node.host, node.port, said[0], said[1], "/".join(TRANSPORTS), "/".join(PROTOCOLS),
+                )
+        self._warned = warned
 
     def _removed(self, node: Node) -> None:
         for listener in self._listeners:
