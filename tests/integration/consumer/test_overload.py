@@ -260,3 +260,34 @@ def test_shed_calls_from_many_threads_all_land(servers, cfg, appkey):
     assert len(results) == 400 and all(k == v for k, v in results.items())
     assert sorted(fine.seen) == sorted(results)
     assert len(set(busy.seen)) == len(busy.seen)
+
+
+
+def test_a_provider_with_every_worker_busy_sheds_and_the_call_lands_elsewhere(providers, cfg, appkey):
+    """The whole path with the real server core: a provider with one worker, busy, and no queue
+    answers LOADSHEDDING; a consumer's non-idempotent call goes to the other provider, and the
+    busy one never runs it."""
+    from thriftpy2.rpc import make_client
+
+    busy = providers("busy", workers=1, queue_size=0)
+    free = providers("free")
+    busy_handler, free_handler = busy._server._dispatcher.handler, free._server._dispatcher.handler
+
+    def occupy() -> None:
+        c = make_client(demo.Calculator, "127.0.0.1", busy.port, timeout=10000)
+        try:
+            c.sleep_ms(1500)
+        finally:
+            c.close()
+
+    with build_client(IDL, appkey, "Calculator", config=cfg) as client:
+        wait_until(lambda: len(client.table.snapshot.all_nodes) == 2, what="both nodes in the table")
+        blocker = threading.Thread(target=occupy)
+        blocker.start()
+        try:
+            wait_until(lambda: busy_handler.calls == 1, what="the busy provider's worker taken")
+            for _ in range(20):
+                client.sleep_ms(1)  # not idempotent: only a "not executed" reply may move it
+        finally:
+            blocker.join()
+    assert busy_handler.calls == 1 and free_handler.calls == 20
