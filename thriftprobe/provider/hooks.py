@@ -36,9 +36,11 @@ class ServerHooks:
     """Called by the server around each request and on connection open, close and reject.
 
     Every method does nothing here. ``outcome`` is one of ``dispatch.OUTCOMES`` (``ok``,
-    ``declared_exception``, ``application_error``) or ``transport_error`` when the reply could not
-    be sent. Times: ``start`` is ``time.time()`` when the request was whole, ``duration`` seconds
-    of ``time.perf_counter()`` from then until the reply was handed to the socket.
+    ``declared_exception``, ``application_error``), ``transport_error`` when the reply could not
+    be sent, or ``protocol_error`` when the request could not be decoded (the connection is then
+    closed). Times: ``start`` is ``time.time()`` when the request had arrived whole, ``duration``
+    seconds from then (the wait for a worker included) until the reply was handed to the socket.
+    Every ``request_started`` is followed by one ``request_finished``.
     """
 
     def connection_opened(self, peer: Peer) -> None:

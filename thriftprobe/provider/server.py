@@ -69,6 +69,9 @@ _ACCEPT_BACKOFF = 0.1
 _LINGERING_CLOSE = 1.0
 """After an error reply, how long the input is drained before closing (so that the reply is not
 lost to a reset triggered by unread request bytes)."""
+_MIN_EVICT_IDLE = 1.0
+"""A connection idle for less than this is never closed to make room: its client may be about to
+use it (a request on a connection the server just closed fails as "may have run")."""
 _MAX_REJECTING = 64
 """Connections over ``max_connections`` held at once to be answered LOADSHEDDING; more are closed."""
 
@@ -134,8 +137,8 @@ class _Conn:
     """One client connection. Owned by the I/O thread, except while BUSY: then by one worker."""
 
     __slots__ = (
-        "close_after", "fd", "inbuf", "out", "out_deadline", "peer", "read_start", "reader", "rejecting", "since",
-        "sock", "state",
+        "close_after", "fd", "handed_back", "inbuf", "out", "out_deadline", "peer", "read_start", "reader",
+        "rejecting", "since", "sock", "state", "whole_at",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer: Peer, reader: MessageReader, now: float) -> None:
@@ -151,6 +154,8 @@ class _Conn:
         self.out_deadline = 0.0
         self.close_after: Optional[str] = None  # after ``out`` is sent: drain and close, for this reason
         self.rejecting: Optional[str] = None  # answer the first request LOADSHEDDING for this reason
+        self.handed_back = False  # set by the worker that gave it back to the I/O thread
+        self.whole_at = 0.0  # time.time() when the request being served was whole (for hooks)
 
 
 class Server:
@@ -200,8 +205,14 @@ class Server:
         self._jobs: "queue.SimpleQueue[Optional[_Conn]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._workers: List[threading.Thread] = []
-        self._idle_workers = 0
+        self._idle_workers = 0  # waiting for a job, or about to (handed their connection back)
+        self._lingering = 0  # waiting for their connection's next request; they yield to a job
         self._pending = 0  # jobs queued and not yet taken by a worker
+        # Wakes lingering workers when a job is queued for them: readable while jobs wait.
+        self._job_r, self._job_w = socket.socketpair()
+        self._job_r.setblocking(False)
+        self._job_w.setblocking(False)
+        self._job_signalled = False
         # Connections workers hand back to the I/O thread.
         self._returns: Deque[_Conn] = collections.deque()
         self._woken = False
@@ -223,12 +234,19 @@ class Server:
         LOADSHEDDING; let requests already running finish, all together, until ``timeout``
         seconds from now; then close every connection. Workers still in a handler at the deadline
         end when it returns (a thread cannot be killed); they are logged."""
+        me = threading.current_thread()
+        with self._lock:
+            from_worker = me in self._workers
+        if from_worker:  # waiting here would wait for this very request: stop on a thread of its own
+            threading.Thread(
+                target=self.stop, args=(timeout,), name="thriftprobe-server-stop-" + self._label, daemon=True
+            ).start()
+            return
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
             self._stopping = True
             self._stop_deadline = deadline
         self._wake()
-        me = threading.current_thread()
         if self._io_thread.ident is None:  # never started
             self._listener.close()
         elif self._io_thread is not me:
@@ -248,14 +266,14 @@ class Server:
             )
         if not self._io_thread.is_alive():
             self._sel.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for sock in (self._wake_r, self._wake_w, self._job_r, self._job_w):
+            sock.close()
 
     def close_unstarted(self) -> None:
         self._listener.close()
         self._sel.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for sock in (self._wake_r, self._wake_w, self._job_r, self._job_w):
+            sock.close()
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
@@ -333,6 +351,21 @@ class Server:
             except OSError as err:
                 if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
+                if err.errno in (errno.EMFILE, errno.ENFILE) and len(self._conns) < self._max_conns:
+                    # The process's other files leave less room than max_connections assumed: from
+                    # now on, make room (evict the longest-idle) at the number open now.
+                    self._max_conns = max(1, len(self._conns))
+                    log.warning(
+                        "%s: out of file descriptors with %d connections open; max_connections lowered to %d",
+                        self._label, len(self._conns), self._max_conns,
+                    )
+                if (
+                    err.errno in (errno.EMFILE, errno.ENFILE)
+                    and self._idle
+                    and _head(self._idle).since <= time.monotonic() - _MIN_EVICT_IDLE
+                ):
+                    self._close(_head(self._idle), "evicted")
+                    continue
                 # EMFILE, ENFILE, ENOBUFS, ENOMEM and anything else: back off and keep accepting.
                 if not self._accept_error_logged:
                     log.error(
@@ -360,9 +393,8 @@ class Server:
         reader = MessageReader(self._opts.protocol, self._framed, self._opts.max_message_size)
         conn = _Conn(sock, peer, reader, now)
         if len(self._conns) >= self._max_conns:
-            if self._idle:
-                oldest = next(iter(self._idle.values()))
-                self._close(oldest, "evicted")
+            if self._idle and _head(self._idle).since <= now - _MIN_EVICT_IDLE:
+                self._close(_head(self._idle), "evicted")
             elif self._rejecting >= _MAX_REJECTING:
                 sock.close()
                 self._hook_rejected(None, peer, "max_connections")
@@ -420,6 +452,8 @@ class Server:
         del self._reading[conn.fd]
         conn.state = BUSY
         self._sel.unregister(conn.sock)
+        if self._hooks is not None:
+            conn.whole_at = time.time()
         reason = conn.rejecting or ("stopping" if self._stopping else None)
         if reason is None:
             if self._submit(conn):
@@ -619,7 +653,18 @@ class Server:
         those a worker still has are shut down (the worker closes them when its handler returns)."""
         with self._lock:
             self._io_done = True
-            busy = [c for c in self._conns.values() if c.state == BUSY and c not in self._returns]
+            queued = []
+            while True:  # requests still queued never run now: answered "not executed" below
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    self._pending -= 1
+                    queued.append(job)
+            busy = [c for c in self._conns.values() if c.state == BUSY and c not in self._returns and c not in queued]
+        for conn in queued:
+            self._shed_unrun(conn)
         self._close_listener()
         for conn in list(self._conns.values()):
             if conn in busy:
@@ -633,14 +678,17 @@ class Server:
     def _submit(self, conn: _Conn) -> bool:
         """Queue a request for a worker (starting one if none is idle and fewer than ``workers``
         run); False when it must be shed."""
-        start = False
+        start = wake_lingering = False
         with self._lock:
             waiting = self._pending - self._idle_workers
             if waiting >= 0:
                 if len(self._workers) < self._opts.workers:
                     start = True
-                elif waiting >= self._queue_size:
+                elif waiting - self._lingering >= self._queue_size:
                     return False
+                else:
+                    wake_lingering = self._lingering > 0
+                    self._job_signalled = self._job_signalled or wake_lingering
             self._pending += 1
             if start:
                 worker = threading.Thread(
@@ -659,29 +707,44 @@ class Server:
                     if not self._workers:
                         self._pending -= 1
                         return False
+        conn.handed_back = False
         self._jobs.put(conn)
+        if wake_lingering:
+            with contextlib.suppress(OSError):  # full: lingering workers are being woken anyway
+                self._job_w.send(b"j")
         return True
 
     def _work(self) -> None:
         poller = select.poll()
         jobs = self._jobs
+        with self._lock:
+            self._idle_workers += 1
         while True:
-            with self._lock:
-                self._idle_workers += 1
             conn = jobs.get()
             with self._lock:
                 self._idle_workers -= 1
                 if conn is not None:
                     self._pending -= 1
+                io_done = self._io_done
+                signalled, self._job_signalled = self._job_signalled, False
             if conn is None:
                 return
+            if signalled:  # a job was taken: stop waking lingering workers for it
+                with contextlib.suppress(OSError):
+                    self._job_r.recv(64)
+            if io_done:  # past the stop deadline: never run it
+                self._shed_unrun(conn)
+                with self._lock:
+                    self._idle_workers += 1
+                continue
             try:
                 self._serve_conn(conn, poller)
-            except BaseException:
+            except BaseException:  # even SystemExit from a handler: the worker must live on
                 log.exception("%s: serving a connection from %s:%d failed", self._label, *conn.peer)
-                conn.close_after = "error"
-                conn.out = None
-                self._give_back(conn)
+                if not conn.handed_back:
+                    conn.close_after = "error"
+                    conn.out = None
+                    self._give_back(conn)
 
     def _serve_conn(self, conn: _Conn, poller: "select.poll") -> None:
         """Run the whole request at the head of ``conn.inbuf``, send the reply, and serve the
@@ -705,19 +768,26 @@ class Server:
                     break
             except MessageError:
                 break  # the I/O thread refuses it
+            if self._hooks is not None:
+                conn.whole_at = time.time()
         self._give_back(conn)
 
     def _run(self, conn: _Conn, name: str, data: bytes) -> bool:
         """Decode, run and answer one request; False when the connection was handed back."""
         hooks = self._hooks
         started = time.perf_counter()
-        wall = time.time() if hooks is not None else 0.0
+        wall = 0.0
         if hooks is not None:
+            wall = conn.whole_at or time.time()
+            started -= max(0.0, time.time() - wall)  # the duration counts the wait for a worker
+            conn.whole_at = 0.0
             self._hook("request_started", name, conn.peer)
         try:
             reply, method, outcome = self._dispatcher.handle(self._in_factory.get_protocol(TMemoryBuffer(data)))
         except Exception as err:  # noqa: BLE001 - malformed arguments: the stream cannot be trusted
             log.info("%s: closing the connection from %s:%d: bad request: %s", self._label, *conn.peer, err)
+            if hooks is not None:
+                self._hook("request_finished", name, conn.peer, wall, "protocol_error", time.perf_counter() - started)
             conn.close_after = "protocol_error"
             self._give_back(conn)
             return False
@@ -742,13 +812,20 @@ class Server:
     def _await_next(self, conn: _Conn, poller: "select.poll") -> bool:
         """Wait up to ``_LINGER`` for the connection's next bytes and read them; False when the
         connection was handed back (closed by the peer, or failed)."""
+        job_fd = self._job_r.fileno()
         poller.register(conn.fd, select.POLLIN)
+        poller.register(job_fd, select.POLLIN)
+        with self._lock:
+            self._lingering += 1
         try:
             ready = poller.poll(_LINGER * 1000.0)
         finally:
+            with self._lock:
+                self._lingering -= 1
             poller.unregister(conn.fd)
-        if not ready:
-            return True
+            poller.unregister(job_fd)
+        if not any(fd == conn.fd for fd, _ in ready):
+            return True  # nothing came, or a job waits for a worker: hand the connection back
         try:
             data = conn.sock.recv(_RECV)
         except (BlockingIOError, InterruptedError):
@@ -764,8 +841,11 @@ class Server:
         return True
 
     def _give_back(self, conn: _Conn) -> None:
-        """From a worker: hand a connection back to the I/O thread (or close it, if that ended)."""
+        """From a worker, once per request it was handed: give the connection back to the I/O
+        thread (or close it, if that ended). The worker counts as idle from here on."""
+        conn.handed_back = True
         with self._lock:
+            self._idle_workers += 1
             if not self._io_done:
                 self._returns.append(conn)
                 if self._woken:
@@ -776,6 +856,21 @@ class Server:
                 conn.sock.close()
                 return
         self._wake()
+
+    def _shed_unrun(self, conn: _Conn) -> None:
+        """A queued request that will never run (the stop deadline passed): answer it "not
+        executed" if the socket takes the reply at once, then close the connection."""
+        reader = conn.reader
+        if reader.name is not None and reader.mtype == TMessageType.CALL:
+            error = TApplicationException(LOADSHEDDING, "%s is stopping; not executed" % self._label)
+            reply = self._frame(self._dispatcher.exception_reply(reader.name, reader.seqid or 0, error))
+            with contextlib.suppress(OSError):
+                conn.sock.send(reply)
+        self._hook_rejected(reader.name, conn.peer, "stopping")
+        conn.state = CLOSED
+        conn.sock.close()
+        if self._hooks is not None:
+            self._hook("connection_closed", conn.peer, "stopping")
 
     # -- helpers ---------------------------------------------------------------------------------
 

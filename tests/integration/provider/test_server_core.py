@@ -4,6 +4,7 @@ running out of file descriptors, stopping with stuck handlers; and framed + comp
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import struct
@@ -209,7 +210,10 @@ def test_overload_is_answered_at_once_and_not_executed(providers):
     assert handler.calls == 2
 
 
-def test_at_max_connections_the_longest_idle_connection_makes_room(providers):
+def test_at_max_connections_the_longest_idle_connection_makes_room(providers, monkeypatch):
+    from thriftprobe.provider import server
+
+    monkeypatch.setattr(server, "_MIN_EVICT_IDLE", 0.0)  # the age rule has its own test
     svc = providers("a", max_connections=3)
     idle = [connect(svc) for _ in range(3)]
     wait_until(lambda: svc._server.stats()["connections"] == 3, what="3 connections")
@@ -450,3 +454,150 @@ def _rss_kib():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def test_connections_idle_for_a_moment_are_never_evicted_under_a_consumer(providers, cfg, appkey):
+    """At max_connections with new connections arriving all the time, the consumer's pooled
+    connection (idle between its calls for well under a second) is never closed under it: a
+    non-idempotent call never fails."""
+    from thriftprobe import build_client
+
+    svc = providers("a", max_connections=4, workers=8)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", svc.port), timeout=1).close()
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    with build_client(IDL, appkey, "Calculator", config=cfg) as c:
+        assert c.ping() == "a"  # its pooled connection exists before the churn starts
+        for t in churners:
+            t.start()
+        try:
+            for i in range(300):
+                assert c.compute(calc.Operation(left=i, right=1, op="+")).value == i + 1
+        finally:
+            stop.set()
+            for t in churners:
+                t.join()
+
+
+def test_one_connection_calling_in_turn_is_never_shed_by_a_lingering_worker(providers):
+    svc = providers("a", workers=1, queue_size=0)
+    with client(svc) as c:
+        for i in range(2000):
+            assert c.echo("x") == "x"
+
+
+def test_requests_still_queued_at_the_stop_deadline_never_run(providers):
+    svc = providers("a", workers=1, queue_size=8)
+    handler = svc._server._dispatcher.handler
+    results = []
+
+    def call(ms):
+        try:
+            with client(svc, timeout=10000) as c:
+                c.sleep_ms(ms)
+            results.append("ran")
+        except TApplicationException as err:
+            results.append("shed" if err.type == LOADSHEDDING else repr(err))
+        except (TTransportException, OSError) as err:
+            results.append("transport: %r" % err)
+
+    long_call = threading.Thread(target=call, args=(1500,))
+    long_call.start()
+    wait_until(lambda: handler.calls == 1, what="the one worker busy")
+    queued = [threading.Thread(target=call, args=(300,)) for _ in range(3)]
+    for t in queued:
+        t.start()
+    wait_until(lambda: svc._server.stats()["queued"] == 3, what="three requests queued")
+    svc.stop(timeout=0.5, drain=0)
+    for t in [long_call, *queued]:
+        t.join()
+    assert handler.calls == 1  # the queued ones never ran, before or after stop() returned
+    assert sorted(results).count("shed") == 3, results
+
+
+def test_server_stop_from_a_handler_returns_and_the_reply_is_sent(cfg, appkey):
+    from conftest import Handler
+
+    from thriftprobe import start_service
+
+    class Stopping(Handler):
+        server = None
+
+        def ping(self):
+            self.server.stop(1.0)  # the server core's own stop, from its worker
+            return "stopping"
+
+    handler = Stopping("s")
+    svc = start_service(IDL, appkey, "Calculator", handler, 0, config=cfg, block=False, bind_host="127.0.0.1")
+    try:
+        handler.server = svc._server
+        with client(svc) as c:
+            started = time.monotonic()
+            assert c.ping() == "stopping"
+            assert time.monotonic() - started < 0.5
+    finally:
+        svc.stop(timeout=2.0, drain=0)
+
+
+def test_a_request_the_decoder_refuses_still_finishes_in_the_hooks(providers):
+    hooks = Recorder()
+    svc = providers("a", hooks=hooks, protocol="compact")
+    s = connect(svc)
+    # A compact call of ping whose argument struct holds a UUID field (type 13): whole to the
+    # scanner, refused by thriftpy2's decoder.
+    s.sendall(b"\x82\x21\x01\x04ping" + b"\x1d" + bytes(16) + b"\x00")
+    s.settimeout(5)
+    assert s.recv(10) == b""
+    s.close()
+    wait_until(lambda: ("close", "protocol_error") in hooks.events, what="the connection closed")
+    assert ("start", "ping") in hooks.events and ("done", "ping", "protocol_error") in hooks.events
+
+
+EMFILE_WITH_IDLE = textwrap.dedent(
+    """
+    import os, resource, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import IDL, Handler
+    from thriftprobe import start_service
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    svc = start_service(IDL, sys.argv[2], "Calculator", Handler("low"), 0, config=sys.argv[1], env={env!r},
+                        bind_host="127.0.0.1", block=False)
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(60)]  # the application's own files
+    print("READY", svc.port, flush=True)
+    sys.stdin.read()
+    svc.stop(timeout=2.0, drain=0)
+    """
+)
+
+
+def test_out_of_fds_below_max_connections_the_longest_idle_connection_makes_room(config_path, appkey):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EMFILE_WITH_IDLE.format(tests=str(ROOT / "tests" / "integration"), env=TEST_ENV),
+         config_path, appkey],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    idle = []
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), line
+        port = int(line.split()[1])
+        for _ in range(250):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+
+        class Port:
+            pass
+
+        svc = Port()
+        svc.port = port
+        with client(svc, timeout=5000) as c:
+            assert c.ping() == "low"  # served: an idle connection made room, not a timeout
+    finally:
+        for s in idle:
+            s.close()
+        proc.stdin.close()
+        proc.wait(10)
