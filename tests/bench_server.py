@@ -852,8 +852,9 @@ def report(r: Dict[str, Any]) -> None:
               " read_timeout %.0f s"
               % (s["slow_connections"], s["read_timeout_s"]))
         print("   attack %.1f s: %d slow connections opened (closed ones replaced);"
-              " the client saw %d closed by the server (%s)" % (s["attack_seconds"], a["opened"], sum(a["closed_by_server"].values()),
-                         ", ".join("%s %d" % kv for kv in a["closed_by_server"].items())))
+              " the client saw %d closed by the server (%s)"
+              % (s["attack_seconds"], a["opened"], sum(a["closed_by_server"].values()),
+                 ", ".join("%s %d" % kv for kv in a["closed_by_server"].items())))
         if a["closed_after_s"]:
             print("   closed %.2f s (p50) after their first byte, %.2f-%.2f s;"
                   " the server counted %d read_timeout closes"
