@@ -23,9 +23,11 @@ The same file is the child processes' program (``_provider``, ``_client``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import queue
 import resource
 import select
 import selectors
@@ -59,6 +61,22 @@ BIG_MESSAGE = 1024 * 1024  # max_message_size of part 4's provider
 def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def summary_s(ages: Sequence[float]) -> Optional[Dict[str, float]]:
+    if not ages:
+        return None
+    return {"n": len(ages), "min": min(ages), "p50": statistics.median(ages), "max": max(ages)}
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped for a full accept queue (machine-wide)."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split())).get("ListenOverflows", 0))
+    return 0
 
 
 def raise_nofile() -> int:
@@ -122,6 +140,19 @@ def provider_main(kind: str, options: Dict[str, Any]) -> None:
     service = load_service(IDL, "Calculator")
     closed: Counter = Counter()
     rejected: Counter = Counter()
+    opened_at: Dict[Any, float] = {}
+    timeout_ages: List[float] = []  # seconds from accept to a read_timeout close, by the server's clock
+    gc_pauses: List[float] = []  # full (generation 2) collections, seconds each
+    gc_began = [0.0]
+
+    def on_gc(phase: str, info: Dict[str, Any]) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                gc_began[0] = time.perf_counter()
+            else:
+                gc_pauses.append(time.perf_counter() - gc_began[0])
+
+    gc.callbacks.append(on_gc)
     core: Any = None
     if kind == "threaded":
         probe = socket.socket()
@@ -140,9 +171,15 @@ def provider_main(kind: str, options: Dict[str, Any]) -> None:
         if "linger" in options:
             server_mod._LINGER = float(options.pop("linger"))
 
-        class Counting(ServerHooks):
+        class Counting(ServerHooks):  # called on the I/O thread only
+            def connection_opened(self, peer: Any) -> None:
+                opened_at[peer] = time.monotonic()
+
             def connection_closed(self, peer: Any, reason: str) -> None:
-                closed[reason] += 1  # the I/O thread's only
+                closed[reason] += 1
+                began = opened_at.pop(peer, None)
+                if reason == "read_timeout" and began is not None:
+                    timeout_ages.append(time.monotonic() - began)
 
             def request_rejected(self, method: Any, peer: Any, reason: str) -> None:
                 rejected[reason] += 1
@@ -166,6 +203,8 @@ def provider_main(kind: str, options: Dict[str, Any]) -> None:
                 "hwm_kib": _status_kib("VmHWM"),
                 "server": core.stats() if core is not None else None,
                 "closed": dict(closed),
+                "read_timeout_ages": summary_s(timeout_ages),
+                "gc_full": {"count": len(gc_pauses), "max_ms": max(gc_pauses, default=0.0) * 1000},
                 "rejected": dict(rejected),
             })
         elif cmd == "reset_peak":
@@ -324,28 +363,47 @@ class Slowloris:
         self.sent_bytes = 0
         self.full = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
+        # Replacements are opened by a thread of their own (a connect can wait a second for a SYN
+        # retransmission when the server's accept queue is full) and registered by the loop.
+        self.to_open: "queue.SimpleQueue[Optional[str]]" = queue.SimpleQueue()
+        self.new: "queue.SimpleQueue[Tuple[socket.socket, List[Any]]]" = queue.SimpleQueue()
+        self.opener = threading.Thread(target=self._opener, daemon=True)
 
-    def _open(self, kind: str) -> None:
+    def _open(self, kind: str) -> Optional[Tuple[socket.socket, List[Any]]]:
         try:
             s = socket.create_connection(("127.0.0.1", self.port), 10)
             s.send(self.request[:1])
         except OSError as err:
             self.connect_errors[type(err).__name__] += 1
             time.sleep(0.01)
-            return
+            return None
         s.setblocking(False)
         self.opened += 1
         self.sent_bytes += 1
-        # [kind, first byte at, bytes sent]
-        self.sel.register(s, selectors.EVENT_READ, [kind, time.monotonic(), 1])
+        return s, [kind, time.monotonic(), 1]  # kind, first byte at, bytes sent
+
+    def _opener(self) -> None:
+        while True:
+            kind = self.to_open.get()
+            if kind is None or self.stop_flag.is_set():
+                return
+            opened = self._open(kind)
+            if opened is not None:
+                self.new.put(opened)
 
     def _loop(self) -> None:
         kinds = ["silent", "trickle"] * (self.count // 2) + ["silent"] * (self.count % 2)
         for kind in kinds:
-            self._open(kind)
+            opened = self._open(kind)
+            if opened is not None:
+                self.sel.register(opened[0], selectors.EVENT_READ, opened[1])
         self.full.set()
+        self.opener.start()
         next_tick = time.monotonic() + 1.0
         while not self.stop_flag.is_set():
+            while not self.new.empty():
+                sock, state = self.new.get()
+                self.sel.register(sock, selectors.EVENT_READ, state)
             for key, _ in self.sel.select(min(0.2, max(0.0, next_tick - time.monotonic()))):
                 kind, first, _ = key.data
                 try:
@@ -357,8 +415,7 @@ class Slowloris:
                 self.closed[kind].append(time.monotonic() - first)
                 self.sel.unregister(key.fileobj)
                 key.fileobj.close()  # type: ignore[union-attr]
-                if not self.stop_flag.is_set():
-                    self._open(kind)
+                self.to_open.put(kind)
             if time.monotonic() >= next_tick:
                 next_tick += 1.0
                 for key in list(self.sel.get_map().values()):
@@ -380,6 +437,10 @@ class Slowloris:
     def stop(self) -> Dict[str, Any]:
         self.stop_flag.set()
         self.thread.join()
+        self.to_open.put(None)
+        self.opener.join()
+        while not self.new.empty():
+            self.new.get()[0].close()
         still = len(self.sel.get_map())
         for key in list(self.sel.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
@@ -558,6 +619,7 @@ CONTENDERS = {
 }
 BASELINE = "TThreadedServer"
 GOALS = {1: 0.95, 16: 1.0, 64: 1.0}
+LEGIT_BURST, LEGIT_PAUSE = 5, 0.005  # the legitimate client's calls back to back, then a pause > the linger
 
 
 def part1(clients: List[Child], server_cpu: Optional[int], rounds: int, seconds: float) -> Dict[str, Any]:
@@ -619,38 +681,50 @@ def part1(clients: List[Child], server_cpu: Optional[int], rounds: int, seconds:
 
 def legit(client: Child, port: int, seconds: float) -> Dict[str, Any]:
     """The legitimate client's run (see ``legit_run``)."""
-    return client.ask({"op": "legit", "port": port, "seconds": seconds, "burst": 10, "pause": 0.005})
+    return client.ask({"op": "legit", "port": port, "seconds": seconds, "burst": LEGIT_BURST, "pause": LEGIT_PAUSE})
 
 
-def compare(without: List[Dict[str, Any]], with_: Dict[str, Any]) -> Dict[str, Any]:
+def compare(without: Dict[str, List[float]], with_: Dict[str, List[float]]) -> Dict[str, Any]:
     out = {}
     for kind in ("warm", "cold"):
-        base = [x for w in without for x in w[kind]]
-        b, w = summary_us(base), summary_us(with_[kind])
+        b, w = summary_us(without[kind]), summary_us(with_[kind])
         out[kind] = {"without": b, "with": w, "p99_x": w["p99_ms"] / b["p99_ms"], "goal_x": 1.5,
                      "goal_met": w["p99_ms"] / b["p99_ms"] <= 1.5}
     return out
 
 
-def part2(legit_client: Child, holder: Child, server_cpu: Optional[int], count: int, seconds: float) -> Dict[str, Any]:
+def pooled(runs: List[Dict[str, Any]]) -> Dict[str, List[float]]:
+    return {kind: [x for r in runs for x in r[kind]] for kind in ("warm", "cold")}
+
+
+def part2(legit_client: Child, holder: Child, server_cpu: Optional[int], count: int, slices: int,
+          slice_s: float) -> Dict[str, Any]:
+    """Two identical providers, one holding ``count`` idle connections; the legitimate client
+    alternates between them slice by slice, so that drift hits both alike."""
     workers = 64
-    prov = Provider("core", {"workers": workers, "max_connections": count + 1000, "idle_timeout": 3600.0,
-                             "hooks": True}, server_cpu)
+    options = {"workers": workers, "max_connections": count + 1000, "idle_timeout": 3600.0, "hooks": True}
+    prov = Provider("core", dict(options), server_cpu)
+    clean = Provider("core", dict(options), server_cpu)
     try:
-        legit(legit_client, prov.port, 0.5)  # warm-up, not counted
+        for p in (prov, clean):
+            legit(legit_client, p.port, 0.5)  # warm-up, not counted
         before = prov.stats()
-        without1 = legit(legit_client, prov.port, seconds)
+        overflows = listen_overflows()
         opened = holder.ask({"op": "idle_open", "port": prov.port, "count": count})
         held = prov.wait_for(lambda s: s["server"]["connections"] >= count, 60)
-        with_ = legit(legit_client, prov.port, seconds)
+        overflows = listen_overflows() - overflows
+        without: List[Dict[str, Any]] = []
+        with_: List[Dict[str, Any]] = []
+        for k in range(slices):
+            for p in ((prov, clean) if k % 2 else (clean, prov)):
+                (with_ if p is prov else without).append(legit(legit_client, p.port, slice_s))
         during = prov.stats()
         check = holder.ask({"op": "idle_check"})
         holder.ask({"op": "idle_close"})
-        prov.wait_for(lambda s: s["server"]["connections"] == 0, 60)
-        without2 = legit(legit_client, prov.port, seconds)
-        after = prov.stats()
+        after = prov.wait_for(lambda s: s["server"]["connections"] == 0, 60)
     finally:
         prov.close()
+        clean.close()
     return {
         "idle_connections": count,
         "opened": opened,
@@ -665,46 +739,68 @@ def part2(legit_client: Child, holder: Child, server_cpu: Optional[int], count: 
         "rss_kib_with_idle": held["rss_kib"],
         "rss_kib_after_close": after["rss_kib"],
         "rss_kib_per_idle_connection": (held["rss_kib"] - before["rss_kib"]) / count,
+        "listen_overflows_while_opening": overflows,
+        "gc_full_collections": {"before": before["gc_full"], "with_idle": during["gc_full"]},
         "closed_reasons": after["closed"],
-        "legit": compare([without1, without2], with_),
+        "legit_slices": {"count": slices, "seconds": slice_s},
+        "legit": compare(pooled(without), pooled(with_)),
     }
 
 
-def part3(legit_client: Child, attacker: Child, server_cpu: Optional[int], count: int, seconds: float,
-          read_timeout: float) -> Dict[str, Any]:
+def part3(legit_client: Child, attacker: Child, server_cpu: Optional[int], count: int, cycles: int,
+          slice_s: float, read_timeout: float) -> Dict[str, Any]:
+    """Cycles of: the legitimate client alone; the attack started and left to reach its steady
+    churn (past one read timeout); the legitimate client under it; the attack stopped."""
     prov = Provider("core", {"read_timeout": read_timeout, "hooks": True}, server_cpu)
+    attacks: List[Dict[str, Any]] = []
+    without: List[Dict[str, Any]] = []
+    with_: List[Dict[str, Any]] = []
+    overflows = 0
+    began = time.monotonic()
     try:
         legit(legit_client, prov.port, 0.5)  # warm-up, not counted
         before = prov.stats()
-        without1 = legit(legit_client, prov.port, seconds)
-        started = attacker.ask({"op": "slow_start", "port": prov.port, "count": count})
-        began = time.monotonic()
-        peak = prov.stats()
-        with_ = legit(legit_client, prov.port, seconds)
-        during = prov.stats()
-        time.sleep(max(0.0, read_timeout + 1.5 - (time.monotonic() - began)))  # the first wave has timed out
-        attack = attacker.ask({"op": "slow_stop"})
-        settled = prov.wait_for(lambda s: s["server"]["connections"] == 0, 30)
-        without2 = legit(legit_client, prov.port, seconds)
+        for _ in range(cycles):
+            without.append(legit(legit_client, prov.port, slice_s))
+            mark = listen_overflows()
+            started = attacker.ask({"op": "slow_start", "port": prov.port, "count": count})
+            time.sleep(read_timeout + 0.5)
+            peak = prov.stats()
+            with_.append(legit(legit_client, prov.port, slice_s))
+            during = prov.stats()
+            attacks.append(attacker.ask({"op": "slow_stop"}))
+            overflows += listen_overflows() - mark
+            settled = prov.wait_for(lambda s: s["server"]["connections"] == 0, 30)
         after = prov.stats()
     finally:
         prov.close()
+    ages = [a["closed_after_s"] for a in attacks if a["closed_after_s"]]
     return {
         "slow_connections": count,
         "read_timeout_s": read_timeout,
+        "cycles": cycles,
+        "slice_s": slice_s,
         "attack_seconds": round(time.monotonic() - began, 1),
         "opened": started,
-        "attack": attack,
-        "server_connections_at_start": peak["server"]["connections"],
-        "server_reading_at_start": peak["server"]["reading"],
+        "attack": {
+            "opened": sum(a["opened"] for a in attacks),
+            "closed_by_server": dict(sum((Counter(a["closed_by_server"]) for a in attacks), Counter())),
+            "closed_after_s": {"min": min(a["min"] for a in ages), "p50": statistics.median(a["p50"] for a in ages),
+                               "max": max(a["max"] for a in ages)} if ages else None,
+            "connect_errors": dict(sum((Counter(a["connect_errors"]) for a in attacks), Counter())),
+        },
+        "server_connections_in_attack": peak["server"]["connections"],
+        "server_reading_in_attack": peak["server"]["reading"],
         "provider_threads_during": during["threads"],
         "worker_threads_during": during["server"]["workers"],
         "closed_by_read_timeout": after["closed"].get("read_timeout", 0),
+        "server_read_timeout_ages_s": after["read_timeout_ages"],
+        "listen_overflows_during_attack": overflows,
         "closed_reasons": after["closed"],
         "connections_left_after_stop": settled["server"]["connections"],
         "rss_kib_before": before["rss_kib"],
         "rss_kib_during": during["rss_kib"],
-        "legit": compare([without1, without2], with_),
+        "legit": compare(pooled(without), pooled(with_)),
     }
 
 
@@ -769,15 +865,20 @@ def main() -> None:
         "quick": quick,
     }
     clients = [Child(["_client"], client_cpu) for _ in range(4)]
+    # Opens and holds the idle and slow connections: on the clients' CPU, but only when nothing
+    # else wants it, so that it never delays the legitimate client whose latency is measured.
+    attacker = Child(["_client"], client_cpu)
+    os.sched_setscheduler(attacker.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+    clients.append(attacker)
     try:
         if 1 in parts:
             rounds = args.rounds or (1 if quick else 6)
             results["throughput"] = part1(clients, server_cpu, rounds, 0.5 if quick else 2.0)
         if 2 in parts:
-            results["idle"] = part2(clients[0], clients[1], server_cpu, idle, 1.5 if quick else 6.0)
+            results["idle"] = part2(clients[0], attacker, server_cpu, idle, 2 if quick else 10, 0.5 if quick else 1.5)
         if 3 in parts:
-            results["slowloris"] = part3(clients[0], clients[1], server_cpu, 200 if quick else 1000,
-                                         1.5 if quick else 6.0, 2.0)
+            results["slowloris"] = part3(clients[0], attacker, server_cpu, 200 if quick else 1000,
+                                         1 if quick else 5, 1.0 if quick else 3.0, 2.0)
         if 4 in parts:
             results["oversized"] = part4(clients[0], server_cpu, 50 if quick else 500)
     finally:
@@ -799,7 +900,8 @@ def report(r: Dict[str, Any]) -> None:
           % (m["python"], m["thriftpy2"], m["cpus"], m["placement"], " (--quick)" if r["quick"] else ""))
 
     def legit_rows(legit: Dict[str, Any], what: str) -> None:
-        print("   legitimate client, one connection, 10 calls back to back then 5 ms pause:")
+        print("   legitimate client, one connection, %d calls back to back then a %.0f ms pause:"
+              % (LEGIT_BURST, LEGIT_PAUSE * 1000))
         print("     %-38s %9s %9s %9s %9s %8s  %s" % ("", "p50 w/o", "p99 w/o", "p50 with", "p99 with",
                                                       "p99 x", "goal <= 1.5x"))
         for kind, label in (("warm", "back-to-back calls"), ("cold", "first call after a pause")):
@@ -808,7 +910,7 @@ def report(r: Dict[str, Any]) -> None:
                   % ("%s (n=%d/%d)" % (label, v["without"]["n"], v["with"]["n"]), v["without"]["p50_ms"],
                      v["without"]["p99_ms"], v["with"]["p50_ms"], v["with"]["p99_ms"], v["p99_x"],
                      _goal(v["goal_met"])))
-        print("     (ms; 'w/o' pools a run before and a run after the %s)" % what)
+        print("     (ms; %s)" % what)
 
     if "throughput" in r:
         t = r["throughput"]
@@ -835,15 +937,21 @@ def report(r: Dict[str, Any]) -> None:
         i = r["idle"]
         print("\n2. %d idle connections held open (provider: workers=%d, max_connections raised above them)"
               % (i["idle_connections"], i["workers_option"]))
-        print("   opened in %.1f s; held by the server: %d; still open when checked: %d"
-              % (i["opened"]["seconds"], i["server_connections_held"], i["still_open_at_check"]))
+        print("   opened in %.1f s (accept queue overflows meanwhile, machine-wide: %d); held by the server: %d;"
+              " still open when checked: %d"
+              % (i["opened"]["seconds"], i["listen_overflows_while_opening"], i["server_connections_held"],
+                 i["still_open_at_check"]))
         print("   provider threads %d = %d workers + %d (before: %d)   goal <= workers + a small constant: %s"
               % (i["provider_threads"], i["worker_threads"], i["threads_over_workers"], i["provider_threads_before"],
                  _goal(i["threads_over_workers"] <= 4 and i["worker_threads"] <= i["workers_option"])))
         print("   provider RSS %.1f MB before, %.1f MB with them open (%.2f KiB a connection), %.1f MB after close"
               % (i["rss_kib_before"] / 1024, i["rss_kib_with_idle"] / 1024, i["rss_kib_per_idle_connection"],
                  i["rss_kib_after_close"] / 1024))
-        legit_rows(i["legit"], "idle connections")
+        g = i["gc_full_collections"]
+        print("   provider full GCs: %d before (longest %.1f ms), %d by the end of the run with them (longest %.1f ms)"
+              % (g["before"]["count"], g["before"]["max_ms"], g["with_idle"]["count"], g["with_idle"]["max_ms"]))
+        legit_rows(i["legit"], "%d slices of %.1f s on each of two identical providers, alternating: 'with' holds"
+                   " the idle connections" % (i["legit_slices"]["count"], i["legit_slices"]["seconds"]))
 
     if "slowloris" in r:
         s = r["slowloris"]
@@ -851,19 +959,24 @@ def report(r: Dict[str, Any]) -> None:
         print("\n3. %d slowloris connections (half 1 header byte then silence, half 1 byte a second),"
               " read_timeout %.0f s"
               % (s["slow_connections"], s["read_timeout_s"]))
-        print("   attack %.1f s: %d slow connections opened (closed ones replaced);"
+        print("   %.0f s in all: %d slow connections opened (closed ones replaced);"
               " the client saw %d closed by the server (%s)"
               % (s["attack_seconds"], a["opened"], sum(a["closed_by_server"].values()),
                  ", ".join("%s %d" % kv for kv in a["closed_by_server"].items())))
+        ages = s["server_read_timeout_ages_s"]
+        if ages:
+            print("   the server closed %d by read_timeout, %.2f s (p50) after accepting them, %.2f-%.2f s"
+                  % (s["closed_by_read_timeout"], ages["p50"], ages["min"], ages["max"]))
         if a["closed_after_s"]:
-            print("   closed %.2f s (p50) after their first byte, %.2f-%.2f s;"
-                  " the server counted %d read_timeout closes"
+            print("   the attacker saw the close %.2f s (p50) after its first byte, %.2f-%.2f s"
+                  " (accept queue overflows meanwhile, machine-wide: %d)"
                   % (a["closed_after_s"]["p50"], a["closed_after_s"]["min"], a["closed_after_s"]["max"],
-                     s["closed_by_read_timeout"]))
+                     s["listen_overflows_during_attack"]))
         print("   provider threads during the attack %d (%d workers); RSS %.1f MB before, %.1f MB during"
               % (s["provider_threads_during"], s["worker_threads_during"], s["rss_kib_before"] / 1024,
                  s["rss_kib_during"] / 1024))
-        legit_rows(s["legit"], "attack")
+        legit_rows(s["legit"], "%d cycles: %.1f s alone, attack started, %.1f s later %.1f s under it, attack stopped"
+                   % (s["cycles"], s["slice_s"], s["read_timeout_s"] + 0.5, s["slice_s"]))
 
     if "oversized" in r:
         o = r["oversized"]
