@@ -367,19 +367,22 @@ class Slowloris:
         # retransmission when the server's accept queue is full) and registered by the loop.
         self.to_open: "queue.SimpleQueue[Optional[str]]" = queue.SimpleQueue()
         self.new: "queue.SimpleQueue[Tuple[socket.socket, List[Any]]]" = queue.SimpleQueue()
-        self.opener = threading.Thread(target=self._opener, daemon=True)
+        self.openers = [threading.Thread(target=self._opener, daemon=True) for _ in range(8)]
+        self.lock = threading.Lock()
 
     def _open(self, kind: str) -> Optional[Tuple[socket.socket, List[Any]]]:
         try:
             s = socket.create_connection(("127.0.0.1", self.port), 10)
             s.send(self.request[:1])
         except OSError as err:
-            self.connect_errors[type(err).__name__] += 1
+            with self.lock:
+                self.connect_errors[type(err).__name__] += 1
             time.sleep(0.01)
             return None
         s.setblocking(False)
-        self.opened += 1
-        self.sent_bytes += 1
+        with self.lock:
+            self.opened += 1
+            self.sent_bytes += 1
         return s, [kind, time.monotonic(), 1]  # kind, first byte at, bytes sent
 
     def _opener(self) -> None:
@@ -398,7 +401,8 @@ class Slowloris:
             if opened is not None:
                 self.sel.register(opened[0], selectors.EVENT_READ, opened[1])
         self.full.set()
-        self.opener.start()
+        for t in self.openers:
+            t.start()
         next_tick = time.monotonic() + 1.0
         while not self.stop_flag.is_set():
             while not self.new.empty():
@@ -424,7 +428,8 @@ class Slowloris:
                         try:
                             key.fileobj.send(self.request[state[2]:state[2] + 1])  # type: ignore[union-attr]
                             state[2] += 1
-                            self.sent_bytes += 1
+                            with self.lock:
+                                self.sent_bytes += 1
                         except OSError:
                             pass  # closed: the select above sees it
 
@@ -437,8 +442,10 @@ class Slowloris:
     def stop(self) -> Dict[str, Any]:
         self.stop_flag.set()
         self.thread.join()
-        self.to_open.put(None)
-        self.opener.join()
+        for _ in self.openers:
+            self.to_open.put(None)
+        for t in self.openers:
+            t.join()
         while not self.new.empty():
             self.new.get()[0].close()
         still = len(self.sel.get_map())
@@ -756,6 +763,7 @@ def part3(legit_client: Child, attacker: Child, server_cpu: Optional[int], count
     without: List[Dict[str, Any]] = []
     with_: List[Dict[str, Any]] = []
     overflows = 0
+    in_attack: List[int] = []  # the server's connections when each 'with' slice began and ended
     began = time.monotonic()
     try:
         legit(legit_client, prov.port, 0.5)  # warm-up, not counted
@@ -768,6 +776,7 @@ def part3(legit_client: Child, attacker: Child, server_cpu: Optional[int], count
             peak = prov.stats()
             with_.append(legit(legit_client, prov.port, slice_s))
             during = prov.stats()
+            in_attack += [peak["server"]["connections"], during["server"]["connections"]]
             attacks.append(attacker.ask({"op": "slow_stop"}))
             overflows += listen_overflows() - mark
             settled = prov.wait_for(lambda s: s["server"]["connections"] == 0, 30)
@@ -789,8 +798,7 @@ def part3(legit_client: Child, attacker: Child, server_cpu: Optional[int], count
                                "max": max(a["max"] for a in ages)} if ages else None,
             "connect_errors": dict(sum((Counter(a["connect_errors"]) for a in attacks), Counter())),
         },
-        "server_connections_in_attack": peak["server"]["connections"],
-        "server_reading_in_attack": peak["server"]["reading"],
+        "server_connections_in_attack": {"min": min(in_attack), "max": max(in_attack)},
         "provider_threads_during": during["threads"],
         "worker_threads_during": during["server"]["workers"],
         "closed_by_read_timeout": after["closed"].get("read_timeout", 0),
@@ -972,6 +980,8 @@ def report(r: Dict[str, Any]) -> None:
                   " (accept queue overflows meanwhile, machine-wide: %d)"
                   % (a["closed_after_s"]["p50"], a["closed_after_s"]["min"], a["closed_after_s"]["max"],
                      s["listen_overflows_during_attack"]))
+        print("   slow connections on the server during the 'with' slices: %d-%d"
+              % (s["server_connections_in_attack"]["min"], s["server_connections_in_attack"]["max"]))
         print("   provider threads during the attack %d (%d workers); RSS %.1f MB before, %.1f MB during"
               % (s["provider_threads_during"], s["worker_threads_during"], s["rss_kib_before"] / 1024,
                  s["rss_kib_during"] / 1024))
