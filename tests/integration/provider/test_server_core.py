@@ -487,7 +487,7 @@ def test_connections_idle_for_a_moment_are_never_evicted_under_a_consumer(provid
 def test_one_connection_calling_in_turn_is_never_shed_by_a_lingering_worker(providers):
     svc = providers("a", workers=1, queue_size=0)
     with client(svc) as c:
-        for i in range(2000):
+        for _ in range(2000):
             assert c.echo("x") == "x"
 
 
@@ -586,8 +586,7 @@ def test_out_of_fds_below_max_connections_the_longest_idle_connection_makes_room
         line = proc.stdout.readline()
         assert line.startswith("READY"), line
         port = int(line.split()[1])
-        for _ in range(250):
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        idle.extend(socket.create_connection(("127.0.0.1", port), timeout=2) for _ in range(250))
 
         class Port:
             pass
