@@ -32,11 +32,13 @@ setup(
     ],
     extras_require={
         "console": ["Flask>=2.3"],
+        "metrics": ["prometheus-client>=0.17"],
         # The checks CI runs on every submission (tests/lint.sh, which also pins the runtime
         # dependencies whose types mypy reads: tests/lint-constraints.txt); pinned, so a new
         # release never fails a submission that changed nothing.
         "lint": [
             "Flask>=2.3",  # the console's types
+            "prometheus-client>=0.17",  # the metrics' types
             "ruff==0.17.6",
             "mypy==2.4.1",
             "types-PyYAML==6.0.12.20261113",
@@ -45,6 +47,7 @@ setup(
         "test": [
             "pytest>=7",
             "Flask>=2.3",
+            "prometheus-client>=0.17",
             "playwright>=1.40",
             "scipy>=1.9",
             "thrift>=0.20",  # the Apache Thrift library, for generated peers
