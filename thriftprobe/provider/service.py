@@ -217,7 +217,7 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)  # a fleet reconnecting at once must not overflow it
     except OSError as err:
         sock.close()
         raise ThriftProbeError("cannot listen on %s:%d: %s" % (host, port, err)) from err
