@@ -37,14 +37,13 @@ import errno
 import logging
 import queue
 import resource
-import select
 import selectors
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -67,8 +66,9 @@ _LINGER_MAX_ACTIVE = 2
 concurrency a linger saves a trip through the I/O thread per call; with many connections busy,
 handing connections back is faster (measured by tests/bench_server.py: 1.02x against 0.90x of
 thriftpy2's threaded server at 1 connection, 1.2x against 1.0x at 16)."""
-_MAX_STICKY = 64
-"""Requests a worker serves in a row on one connection before it lets the I/O thread decide again."""
+_MAX_STICKY = 1000
+"""Requests a worker serves in a row on one connection before it lets the I/O thread decide
+again (it also stops as soon as another request waits for a worker)."""
 _RECV = 65536
 _ACCEPT_BACKOFF = 0.1
 _LINGERING_CLOSE = 1.0
@@ -142,8 +142,8 @@ class _Conn:
     """One client connection. Owned by the I/O thread, except while BUSY: then by one worker."""
 
     __slots__ = (
-        "close_after", "fd", "handed_back", "inbuf", "out", "out_deadline", "peer", "read_start", "reader",
-        "rejecting", "since", "sock", "state", "whole_at",
+        "blocking", "close_after", "fd", "handed_back", "inbuf", "out", "out_deadline", "peer", "read_start",
+        "reader", "rejecting", "since", "sock", "state", "whole_at",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer: Peer, reader: MessageReader, now: float) -> None:
@@ -160,6 +160,7 @@ class _Conn:
         self.close_after: Optional[str] = None  # after ``out`` is sent: drain and close, for this reason
         self.rejecting: Optional[str] = None  # answer the first request LOADSHEDDING for this reason
         self.handed_back = False  # set by the worker that gave it back to the I/O thread
+        self.blocking = False  # a worker put the socket in blocking mode to linger on it
         self.whole_at = 0.0  # time.time() when the request being served was whole (for hooks)
 
 
@@ -211,13 +212,12 @@ class Server:
         self._lock = threading.Lock()
         self._workers: List[threading.Thread] = []
         self._idle_workers = 0  # waiting for a job, or about to (handed their connection back)
-        self._lingering = 0  # waiting for their connection's next request; they yield to a job
+        # Workers waiting for their connection's next request (they yield to a job). A set, so
+        # that the call path adds and discards without a lock (each is one atomic operation).
+        self._lingering: Set[int] = set()
+        self._running: Set[int] = set()  # workers in a request (decode, handler, reply)
         self._pending = 0  # jobs queued and not yet taken by a worker
-        # Wakes lingering workers when a job is queued for them: readable while jobs wait.
-        self._job_r, self._job_w = socket.socketpair()
-        self._job_r.setblocking(False)
-        self._job_w.setblocking(False)
-        self._job_signalled = False
+
         # Connections workers hand back to the I/O thread.
         self._returns: Deque[_Conn] = collections.deque()
         self._woken = False
@@ -271,13 +271,13 @@ class Server:
             )
         if not self._io_thread.is_alive():
             self._sel.close()
-        for sock in (self._wake_r, self._wake_w, self._job_r, self._job_w):
+        for sock in (self._wake_r, self._wake_w):
             sock.close()
 
     def close_unstarted(self) -> None:
         self._listener.close()
         self._sel.close()
-        for sock in (self._wake_r, self._wake_w, self._job_r, self._job_w):
+        for sock in (self._wake_r, self._wake_w):
             sock.close()
 
     def _wake(self) -> None:
@@ -683,17 +683,14 @@ class Server:
     def _submit(self, conn: _Conn) -> bool:
         """Queue a request for a worker (starting one if none is idle and fewer than ``workers``
         run); False when it must be shed."""
-        start = wake_lingering = False
+        start = False
         with self._lock:
-            waiting = self._pending - self._idle_workers
-            if waiting >= 0:
-                if len(self._workers) < self._opts.workers:
-                    start = True
-                elif waiting - self._lingering >= self._queue_size:
-                    return False
-                else:
-                    wake_lingering = self._lingering > 0
-                    self._job_signalled = self._job_signalled or wake_lingering
+            if self._pending >= self._idle_workers and len(self._workers) < self._opts.workers:
+                start = True  # no worker waits for a job: one more
+            elif self._pending - (len(self._workers) - len(self._running)) >= self._queue_size:
+                # Every worker runs a handler and the queue is full. (Workers not in a handler,
+                # lingering or handing a connection back, take a job within _LINGER.)
+                return False
             self._pending += 1
             if start:
                 worker = threading.Thread(
@@ -714,13 +711,12 @@ class Server:
                         return False
         conn.handed_back = False
         self._jobs.put(conn)
-        if wake_lingering:
-            with contextlib.suppress(OSError):  # full: lingering workers are being woken anyway
-                self._job_w.send(b"j")
         return True
 
     def _work(self) -> None:
-        poller = select.poll()
+        # Reused for every request this worker decodes.
+        inbuf = TMemoryBuffer()
+        proto = self._in_factory.get_protocol(inbuf)
         jobs = self._jobs
         with self._lock:
             self._idle_workers += 1
@@ -731,19 +727,15 @@ class Server:
                 if conn is not None:
                     self._pending -= 1
                 io_done = self._io_done
-                signalled, self._job_signalled = self._job_signalled, False
             if conn is None:
                 return
-            if signalled:  # a job was taken: stop waking lingering workers for it
-                with contextlib.suppress(OSError):
-                    self._job_r.recv(64)
             if io_done:  # past the stop deadline: never run it
                 self._shed_unrun(conn)
                 with self._lock:
                     self._idle_workers += 1
                 continue
             try:
-                self._serve_conn(conn, poller)
+                self._serve_conn(conn, inbuf, proto)
             except BaseException:  # even SystemExit from a handler: the worker must live on
                 log.exception("%s: serving a connection from %s:%d failed", self._label, *conn.peer)
                 if not conn.handed_back:
@@ -751,37 +743,52 @@ class Server:
                     conn.out = None
                     self._give_back(conn)
 
-    def _serve_conn(self, conn: _Conn, poller: "select.poll") -> None:
+    def _serve_conn(self, conn: _Conn, inbuf: Any, proto: Any) -> None:
         """Run the whole request at the head of ``conn.inbuf``, send the reply, and serve the
         connection's next requests while they come quickly and nothing else waits."""
-        for _ in range(_MAX_STICKY):
-            start, end = conn.reader.feed(conn.inbuf) or (0, 0)
-            if end == 0:  # a worker is only handed, or keeps, a whole request
-                break
-            data = bytes(conn.inbuf[start:end])
+        found = conn.reader.feed(conn.inbuf)  # a worker is only handed a whole request
+        served = 0
+        while found is not None and served < _MAX_STICKY:
+            served += 1
+            start, end = found
+            buf = conn.inbuf
+            if start == 0 and end == len(buf):
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[start:end])
+                del buf[:end]
             name = conn.reader.name or ""
-            del conn.inbuf[:end]
             conn.reader.reset()
-            if not self._run(conn, name, data):
+            inbuf.setvalue(data)
+            if not self._run(conn, name, proto):
                 return
             if self._pending or self._stopping:
                 break
             if not conn.inbuf:
-                if len(self._workers) - self._idle_workers - self._lingering > _LINGER_MAX_ACTIVE:
+                if len(self._workers) - self._idle_workers - len(self._lingering) > _LINGER_MAX_ACTIVE:
                     break  # many connections are busy: the I/O thread watches this one
-                if not self._await_next(conn, poller):
+                if not self._await_next(conn):
                     return
             try:
-                if conn.reader.feed(conn.inbuf) is None:
-                    break
+                found = conn.reader.feed(conn.inbuf)
             except MessageError:
                 break  # the I/O thread refuses it
-            if self._hooks is not None:
+            if found is not None and self._hooks is not None:
                 conn.whole_at = time.time()
         self._give_back(conn)
 
-    def _run(self, conn: _Conn, name: str, data: bytes) -> bool:
-        """Decode, run and answer one request; False when the connection was handed back."""
+    def _run(self, conn: _Conn, name: str, proto: Any) -> bool:
+        """Decode (from ``proto``, over the request's bytes), run and answer one request; False
+        when the connection was handed back."""
+        me = threading.get_ident()
+        self._running.add(me)
+        try:
+            return self._run_request(conn, name, proto)
+        finally:
+            self._running.discard(me)
+
+    def _run_request(self, conn: _Conn, name: str, proto: Any) -> bool:
         hooks = self._hooks
         started = time.perf_counter()
         wall = 0.0
@@ -791,7 +798,7 @@ class Server:
             conn.whole_at = 0.0
             self._hook("request_started", name, conn.peer)
         try:
-            reply, method, outcome = self._dispatcher.handle(self._in_factory.get_protocol(TMemoryBuffer(data)))
+            reply, method, outcome = self._dispatcher.handle(proto)
         except Exception as err:  # noqa: BLE001 - malformed arguments: the stream cannot be trusted
             log.info("%s: closing the connection from %s:%d: bad request: %s", self._label, *conn.peer, err)
             if hooks is not None:
@@ -800,12 +807,14 @@ class Server:
             self._give_back(conn)
             return False
         if reply is not None:
-            out = memoryview(self._frame(reply))
+            if self._framed:
+                reply = _FRAME.pack(len(reply)) + reply
             try:
-                while out:
-                    out = out[conn.sock.send(out) :]
+                sent = conn.sock.send(reply)
+                if sent < len(reply):
+                    conn.out = memoryview(reply)[sent:]  # the I/O thread sends the rest as the client reads
             except (BlockingIOError, InterruptedError):
-                conn.out = out  # the I/O thread sends the rest when the client reads
+                conn.out = memoryview(reply)
             except OSError as err:
                 log.debug("%s: cannot reply to %s:%d: %s", self._label, conn.peer[0], conn.peer[1], err)
                 outcome = "transport_error"
@@ -817,29 +826,37 @@ class Server:
             return False
         return True
 
-    def _await_next(self, conn: _Conn, poller: "select.poll") -> bool:
+    def _await_next(self, conn: _Conn) -> bool:
         """Wait up to ``_LINGER`` for the connection's next bytes and read them; False when the
-        connection was handed back (closed by the peer, or failed)."""
-        job_fd = self._job_r.fileno()
-        poller.register(conn.fd, select.POLLIN)
-        poller.register(job_fd, select.POLLIN)
-        with self._lock:
-            self._lingering += 1
-        try:
-            ready = poller.poll(_LINGER * 1000.0)
-        finally:
-            with self._lock:
-                self._lingering -= 1
-            poller.unregister(conn.fd)
-            poller.unregister(job_fd)
-        if not any(fd == conn.fd for fd, _ in ready):
-            return True  # nothing came, or a job waits for a worker: hand the connection back
-        try:
-            data = conn.sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
+        connection was handed back (closed by the peer, or failed).
+
+        The wait is a blocking ``recv`` bounded by the socket's receive timeout (SO_RCVTIMEO):
+        one system call when the request comes, as on a thread-per-connection server. While it
+        waits, the worker counts as available, and a job queued meanwhile waits at most
+        ``_LINGER`` (the linger only happens while at most ``_LINGER_MAX_ACTIVE`` workers are active).
+        """
+        sock = conn.sock
+        if _LINGER <= 0:
             return True
+        if not conn.blocking:
+            try:  # SO_SNDTIMEO too: a blocking send must never wait long on a client that does not read
+                timeval = struct.pack("ll", 0, max(1, int(_LINGER * 1_000_000)))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+                sock.setblocking(True)
+            except OSError:
+                return True
+            conn.blocking = True
+        me = threading.get_ident()
+        self._lingering.add(me)
+        try:
+            data = sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return True  # nothing came: hand the connection back
         except OSError:
             data = b""
+        finally:
+            self._lingering.discard(me)
         if not data:
             conn.close_after = "peer_closed"
             self._give_back(conn)
@@ -852,6 +869,10 @@ class Server:
         """From a worker, once per request it was handed: give the connection back to the I/O
         thread (or close it, if that ended). The worker counts as idle from here on."""
         conn.handed_back = True
+        if conn.blocking:
+            conn.blocking = False
+            with contextlib.suppress(OSError):
+                conn.sock.setblocking(False)
         with self._lock:
             self._idle_workers += 1
             if not self._io_done:
