@@ -212,7 +212,9 @@ def _summary(head: Dict[str, Any], consumers: List[Dict[str, Any]]) -> Dict[str,
     return head
 
 
-def _consumer_view(now: float, appkey: str, service: str, name: str, info: Any, problem: Optional[str]) -> Dict[str, Any]:
+def _consumer_view(
+    now: float, appkey: str, service: str, name: str, info: Any, problem: Optional[str]
+) -> Dict[str, Any]:
     """One consumer entry for operators; fields of foreign or corrupt data are shown as None."""
 
     def text(key: str) -> Optional[str]:

@@ -621,7 +621,7 @@ class ProbeClient(TClient):
             setattr(core, name, value)
 
     def __dir__(self) -> List[str]:
-        return sorted({name for name in self.__dict__ if name != _CORE} | _OWN_METHODS)
+        return sorted({name for name in self.__dict__ if name != _CORE} | _OWN_METHODS | {"explain"})
 
     def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
         return self.__dict__[_CORE]._call(_api, None, args, kwargs)
@@ -647,7 +647,8 @@ class ProbeClient(TClient):
         node would or would not be picked. ``print(client.explain())`` shows it as a table;
         ``.to_dict()`` gives JSON. (An IDL method named ``explain`` takes the name on the
         client; this one is then ``ProbeClient.explain(client)``.)"""
-        return self.__dict__[_CORE].explain()
+        core: _Core = self.__dict__[_CORE]
+        return core.explain()
 
     def __enter__(self) -> "ProbeClient":
         return self

@@ -111,7 +111,7 @@ class Presence:
                 self._registration = registry.register_consumer(
                     self.env, self.appkey, self.service, name, info, wait=REGISTER_WAIT
                 )
-            except Exception as err:  # best effort: the client works without its entry
+            except Exception as err:  # noqa: BLE001 - best effort: the client works without its entry
                 log.warning("cannot register consumer %s of %s/%s/%s (%s); calls are not affected",
                             name, self.env, self.appkey, self.service, err)
                 self._release_name()
@@ -276,12 +276,11 @@ class Explanation:
             "%-21s %6s %5s %-8s %8s %9s %6s %6s  %s" % (
                 "node", "weight", "valid", "state", "ejected", "in-flight", "pooled", "pick", "why"),
         ]
-        for n in self.nodes:
-            lines.append("%-21s %6d %5s %-8s %8s %9d %6d %5.1f%%  %s" % (
-                n.address, n.weight, "on" if n.valid else "off", n.state,
-                "-" if n.ejected_for is None else "%.1fs" % n.ejected_for,
-                n.in_flight, n.pooled, n.share * 100, n.why,
-            ))
+        lines.extend("%-21s %6d %5s %-8s %8s %9d %6d %5.1f%%  %s" % (
+            n.address, n.weight, "on" if n.valid else "off", n.state,
+            "-" if n.ejected_for is None else "%.1fs" % n.ejected_for,
+            n.in_flight, n.pooled, n.share * 100, n.why,
+        ) for n in self.nodes)
         if not self.nodes:
             lines.append("(no nodes)")
         return "\n".join(lines)
@@ -389,5 +388,6 @@ def _why(
             why = "ejected (%d time(s) in a row) after consecutive failures: avoided for %.1f s more" % (count, left)
         return "ejected", why + ("; every node is excluded, so calls go to all (panic): " + picked if panic else "")
     if held_for is not None:
-        return "held", "the registry lists no node; kept %.1f s more in case it is a glitch, and %s" % (held_for, picked)
+        return "held", "the registry lists no node; kept %.1f s more in case it is a glitch, and %s" % (
+            held_for, picked)
     return "valid", picked

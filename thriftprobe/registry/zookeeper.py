@@ -1097,7 +1097,7 @@ class ZooKeeperConsumerRegistration(ZooKeeperRegistration):
         self._published.clear()
         try:
             return self.delete(timeout)
-        except Exception as err:  # best effort: the znode goes with the session anyway
+        except Exception as err:  # noqa: BLE001 - best effort: the znode goes with the session anyway
             log.warning("could not withdraw consumer %s (%s); it goes with the session", self.path, err)
             return False
 
@@ -1138,7 +1138,7 @@ def _read_consumers(
 ) -> List[ConsumerEntry]:
     root = "/consumers/%s" % env
     found: List[ConsumerEntry] = []
-    reads = []
+    reads: List[Tuple[str, str, str, Any]] = []
     for key in [appkey] if appkey else _children(client, cfg, root):
         for svc in [service] if service else _children(client, cfg, "%s/%s" % (root, key)):
             folder = consumer_path(env, key, svc)

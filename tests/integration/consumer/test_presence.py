@@ -10,6 +10,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import IDL, MYSQL_PORT, REDIS_PORT, TEST_ENV, free_port, wait_until
@@ -67,7 +68,8 @@ def test_each_client_registers_itself_and_close_withdraws_it(cfg, appkey, provid
 
 def test_the_default_caller_comes_from_the_config(tmp_path, cfg, appkey, providers, zk):
     path = tmp_path / "c.yml"
-    path.write_text(open(cfg.path).read() + "client:\n  %s: {caller: from-config}\n  other: {}\n" % TEST_ENV)
+    base = Path(cfg.path).read_text()
+    path.write_text(base + "client:\n  %s: {caller: from-config}\n  other: {}\n" % TEST_ENV)
     with_caller = config.load(path, TEST_ENV)
     assert with_caller.client.caller == "from-config"
     providers("a")
@@ -76,10 +78,10 @@ def test_the_default_caller_comes_from_the_config(tmp_path, cfg, appkey, provide
         assert c.explain().caller == "from-config"
     with build_client(IDL, appkey, "Calculator", config=with_caller, caller="given") as c:
         assert [info["caller"] for info in entries(zk, appkey).values()] == ["given"]
-    path.write_text(open(cfg.path).read() + "client:\n  %s: {caller: \"a/b\"}\n" % TEST_ENV)
-    with pytest.raises(ConfigError, match="client.test.caller"):
+    path.write_text(base + "client:\n  %s: {caller: \"a/b\"}\n" % TEST_ENV)
+    with pytest.raises(ConfigError, match=r"client\.test\.caller"):
         config.load(path, TEST_ENV)
-    path.write_text(open(cfg.path).read() + "client:\n  %s: {caler: x}\n" % TEST_ENV)
+    path.write_text(base + "client:\n  %s: {caler: x}\n" % TEST_ENV)
     with pytest.raises(ConfigError, match="caler"):
         config.load(path, TEST_ENV)
     for bad in ("a/b", "..", "", 7):
