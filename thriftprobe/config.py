@@ -8,6 +8,13 @@ else ``dev``.
 Every string value may be written ``${NAME}`` to take it from the environment variable NAME at
 load time (for passwords that must not live in the file). Everything returned is immutable and
 may be shared freely between threads.
+
+The optional section ``client.<env>`` holds what clients of the environment share; today one
+key, ``caller``: the appkey of the application making the calls, which every client registers
+as (``build_client(..., caller=)`` wins over it)::
+
+    client:
+      prod: {caller: web-frontend}
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgument
+from .node import validate_appkey
 
 __all__ = [
     "TLS_MODES",
+    "ClientConfig",
     "Config",
     "ConsoleConfig",
     "MysqlConfig",
@@ -163,6 +172,14 @@ class ProviderConfig:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class ClientConfig:
+    """Optional section ``client.<env>``: defaults of every client of the environment."""
+
+    caller: Optional[str] = None
+    """The calling application's appkey, registered with each client's consumer entry."""
+
+
 _PROVIDER_KEYS: Tuple[Tuple[str, type], ...] = (
     ("workers", int), ("queue_size", int), ("max_connections", int), ("max_message_size", int),
     ("read_timeout", float), ("idle_timeout", float), ("transport", str), ("protocol", str),
@@ -179,6 +196,7 @@ class Config:
     redis: RedisConfig
     zookeeper: ZooKeeperConfig
     provider: ProviderConfig = field(default_factory=ProviderConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
 
 
 def resolve_env(
@@ -236,6 +254,7 @@ def load(
         redis=_redis(reader, data),
         zookeeper=_zookeeper(reader, data),
         provider=_provider(reader, data),
+        client=_client(reader, data),
     )
 
 
@@ -440,6 +459,21 @@ def _provider(r: _Reader, data: Mapping[str, Any]) -> ProviderConfig:
     s = r.section(data, "provider")
     r.only(s, "provider", tuple(key for key, _ in _PROVIDER_KEYS))
     return ProviderConfig(**{key: r.get(s, "provider", key, kind, None) for key, kind in _PROVIDER_KEYS})
+
+
+def _client(r: _Reader, data: Mapping[str, Any]) -> ClientConfig:
+    top = data.get("client")
+    if top is None or (isinstance(top, dict) and top.get(r.env) is None):
+        return ClientConfig()  # optional
+    s = r.section(data, "client")
+    r.only(s, "client", ("caller",))
+    caller = r.get(s, "client", "caller", str, None)
+    if caller is not None:
+        try:
+            validate_appkey(caller)
+        except InvalidArgument as err:
+            raise ConfigError("config file %s: client.%s.caller: %s" % (r.path, r.env, err)) from None
+    return ClientConfig(caller=caller)
 
 
 def _zookeeper(r: _Reader, data: Mapping[str, Any]) -> ZooKeeperConfig:

@@ -244,6 +244,34 @@ def cmd_node_forget(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_callers(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        deps = gov.callers(args.appkey, args.service)
+    out.data(deps.to_dict())
+    out.line("env %s" % deps.env)
+    if not deps.consumers:
+        out.line("  (no consumers registered)")
+        return EXIT_OK
+
+    def clients(entry: Dict[str, Any]) -> str:
+        return "%d client(s) on %s" % (entry["count"], ", ".join(entry["hosts"]) or "-")
+
+    out.line("who calls each service:")
+    for svc in deps.services:
+        out.line("  %s/%s" % (svc["appkey"], svc["service"]))
+        for c in svc["callers"]:
+            out.line("    %-30s %s" % (c["caller"], clients(c)))
+    out.line("what each caller calls:")
+    for caller in deps.callers:
+        out.line("  %s" % caller["caller"])
+        for c in caller["calls"]:
+            out.line("    %-30s %s" % ("%s/%s" % (c["appkey"], c["service"]), clients(c)))
+    problems = [c for c in deps.consumers if "problem" in c]
+    for c in problems:
+        out.line("CORRUPT consumer entry %s/%s/%s: %s" % (c["appkey"], c["service"], c["name"], c["problem"]))
+    return EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace, out: Output) -> int:
     cfg = _cfg(args)
     entries = audit.history(cfg.mysql, cfg.env, args.appkey, args.service, args.limit)  # MySQL alone
@@ -402,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--disable", action="store_true", help="switch the node off (valid = 0)")
     what.add_argument("--enable", action="store_true", help="switch the node on (valid = 1)")
     p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+
+    p = command("callers", cmd_callers, "show who calls whom: each service's callers (appkey, hosts, clients), "
+                "and what each caller calls")
+    p.add_argument("appkey", nargs="?")
+    p.add_argument("service", nargs="?")
 
     p = command("history", cmd_history, "show recorded changes, newest first")
     p.add_argument("appkey", nargs="?")

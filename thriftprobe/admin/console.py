@@ -87,6 +87,21 @@ def create_app(gov: Governance, console: ConsoleConfig) -> Any:
             return jsonify(error="login required"), 401
         return jsonify(entries=[e.to_dict() for e in gov.history(limit=20)])
 
+    @app.get("/dependencies")
+    def dependencies() -> Any:
+        if not logged_in():
+            return redirect(url_for("login_form"))
+        return render_template_string(_DEPENDENCIES_PAGE, env=gov.env, user=session["user"])
+
+    @app.get("/api/callers")
+    def api_callers() -> Any:
+        if not logged_in():
+            return jsonify(error="login required"), 401
+        try:
+            return jsonify(gov.callers().to_dict())
+        except ThriftProbeError as err:
+            return jsonify(error="%s: %s" % (type(err).__name__, err)), 502
+
     @app.post("/api/node")
     def api_node() -> Any:
         if not logged_in():
@@ -205,7 +220,8 @@ _MAIN_PAGE = (
 <meta name="csrf-token" content="{{ csrf }}"><style>"""
     + _STYLE
     + """</style></head><body>
-<header><h1>thriftprobe</h1><span class="env">env {{ env }}</span><span id="updated"></span>
+<header><h1>thriftprobe</h1><span class="env">env {{ env }}</span>
+<a href="/dependencies" id="nav-dependencies" style="color:#fff">who calls whom</a><span id="updated"></span>
 <form method="post" action="/logout">{{ user }} <button type="submit">Log out</button></form></header>
 <main>
 <p><input id="filter" placeholder="filter: appkey, service or host" size="40">
@@ -289,5 +305,54 @@ document.querySelector('#fleet').addEventListener('click', async ev => {
 document.getElementById('filter').addEventListener('input', () => renderFleet(lastNodes));
 document.getElementById('hide-offline').addEventListener('change', () => renderFleet(lastNodes));
 refresh(); setInterval(refresh, 1000);
+</script></body></html>"""
+)
+
+# The dependency view: who calls whom, from the consumers' entries in the registry.
+_DEPENDENCIES_PAGE = (
+    """<!doctype html><html><head><meta charset="utf-8"><title>thriftprobe console - {{ env }} - who calls whom</title>
+<style>"""
+    + _STYLE
+    + """ td.hosts { color: #4b5563; } .none { color: #6b7280; }</style></head><body>
+<header><h1>thriftprobe</h1><span class="env">env {{ env }}</span>
+<a href="/" id="nav-fleet" style="color:#fff">fleet</a><span id="updated"></span>
+<form method="post" action="/logout">{{ user }} <button type="submit">Log out</button></form></header>
+<main>
+<p>Each client registers itself as a consumer of the service it calls, under the appkey of the application
+making the calls (<code>build_client(..., caller=)</code>, or <code>client.{{ env }}.caller</code> in the config).</p>
+<div id="status"></div>
+<h3>Who calls each service</h3>
+<table id="callers-by-service"><thead><tr><th>service</th><th>caller</th><th>clients</th><th>hosts</th></tr></thead>
+<tbody></tbody></table>
+<h3>What each caller calls</h3>
+<table id="calls-by-caller"><thead><tr><th>caller</th><th>service</th><th>clients</th><th>hosts</th></tr></thead>
+<tbody></tbody></table>
+</main>
+<script>
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+function status(text, error) { const el = document.getElementById('status'); el.textContent = text;
+                               el.className = error ? 'error' : ''; }
+const none = cols => `<tr><td colspan="${cols}" class="none">no consumers registered</td></tr>`;
+function render(deps) {
+  document.querySelector('#callers-by-service tbody').innerHTML = deps.services.flatMap(s => s.callers.map(c =>
+    `<tr data-service="${esc(s.appkey)}/${esc(s.service)}" data-caller="${esc(c.caller)}">
+     <td>${esc(s.appkey)}/${esc(s.service)}</td><td class="caller">${esc(c.caller)}</td>
+     <td class="count">${c.count}</td><td class="hosts">${c.hosts.map(esc).join(', ')}</td></tr>`)).join('') || none(4);
+  document.querySelector('#calls-by-caller tbody').innerHTML = deps.callers.flatMap(c => c.calls.map(s =>
+    `<tr data-caller="${esc(c.caller)}" data-service="${esc(s.appkey)}/${esc(s.service)}">
+     <td class="caller">${esc(c.caller)}</td><td>${esc(s.appkey)}/${esc(s.service)}</td>
+     <td class="count">${s.count}</td><td class="hosts">${s.hosts.map(esc).join(', ')}</td></tr>`)).join('') || none(4);
+}
+async function refresh() {
+  try {
+    const r = await fetch('/api/callers');
+    if (r.status === 401) { location.href = '/login'; return; }
+    const data = await r.json();
+    if (!r.ok) throw new Error(data.error || r.statusText);
+    render(data); status('', false);
+    document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
+  } catch (e) { status('Refresh failed: ' + e.message, true); }
+}
+refresh(); setInterval(refresh, 2000);
 </script></body></html>"""
 )

@@ -31,7 +31,7 @@ from ..stores import audit
 from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
 
-__all__ = ["Change", "FleetEvent", "Governance", "NodeView", "current_user"]
+__all__ = ["Change", "Dependencies", "FleetEvent", "Governance", "NodeView", "current_user"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,71 @@ class Pruned:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Dependencies:
+    """Who calls whom in one environment, from the consumers' own entries in the registry.
+
+    ``services``: for each called service, its callers (caller appkey, hosts, number of clients);
+    ``callers``: for each caller appkey, what it calls. ``consumers``: every entry, as read
+    (one per client; an entry whose data cannot be read has ``problem`` and caller ``?``)."""
+
+    env: str
+    consumers: List[Dict[str, Any]]
+
+    @property
+    def services(self) -> List[Dict[str, Any]]:
+        grouped: Dict[Tuple[str, str], Dict[str, List[Dict[str, Any]]]] = {}
+        for c in self.consumers:
+            grouped.setdefault((c["appkey"], c["service"]), {}).setdefault(c["caller"], []).append(c)
+        return [
+            {"appkey": appkey, "service": service,
+             "callers": [_summary({"caller": caller}, found) for caller, found in sorted(by_caller.items())]}
+            for (appkey, service), by_caller in sorted(grouped.items())
+        ]
+
+    @property
+    def callers(self) -> List[Dict[str, Any]]:
+        grouped: Dict[str, Dict[Tuple[str, str], List[Dict[str, Any]]]] = {}
+        for c in self.consumers:
+            grouped.setdefault(c["caller"], {}).setdefault((c["appkey"], c["service"]), []).append(c)
+        return [
+            {"caller": caller,
+             "calls": [_summary({"appkey": a, "service": s}, found) for (a, s), found in sorted(calls.items())]}
+            for caller, calls in sorted(grouped.items())
+        ]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"env": self.env, "services": self.services, "callers": self.callers, "consumers": self.consumers}
+
+
+def _summary(head: Dict[str, Any], consumers: List[Dict[str, Any]]) -> Dict[str, Any]:
+    head.update(hosts=sorted({str(c["host"]) for c in consumers if c["host"] is not None}), count=len(consumers))
+    return head
+
+
+def _consumer_view(
+    now: float, appkey: str, service: str, name: str, info: Any, problem: Optional[str]
+) -> Dict[str, Any]:
+    """One consumer entry for operators; fields of foreign or corrupt data are shown as None."""
+
+    def text(key: str) -> Optional[str]:
+        value = info.get(key)
+        return value if isinstance(value, str) and value.isprintable() else None
+
+    pid = info.get("pid")
+    view: Dict[str, Any] = {
+        "appkey": appkey, "service": service, "name": name,
+        "caller": text("caller") or "?", "host": text("host"),
+        "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+        "sdk": text("sdk"), "uptime": _uptime(now, info.get("start_time")),
+    }
+    if view["uptime"] is not None:
+        view["uptime"] = round(view["uptime"], 1)
+    if problem is not None:
+        view["problem"] = problem
+    return view
+
+
 def _check_filter(appkey: Optional[str], service: Optional[str]) -> None:
     """An appkey or service given to look at must be a valid name (``..`` would read the parent)."""
     if appkey is not None:
@@ -236,6 +301,19 @@ class Governance:
         for (key, svc, host, port), problem in corrupt.items():  # corrupt, and no stored settings
             views[(key, svc, host, port)] = NodeView(self.env, key, svc, host, port, None, None, True, None, 0, problem)
         return [views[k] for k in sorted(views)]
+
+    def callers(self, appkey: Optional[str] = None, service: Optional[str] = None) -> Dependencies:
+        """Who calls the services of the environment (of one appkey, of one service of it), from
+        the consumers' entries. Raises InvalidArgument for a malformed appkey or service, BackendError."""
+        _check_filter(appkey, service)
+        if service is not None and appkey is None:
+            raise InvalidArgument("a service needs its appkey")
+        now = time.time()
+        entries = self._registry.consumers(self.env, appkey, service)
+        return Dependencies(self.env, [
+            _consumer_view(now, e.appkey, e.service, e.name, e.info, e.problem)
+            for e in sorted(entries, key=lambda e: (e.appkey, e.service, e.name))
+        ])
 
     def history(
         self, appkey: Optional[str] = None, service: Optional[str] = None, limit: int = 50

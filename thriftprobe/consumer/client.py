@@ -34,6 +34,7 @@ from .balancer import Balancer, WeightedRandom
 from .cache import CacheWriter, TableCache
 from .health import HealthChecker, OutlierDetector
 from .pool import ConnectionPool, PooledConnection
+from .presence import DEFAULT_CALLER, Explanation, InFlight, Presence, check_caller, explain
 from .retry import Retry, RetryBudget
 from .table import NodeTable, Snapshot
 
@@ -102,6 +103,7 @@ class _Core:
         outliers: OutlierDetector,
         health_check_interval: Optional[float],
         cache_writer: Optional[CacheWriter] = None,
+        presence: Optional[Presence] = None,
     ) -> None:
         self._service = service
         self.env = cfg.env
@@ -122,6 +124,8 @@ class _Core:
         self._health: Optional[HealthChecker] = None
         self._eligible_cache: Tuple[Optional[Snapshot], FrozenSet[Address]] = (None, frozenset())
         self._cache_writer = cache_writer
+        self._presence = presence
+        self._flights = InFlight()  # calls in flight per node, for explain()
         self._methods: Dict[str, _Method] = {name: _Method(service, name) for name in service.thrift_services}
         self._close_lock = threading.Lock()
         self._closed = False
@@ -140,6 +144,8 @@ class _Core:
         if registry is None:  # started from the node cache while ZooKeeper was unreachable
             self._start_attaching(first_wait=1.0)
         self._start_health_check()
+        if registry is not None and presence is not None:
+            presence.attach(registry)  # best effort, bounded: never fails the client
         _live_clients.add(self)
 
     # -- the call path -------------------------------------------------------------------------
@@ -193,6 +199,7 @@ class _Core:
                 raise TTransportException(
                     sent_error.type, "%s; sending it again found no node: %s" % (sent_error.message, none)
                 ) from sent_error
+            done = self._flights.start(conn.address)
             try:
                 reply = self._exchange(conn, method, kwargs, deadline)
             except _Unencodable as bad:
@@ -227,6 +234,8 @@ class _Core:
                 if probing:
                     self._outliers.probe_abandoned(conn.address)
                 raise
+            finally:
+                next(done)
             self._pool.release(conn)
             self._outliers.success(conn.address)
             # (_exchange makes a TApplicationException of this very class of an EXCEPTION reply)
@@ -416,6 +425,7 @@ class _Core:
             if not self._forked:
                 return
             self._pool = self._pool.abandon_after_fork()
+            self._flights = InFlight()
             self.table = self.table.copy_for_child()
             self.table.on_remove(self._node_left)
             self._outliers.reinit_after_fork()
@@ -456,6 +466,8 @@ class _Core:
                 return
             self._registry, self._watch = registry, watch
         watch.retain_only_watched(self.table)
+        if self._presence is not None:
+            self._presence.attach(registry)
 
     def _keep_attaching(self, first_wait: float = 1.0) -> None:
         wait = first_wait
@@ -475,6 +487,7 @@ class _Core:
         return watch.confirmed_at() if watch is not None else None
 
     def _node_left(self, node: Node) -> None:
+        self._flights.forget(node.address)
         self._pool.drop(node.address)
         self._outliers.forget(node.address)
 
@@ -506,12 +519,25 @@ class _Core:
             self._pool.abandon_after_fork()
             return
         self._pool.close()
+        if self._presence is not None:
+            self._presence.close()  # before the registry's handle, whose session it uses
         if self._registry is not None:
             if self._watch is not None:
                 self._watch.close()
             self._registry.close()
         if self._cache_writer is not None:
             self._cache_writer.close()  # last: it writes the table as it is now
+
+    def explain(self) -> Explanation:
+        """The table as the call path sees it now, node by node (see ``ProbeClient.explain``)."""
+        if self._forked:
+            self._adopt_after_fork()
+        return explain(
+            env=self.env, appkey=self.appkey, service=self.service_name,
+            caller=self._presence.caller if self._presence is not None else DEFAULT_CALLER,
+            presence=self._presence, attached=self._watch is not None, table=self.table,
+            outliers=self._outliers, pool=self._pool, flights=self._flights, balancer=self._balancer,
+        )
 
     def __enter__(self) -> "_Core":
         return self
@@ -595,7 +621,7 @@ class ProbeClient(TClient):
             setattr(core, name, value)
 
     def __dir__(self) -> List[str]:
-        return sorted({name for name in self.__dict__ if name != _CORE} | _OWN_METHODS)
+        return sorted({name for name in self.__dict__ if name != _CORE} | _OWN_METHODS | {"explain"})
 
     def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
         return self.__dict__[_CORE]._call(_api, None, args, kwargs)
@@ -614,6 +640,15 @@ class ProbeClient(TClient):
     def close(self) -> None:
         """Release the sockets and this client's share of the ZooKeeper session. Idempotent."""
         self.__dict__[_CORE].close()
+
+    def explain(self) -> Explanation:
+        """The client's table now, node by node: weight, switch, state (valid, disabled, ejected,
+        held), the ejection's remaining time, calls in flight, pooled connections, and why the
+        node would or would not be picked. ``print(client.explain())`` shows it as a table;
+        ``.to_dict()`` gives JSON. (An IDL method named ``explain`` takes the name on the
+        client; this one is then ``ProbeClient.explain(client)``.)"""
+        core: _Core = self.__dict__[_CORE]
+        return core.explain()
 
     def __enter__(self) -> "ProbeClient":
         return self
@@ -663,6 +698,8 @@ def _mark_clients_forked() -> None:
         client._close_lock = threading.Lock()
         client._attach_stop = threading.Event()
         client._health = None  # its thread is the parent's; adopting starts the child's own
+        if client._presence is not None:
+            client._presence.forget_after_fork()  # the parent's entry; the child registers its own
         client.table.reinit_after_fork()
         if client._cache_writer is not None:
             client._cache_writer.reinit_after_fork()
@@ -747,6 +784,7 @@ def build_client(
     cache_max_age: float = 3600.0,
     max_idle_per_node: int = 32,
     max_idle_age: Optional[float] = 30.0,
+    caller: Optional[str] = None,
 ) -> ProbeClient:
     """Return a client for ``service_name`` of ``appkey``, as defined in the IDL ``thrift_path``:
     a .thrift file's path, a module thriftpy2 loaded from one, or the service class. The IDL's
@@ -773,6 +811,10 @@ def build_client(
     ``max_idle_per_node`` connections are kept idle per node, none for longer than
     ``max_idle_age`` s (None: no limit): a connection a NAT or load balancer dropped silently
     (often after 240-350 s) must never be lent. Keep it below the providers' idle timeout too.
+    ``caller``: the appkey of the application making the calls (default: ``client.<env>.caller``
+    in the config file, else ``"unknown"``). The client registers itself as a consumer of the
+    service under ``/consumers/<env>/<appkey>/<service>`` (best effort: an unreachable
+    ZooKeeper never fails it), so operators see who calls whom; ``close()`` withdraws it.
 
     Raises InvalidArgument, ConfigError, IdlError, or BackendError when ZooKeeper is unreachable.
     """
@@ -787,6 +829,7 @@ def build_client(
     if empty_grace < 0 or cache_max_age < 0 or (health_check_interval is not None and health_check_interval <= 0):
         raise InvalidArgument("empty_grace and cache_max_age must be >= 0, health_check_interval > 0")
     cfg = config_mod.resolve(config, env)
+    caller = check_caller(caller if caller is not None else cfg.client.caller or DEFAULT_CALLER)
     service = load_service(thrift_path, service_name)
     outliers = outlier_detection or OutlierDetector()
     pool = ConnectionPool(
@@ -842,4 +885,5 @@ def build_client(
         outliers=outliers,
         health_check_interval=health_check_interval,
         cache_writer=writer,
+        presence=Presence(cfg.env, appkey, service_name, caller),
     ))

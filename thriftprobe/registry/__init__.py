@@ -8,18 +8,24 @@ listeners and callbacks they hand it.
 
 ZooKeeper (``registry.zookeeper``) is the one backend today. The interface is written so that
 another (an etcd v3 one is planned) fits behind ``open_registry`` without the wings above changing.
+
+Consumers make themselves known too (who calls whom): ``register_consumer`` publishes one entry
+per client, kept (re-published after a lost session) until the registration is closed, and
+``consumers`` reads them back for operators.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Set, Tuple
 
 from ..config import Config
 from ..node import Node
 
 __all__ = [
+    "ConsumerEntry",
+    "ConsumerRegistration",
     "NodeEntry",
     "NodeListener",
     "Refresh",
@@ -62,6 +68,36 @@ class NodeListener(Protocol):
 
     def remove_many(self, names: Iterable[str]) -> None:
         """Several nodes left at once (one glitch, not one removal per node)."""
+
+
+@dataclass(frozen=True)
+class ConsumerEntry:
+    """One registered consumer (a client) as read once: who calls ``appkey``/``service``.
+
+    ``info`` is what the consumer published (``caller``, ``host``, ``pid``, ``sdk``,
+    ``start_time``); ``problem`` says why it could not be read as a JSON object (``info`` is then
+    empty): operators see such an entry instead of missing it."""
+
+    appkey: str
+    service: str
+    name: str
+    info: Mapping[str, Any]
+    problem: Optional[str] = None
+
+
+class ConsumerRegistration(Protocol):
+    """One consumer's entry, kept published (best effort) until ``close``."""
+
+    path: str
+    """Where the entry is published (a znode path for ZooKeeper)."""
+
+    def registered(self) -> bool:
+        """Whether the entry is published now, as far as its keeper knows."""
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Stop keeping the entry and withdraw it, waiting at most ``timeout`` seconds; never
+        raises. Returns True once withdrawn; False when the backend cannot be reached now (it is
+        then withdrawn once it can be, or goes with the session). Idempotent."""
 
 
 class Retainer(Protocol):
@@ -152,6 +188,21 @@ class Registry(abc.ABC):
     def nodes(self, env: str, appkey: str) -> List[Tuple[str, Node]]:
         """(service, node) for every live, well-formed node of an appkey, read once."""
         return [(e.service, e.node) for e in self.entries(env, appkey) if e.node is not None]
+
+    @abc.abstractmethod
+    def register_consumer(
+        self, env: str, appkey: str, service: str, name: str, info: Dict[str, Any], wait: float = 1.0
+    ) -> ConsumerRegistration:
+        """Publish that a consumer named ``name`` (unique among the consumers of the service)
+        calls ``appkey``/``service``, with ``info``, and keep it published until the
+        registration is closed: re-published after a lost session. Best effort: never raises for
+        an unreachable backend; it waits at most ``wait`` seconds for the first publication, and
+        goes on trying in the background. Raises BackendError only when this handle is closed."""
+
+    @abc.abstractmethod
+    def consumers(self, env: str, appkey: Optional[str] = None, service: Optional[str] = None) -> List[ConsumerEntry]:
+        """The consumers registered in ``env`` (of one appkey, of one service of it), read once.
+        Raises BackendError."""
 
     @abc.abstractmethod
     def close(self) -> None:

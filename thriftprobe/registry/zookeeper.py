@@ -9,12 +9,15 @@ seconds (kazoo's default backs off up to an hour), so nodes come back within abo
 the ensemble answering again.
 
 Layout: one ephemeral znode per node, ``/services/<env>/<appkey>/<service>_<ip>_<port>``,
-holding the node's JSON (see ``thriftprobe.node``).
+holding the node's JSON (see ``thriftprobe.node``); and one ephemeral znode per consumer (a
+client), ``/consumers/<env>/<appkey>/<service>/<name>``, holding what the consumer published
+about itself (its caller appkey, host, pid...): who calls whom.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -41,14 +44,16 @@ from kazoo.retry import KazooRetry
 from ..config import TlsConfig, ZooKeeperConfig
 from ..errors import BackendError, ThriftProbeError
 from ..node import Node, parse_znode_name, service_path
-from . import NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
+from . import ConsumerEntry, NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
 
 __all__ = [
     "RECONNECT_MAX_DELAY",
     "ServiceWatch",
+    "ZooKeeperConsumerRegistration",
     "ZooKeeperRegistration",
     "ZooKeeperRegistry",
     "apply_settings",
+    "consumer_path",
     "kazoo_client",
 ]
 
@@ -323,6 +328,17 @@ class ZooKeeperRegistry(Registry):
                 log.warning("znode %s/%s_%s_%d holds bad data: %s", folder, service, host, port, err)
                 found.append(NodeEntry(service, host, port, None, str(err)))
         return found
+
+    def register_consumer(
+        self, env: str, appkey: str, service: str, name: str, info: Dict[str, Any], wait: float = 1.0
+    ) -> "ZooKeeperConsumerRegistration":
+        """Publish a consumer's ephemeral znode and keep it (see ZooKeeperConsumerRegistration):
+        waits at most ``wait`` seconds for the first creation, then goes on in the background."""
+        return _register_consumer(self.client, self._cfg, env, appkey, service, name, info, wait)
+
+    def consumers(self, env: str, appkey: Optional[str] = None, service: Optional[str] = None) -> List[ConsumerEntry]:
+        """Every consumer znode under ``/consumers/<env>`` (of one appkey, of one service), read once."""
+        return _read_consumers(self.client, self._cfg, env, appkey, service)
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -986,3 +1002,157 @@ class ServiceWatch:
             self._tokens.clear()
         self._client.remove_listener(self._on_state)
         _forget_watchers_when_settled(self._client, self, self._path)
+
+
+# -- consumers: who calls whom ----------------------------------------------------------------------
+
+
+def consumer_path(env: str, appkey: str, service: str) -> str:
+    """The ZooKeeper folder that holds the consumers of one service."""
+    return "/consumers/%s/%s/%s" % (env, appkey, service)
+
+
+_NOT_A_NODE = Node("consumer", 1, weight=0, valid=False)
+
+
+class ZooKeeperConsumerRegistration(ZooKeeperRegistration):
+    """One consumer's ephemeral znode, kept (best effort) until ``close()``.
+
+    The provider's keeper, reused: a keeper thread creates the znode, creates it again after the
+    session was lost and a new one established, checks it every ``audit_interval`` seconds, and
+    deletes it on ``close()`` (later, once ZooKeeper answers, if it cannot now). Unlike a
+    provider's node, its data never changes and nobody else writes it, so the audit only checks
+    that it exists and is ours. Every ZooKeeper request is made on the keeper thread, never on
+    the caller's: an unreachable ZooKeeper delays the entry, never the consumer.
+    """
+
+    def __init__(self, client: KazooClient, cfg: ZooKeeperConfig, path: str, data: bytes,
+                 audit_interval: float = 30.0) -> None:
+        super().__init__(client, cfg, path, _NOT_A_NODE, lambda node: node, audit_interval)
+        self.data = data
+        self._published = threading.Event()
+
+    def create(self) -> None:
+        """Create the znode; a leftover of another session under the same name is replaced."""
+        zk = self._client
+        try:
+            zk.ensure_path(self.path.rsplit("/", 1)[0])
+            try:
+                zk.create(self.path, self.data, ephemeral=True)
+            except NodeExistsError:
+                stat = zk.exists(self.path)
+                session = zk.client_id
+                if stat is None or session is None or stat.ephemeralOwner != session[0]:
+                    if stat is not None:
+                        log.info("replacing stale consumer znode %s of session 0x%x", self.path, stat.ephemeralOwner)
+                        with contextlib.suppress(NoNodeError):
+                            zk.delete(self.path, version=stat.version)
+                    zk.create(self.path, self.data, ephemeral=True)
+        except KazooException as err:
+            raise BackendError("cannot create %s in %s: %s" % (self.path, self._cfg.describe(), err)) from err
+        self._published.set()
+        log.debug("registered consumer %s %s", self.path, self.data.decode())
+
+    def _audit(self) -> None:
+        zk = self._client
+        session = zk.client_id
+        if not zk.connected or session is None:
+            self._published.clear()
+            return  # the CONNECTED state wakes the keeper again
+        stat = zk.exists(self.path)
+        if stat is not None and stat.ephemeralOwner == session[0]:
+            self._published.set()
+            return
+        self._published.clear()
+        if not self._stopping:
+            self.create()
+
+    def _on_state(self, state: str) -> None:
+        if state != KazooState.CONNECTED:
+            self._published.clear()
+        super()._on_state(state)
+
+    def keep(self, wait: float) -> None:
+        """Start the keeper, which creates the znode at once; wait at most ``wait`` seconds for it."""
+        keeper = threading.Thread(
+            target=self._keep, name="thriftprobe-consumer-" + self.path.rsplit("/", 1)[1], daemon=True
+        )
+        self._client.add_listener(self._on_state)
+        self._wake.set()  # the keeper's first round creates the znode
+        try:
+            keeper.start()
+        except BaseException:
+            self._client.remove_listener(self._on_state)
+            raise
+        self._keeper = keeper
+        if wait > 0:
+            self._published.wait(wait)
+
+    def registered(self) -> bool:
+        """Whether the znode exists now, as far as the keeper knows."""
+        return self._published.is_set() and not self._stopping
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Stop keeping the znode and delete it (see ZooKeeperRegistration.delete). Never raises."""
+        self._published.clear()
+        try:
+            return self.delete(timeout)
+        except Exception as err:  # noqa: BLE001 - best effort: the znode goes with the session anyway
+            log.warning("could not withdraw consumer %s (%s); it goes with the session", self.path, err)
+            return False
+
+
+def _register_consumer(
+    client: KazooClient, cfg: ZooKeeperConfig, env: str, appkey: str, service: str, name: str,
+    info: Dict[str, Any], wait: float,
+) -> ZooKeeperConsumerRegistration:
+    path = consumer_path(env, appkey, service) + "/" + name
+    data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    registration = ZooKeeperConsumerRegistration(client, cfg, path, data)
+    registration.keep(wait)
+    return registration
+
+
+def _children(client: KazooClient, cfg: ZooKeeperConfig, path: str) -> List[str]:
+    try:
+        return sorted(client.get_children(path))
+    except NoNodeError:
+        return []
+    except KazooException as err:
+        raise BackendError("cannot list %s in %s: %s" % (path, cfg.describe(), err)) from err
+
+
+def _consumer_info(data: bytes) -> Dict[str, Any]:
+    """A consumer znode's JSON object. Raises ValueError."""
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError, ValueError) as err:
+        raise ValueError("not JSON: %s" % err) from None
+    if not isinstance(info, dict):
+        raise ValueError("not a JSON object: %r" % (info,))  # noqa: TRY004 - bad data is a ValueError here
+    return info
+
+
+def _read_consumers(
+    client: KazooClient, cfg: ZooKeeperConfig, env: str, appkey: Optional[str], service: Optional[str]
+) -> List[ConsumerEntry]:
+    root = "/consumers/%s" % env
+    found: List[ConsumerEntry] = []
+    reads: List[Tuple[str, str, str, Any]] = []
+    for key in [appkey] if appkey else _children(client, cfg, root):
+        for svc in [service] if service else _children(client, cfg, "%s/%s" % (root, key)):
+            folder = consumer_path(env, key, svc)
+            reads.extend((key, svc, name, client.get_async(folder + "/" + name))
+                         for name in _children(client, cfg, folder))
+    for key, svc, name, pending in reads:
+        try:
+            data, _ = pending.get()
+        except NoNodeError:
+            continue  # left while we looked
+        except KazooException as err:
+            raise BackendError("cannot read %s/%s: %s" % (consumer_path(env, key, svc), name, err)) from err
+        try:
+            found.append(ConsumerEntry(key, svc, name, _consumer_info(data or b"")))
+        except ValueError as err:
+            found.append(ConsumerEntry(key, svc, name, {}, str(err)))
+    return found
