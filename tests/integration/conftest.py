@@ -81,8 +81,9 @@ def _wipe_test_envs(cfg: config.Config) -> None:
     zk.start(10)
     try:
         for env in (TEST_ENV, CLUSTER_ENV):
-            if zk.exists("/services/%s" % env):
-                zk.delete("/services/%s" % env, recursive=True)
+            for tree in ("/services/%s" % env, "/consumers/%s" % env):
+                if zk.exists(tree):
+                    zk.delete(tree, recursive=True)
     finally:
         zk.stop()
         zk.close()

@@ -70,6 +70,7 @@ _MAX_STICKY = 1000
 """Requests a worker serves in a row on one connection before it lets the I/O thread decide
 again (it also stops as soon as another request waits for a worker)."""
 _RECV = 65536
+_SWEEP_BATCH = 32
 _ACCEPT_BACKOFF = 0.1
 _LINGERING_CLOSE = 1.0
 """After an error reply, how long the input is drained before closing (so that the reply is not
@@ -617,14 +618,20 @@ class Server:
                 self._after_request(conn, None)
 
     def _sweep(self, now: float) -> None:
-        """Close connections past their deadlines."""
+        """Close connections past their deadlines, at most ``_SWEEP_BATCH`` of each kind per turn
+        (connections opened in a burst expire in a burst: closing them all at once would hold up
+        the requests of everyone else; the selector does not wait while some are overdue)."""
+        budget = _SWEEP_BATCH
         idle_limit = now - self._opts.idle_timeout
-        while self._idle and _head(self._idle).since <= idle_limit:
+        while self._idle and _head(self._idle).since <= idle_limit and budget:
+            budget -= 1
             self._close(_head(self._idle), "idle_timeout")
+        budget = _SWEEP_BATCH
         read_limit = now - self._opts.read_timeout
-        while self._reading and _head(self._reading).read_start <= read_limit:
+        while self._reading and _head(self._reading).read_start <= read_limit and budget:
+            budget -= 1
             conn = _head(self._reading)
-            log.info(
+            log.debug(  # debug: a slowloris attack would flood the log
                 "%s: closing the connection from %s:%d: %s within %.1f s",
                 self._label, conn.peer[0], conn.peer[1],
                 "no request" if conn.rejecting and not conn.inbuf else "its request did not arrive whole",
