@@ -71,6 +71,7 @@ _MAX_STICKY = 1000
 again (it also stops as soon as another request waits for a worker)."""
 _RECV = 65536
 _SWEEP_BATCH = 32
+_ACCEPT_BATCH = 16
 _ACCEPT_BACKOFF = 0.1
 _LINGERING_CLOSE = 1.0
 """After an error reply, how long the input is drained before closing (so that the reply is not
@@ -311,10 +312,11 @@ class Server:
             elif self._accept_paused_until and now >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
                 sel.register(self._listener, selectors.EVENT_READ, None)
+            accept = False
             for key, mask in sel.select(self._timeout(now)):
                 data = key.data
                 if data is None:
-                    self._accept()
+                    accept = True  # after the connections' events: requests first, newcomers next
                 elif data is self._wake_r:
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(4096)
@@ -324,6 +326,8 @@ class Server:
                     if mask & selectors.EVENT_WRITE and data.state == WRITING:
                         self._flush(data)
             self._take_returns()
+            if accept:
+                self._accept()
             self._sweep(time.monotonic())
 
     def _timeout(self, now: float) -> float:
@@ -349,7 +353,7 @@ class Server:
         self._listener.close()
 
     def _accept(self) -> None:
-        for _ in range(64):  # a burst at a time, then the others get their turn
+        for _ in range(_ACCEPT_BATCH):  # a few at a time, then the others get their turn
             try:
                 sock, peer = self._listener.accept()
             except BlockingIOError:
