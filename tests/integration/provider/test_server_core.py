@@ -600,3 +600,20 @@ def test_out_of_fds_below_max_connections_the_longest_idle_connection_makes_room
             s.close()
         proc.stdin.close()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("transport,protocol", [("framed", "compact"), ("framed", "binary"), ("buffered", "compact")])
+def test_thriftprobe_peers_speak_each_nodes_transport_and_protocol(providers, cfg, appkey, transport, protocol):
+    from thriftprobe import build_client
+
+    odd = providers("odd", transport=transport, protocol=protocol)
+    plain = providers("plain")
+    seen = set()
+    with build_client(IDL, appkey, "Calculator", config=cfg) as c:
+        wait_until(lambda: len(c.table.snapshot.all_nodes) == 2, what="both nodes in the table")
+        for _ in range(200):
+            seen.add(c.echo("é" * 50 + "x") and c.ping())
+            with pytest.raises(calc.CalcError):
+                c.compute(calc.Operation(left=1, right=0, op="/"))
+    assert seen == {"odd", "plain"}
+    assert odd._server._dispatcher.handler.calls > 0 and plain._server._dispatcher.handler.calls > 0
