@@ -791,15 +791,8 @@ class Server:
 
     def _run(self, conn: _Conn, name: str, proto: Any) -> bool:
         """Decode (from ``proto``, over the request's bytes), run and answer one request; False
-        when the connection was handed back."""
-        me = threading.get_ident()
-        self._running.add(me)
-        try:
-            return self._run_request(conn, name, proto)
-        finally:
-            self._running.discard(me)
-
-    def _run_request(self, conn: _Conn, name: str, proto: Any) -> bool:
+        when the connection was handed back. The worker counts as running (unavailable for a
+        queued request) while it decodes and runs the handler, not while it sends the reply."""
         hooks = self._hooks
         started = time.perf_counter()
         wall = 0.0
@@ -808,15 +801,22 @@ class Server:
             started -= max(0.0, time.time() - wall)  # the duration counts the wait for a worker
             conn.whole_at = 0.0
             self._hook("request_started", name, conn.peer)
+        me = threading.get_ident()
+        self._running.add(me)
         try:
             reply, method, outcome = self._dispatcher.handle(proto)
         except Exception as err:  # noqa: BLE001 - malformed arguments: the stream cannot be trusted
+            self._running.discard(me)
             log.info("%s: closing the connection from %s:%d: bad request: %s", self._label, *conn.peer, err)
             if hooks is not None:
                 self._hook("request_finished", name, conn.peer, wall, "protocol_error", time.perf_counter() - started)
             conn.close_after = "protocol_error"
             self._give_back(conn)
             return False
+        except BaseException:
+            self._running.discard(me)
+            raise
+        self._running.discard(me)
         if reply is not None:
             if self._framed:
                 reply = _FRAME.pack(len(reply)) + reply
