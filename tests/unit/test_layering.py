@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "thriftprobe"
 
-VOCABULARY = {"_version", "errors", "config", "node", "idl"}
+VOCABULARY = {"_version", "errors", "config", "node", "idl", "metrics"}
 LEVEL = {"registry": 1, "stores": 1, "provider": 2, "consumer": 2, "admin": 3}
 
 
@@ -112,6 +112,21 @@ def test_backend_libraries_are_used_only_by_the_wing_that_wraps_them() -> None:
             owner = BACKEND_LIBRARIES.get(target.split(".")[0])
             if owner is not None and _wing(module)[0] != owner:
                 wrong.append("%s imports %s (only %s/ may)" % (module, target, owner))
+    assert not wrong, "\n".join(wrong)
+
+
+# Optional libraries, each wrapped by one module: the rest of the package goes through it, so
+# that without the library installed nothing else fails to import.
+OPTIONAL_LIBRARIES = {"prometheus_client": {"thriftprobe.metrics"}}
+
+
+def test_optional_libraries_are_imported_only_by_the_module_that_wraps_them() -> None:
+    wrong = []
+    for module, path in sorted(MODULES.items()):
+        for target in _imports(module, path, package_only=False):
+            allowed = OPTIONAL_LIBRARIES.get(target.split(".")[0])
+            if allowed is not None and module not in allowed:
+                wrong.append("%s imports %s (only %s may)" % (module, target, ", ".join(sorted(allowed))))
     assert not wrong, "\n".join(wrong)
 
 

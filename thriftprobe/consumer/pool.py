@@ -22,7 +22,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Deque, Dict, Mapping, Optional, Tuple
+from typing import Callable, Deque, Dict, Mapping, Optional, Protocol, Tuple
 
 from thriftpy2.protocol.base import TProtocolBase
 from thriftpy2.transport import TSocket, TTransportException
@@ -30,13 +30,30 @@ from thriftpy2.transport.base import TTransportBase
 
 from .wire import BUFFERED_BINARY, Wire
 
-__all__ = ["ConnectionPool", "PooledConnection"]
+__all__ = ["ConnectionPool", "PoolWatcher", "PooledConnection"]
 
 log = logging.getLogger(__name__)
 
 Address = Tuple[str, int]
 KeepFunc = Callable[[Address], bool]
 _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+class PoolWatcher(Protocol):
+    """Told what a pool does, by address (a client's metrics). Called on the calling threads:
+    each method must be quick and never raise."""
+
+    def lent(self, address: Address) -> None:
+        """A connection was lent (and is in use until ``returned``)."""
+
+    def returned(self, address: Address) -> None:
+        """A lent connection came back (to be kept idle or closed)."""
+
+    def opened(self, address: Address) -> None:
+        """A new connection was opened."""
+
+    def failed(self, address: Address) -> None:
+        """Opening a connection failed (refused, timed out...)."""
 
 
 class _CallSocket(TSocket):
@@ -178,6 +195,7 @@ class ConnectionPool:
         max_idle_age: Optional[float] = 30.0,
         keep: Optional[KeepFunc] = None,
         wires: Optional[Mapping[Address, Wire]] = None,
+        watcher: Optional[PoolWatcher] = None,
     ) -> None:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
@@ -192,6 +210,11 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._closed = False
         self.owner_pid = os.getpid()
+        self._watcher = watcher
+
+    def set_watcher(self, watcher: Optional[PoolWatcher]) -> None:
+        """Tell ``watcher`` about every connection lent, returned, opened or failed to open."""
+        self._watcher = watcher
 
     def set_keep(self, keep: KeepFunc) -> None:
         self._keep = keep
@@ -232,6 +255,8 @@ class ConnectionPool:
                     # The newest idle one is too old, so are the others: this loop closes them all.
                     log.debug("closing a connection to %s:%d idle for longer than %.0f s", *address, self._max_idle_age)
                 elif not conn.is_stale():
+                    if self._watcher is not None:
+                        self._watcher.lent(address)
                     return conn
                 else:
                     log.debug("dropping a connection to %s:%d closed by the peer", *address)
@@ -253,12 +278,24 @@ class ConnectionPool:
             connect_timeout=connect_timeout_ms,
         )
         transport = wire.transport_factory.get_transport(sock)
-        transport.open()  # raises TTransportException(NOT_OPEN); TSocket closes its socket then
+        watcher = self._watcher
+        try:
+            transport.open()  # raises TTransportException(NOT_OPEN); TSocket closes its socket then
+        except BaseException:
+            if watcher is not None:
+                watcher.failed(address)
+            raise
         log.debug("opened a %s connection to %s:%d", wire, *address)
-        return PooledConnection(address, sock, transport, wire.protocol_factory.get_protocol(transport), wire)
+        conn = PooledConnection(address, sock, transport, wire.protocol_factory.get_protocol(transport), wire)
+        if watcher is not None:
+            watcher.opened(address)
+            watcher.lent(address)
+        return conn
 
     def release(self, conn: PooledConnection) -> None:
         """Take back a connection whose last call completed cleanly."""
+        if self._watcher is not None:
+            self._watcher.returned(conn.address)
         now = conn.idle_since = time.monotonic()
         address = conn.address
         idle = self._idle.get(address)
@@ -318,9 +355,10 @@ class ConnectionPool:
                 idle.appendleft(conn)
                 return
 
-    @staticmethod
-    def discard(conn: PooledConnection) -> None:
-        """Close a connection whose state is unknown (transport error, timeout)."""
+    def discard(self, conn: PooledConnection) -> None:
+        """Close a lent connection whose state is unknown (transport error, timeout)."""
+        if self._watcher is not None:
+            self._watcher.returned(conn.address)
         conn.close()
 
     def drop(self, address: Address) -> None:
@@ -359,6 +397,7 @@ class ConnectionPool:
             max_idle_age=None if self._max_idle_age == float("inf") else self._max_idle_age,
             keep=self._keep,
             wires=self._wires,
+            watcher=self._watcher,
         )
 
     def idle_count(self, address: Address) -> int:

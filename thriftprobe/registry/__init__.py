@@ -26,6 +26,7 @@ __all__ = [
     "Registration",
     "Registry",
     "Retainer",
+    "TimedNodeListener",
     "Watch",
     "open_registry",
 ]
@@ -62,6 +63,22 @@ class NodeListener(Protocol):
 
     def remove_many(self, names: Iterable[str]) -> None:
         """Several nodes left at once (one glitch, not one removal per node)."""
+
+
+class TimedNodeListener(NodeListener, Protocol):
+    """A NodeListener that also wants to know when each change happened in the registry (a
+    consumer's table, for the discovery propagation lag). Optional: a watch calls ``upsert_at``
+    instead of ``upsert`` when the listener has it, and keeps calling ``upsert`` on the others.
+
+    ``upsert_at`` is called for the changes the watch saw happen while it ran: a node that joined
+    or whose data changed. The nodes of the first fill (and of the fill after a new watch
+    starts) come through ``upsert``: they changed before anyone was watching, so their age says
+    nothing about propagation. Removals carry no time (a deleted znode leaves no stamp)."""
+
+    def upsert_at(self, name: str, node: Node, changed_at: float) -> None:
+        """``upsert``, for a change the registry recorded at ``changed_at``: seconds since the
+        epoch by the registry server's clock (ZooKeeper: the znode's mtime). That clock may
+        differ from this host's: the time since can come out negative."""
 
 
 class Retainer(Protocol):
