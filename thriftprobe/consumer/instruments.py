@@ -8,10 +8,11 @@ tried last and how the call ended. A retry is not a call of its own: it is count
 connection, ejection and node-state series. Label children are cached per client, so recording
 a call is a tuple, a dict lookup and an ``observe``.
 
-Scraped, not recorded per call: idle connections per node and the table's nodes by state (the
-gauges read the client's pool and table when the registry is collected). Counted as they happen:
-connections opened and failed, connections in use, retries, retry-budget refusals, ejections,
-and the discovery propagation lag (fed by the table).
+Scraped, not recorded per call: connections per node, idle and in use, and the table's nodes by
+state (the gauges read the client's pool and table when the registry is collected; in use is
+opened - closed - idle, so lending a connection and taking it back cost nothing). Counted as
+they happen: connections opened and failed, retries, retry-budget refusals, ejections, and the
+discovery propagation lag (fed by the table).
 
 Nothing here imports prometheus_client: a client built without a recorder has no instruments,
 and its call path tests one attribute.
@@ -20,7 +21,7 @@ and its call path tests one attribute.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from thriftpy2.thrift import TApplicationException, TException
 from thriftpy2.transport import TTransportException
@@ -78,10 +79,10 @@ class ClientInstruments:
         self._service = service
         self._lock = threading.Lock()
         self._calls: Dict[Tuple[str, Optional[Address], str], Callable[[float], None]] = {}
-        self._in_use: Dict[Address, Any] = {}
+        self._live: Dict[Address, List[int]] = {}  # [opened, closed] by this client, by address
         self._connects: Dict[Tuple[Address, str], Callable[[], None]] = {}
         self._retries: Dict[Tuple[str, str], Callable[[], None]] = {}
-        self._idle: Dict[Address, Callable[[], None]] = {}  # address -> remove() of its gauge source
+        self._pooled: Dict[Address, List[Callable[[], None]]] = {}  # address -> remove() of its gauge sources
         self._removers: List[Callable[[], None]] = []
         self._closed = False
         self._refused = recorder.child(recorder.client_budget_refusals, appkey, service).inc
@@ -123,21 +124,6 @@ class ClientInstruments:
 
     # -- the pool (PoolWatcher) ------------------------------------------------------------------
 
-    def _in_use_child(self, address: Address) -> Any:
-        child = self._in_use.get(address)
-        if child is None:
-            rec = self.recorder
-            child = self._in_use[address] = rec.child(
-                rec.client_connections, self._appkey, self._service, node_label(address), "in_use"
-            )
-        return child
-
-    def lent(self, address: Address) -> None:
-        self._in_use_child(address).inc()
-
-    def returned(self, address: Address) -> None:
-        self._in_use_child(address).dec()
-
     def _connect_event(self, address: Address, event: str) -> None:
         inc = self._connects.get((address, event))
         if inc is None:
@@ -148,10 +134,20 @@ class ClientInstruments:
         inc()
 
     def opened(self, address: Address) -> None:
+        with self._lock:
+            self._live.setdefault(address, [0, 0])[0] += 1
         self._connect_event(address, "opened")
 
     def failed(self, address: Address) -> None:
         self._connect_event(address, "failed")
+
+    def closed(self, address: Address) -> None:
+        with self._lock:
+            self._live.setdefault(address, [0, 0])[1] += 1
+
+    def _in_use(self, address: Address, idle_count: Callable[[Address], int]) -> int:
+        opened, closed = self._live.get(address, (0, 0))
+        return max(0, opened - closed - idle_count(address))
 
     # -- scraped gauges ----------------------------------------------------------------------------
 
@@ -168,21 +164,29 @@ class ClientInstruments:
                 ))
 
     def nodes_changed(self, addresses: Iterable[Address], idle_count: Callable[[Address], int]) -> None:
-        """The table's addresses now: each gets an idle-connections gauge (``idle_count``), and
-        those that left lose theirs. Quick (the table calls it under its lock)."""
+        """The table's addresses now: each gets its connection gauges (idle: ``idle_count``; in
+        use), and those that left lose theirs. Quick (the table calls it under its lock)."""
         rec = self.recorder
         with self._lock:
             if self._closed:
                 return
             now = set(addresses)
-            for address in [a for a in self._idle if a not in now]:
-                self._idle.pop(address)()
+            for address in [a for a in self._pooled if a not in now]:
+                for remove in self._pooled.pop(address):
+                    remove()
             for address in now:
-                if address not in self._idle:
-                    self._idle[address] = add_gauge_source(
-                        rec, rec.client_connections, (self._appkey, self._service, node_label(address), "idle"),
-                        lambda address=address: idle_count(address),
-                    )
+                if address not in self._pooled:
+                    node = node_label(address)
+                    self._pooled[address] = [
+                        add_gauge_source(
+                            rec, rec.client_connections, (self._appkey, self._service, node, "idle"),
+                            lambda address=address: idle_count(address),
+                        ),
+                        add_gauge_source(
+                            rec, rec.client_connections, (self._appkey, self._service, node, "in_use"),
+                            lambda address=address: self._in_use(address, idle_count),
+                        ),
+                    ]
 
     def close(self) -> None:
         """Withdraw this client's gauges (its counters and histograms stay, as Prometheus wants).
@@ -191,7 +195,7 @@ class ClientInstruments:
             if self._closed:
                 return
             self._closed = True
-            removers = self._removers + list(self._idle.values())
-            self._removers, self._idle = [], {}
+            removers = self._removers + [remove for pair in self._pooled.values() for remove in pair]
+            self._removers, self._pooled = [], {}
         for remove in removers:
             remove()

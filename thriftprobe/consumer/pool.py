@@ -40,20 +40,18 @@ _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
 class PoolWatcher(Protocol):
-    """Told what a pool does, by address (a client's metrics). Called on the calling threads:
-    each method must be quick and never raise."""
-
-    def lent(self, address: Address) -> None:
-        """A connection was lent (and is in use until ``returned``)."""
-
-    def returned(self, address: Address) -> None:
-        """A lent connection came back (to be kept idle or closed)."""
+    """Told when a pool opens, fails to open and closes connections, by address (a client's
+    metrics): never per call, so lending and taking back cost nothing. Called on the calling
+    threads: each method must be quick and never raise."""
 
     def opened(self, address: Address) -> None:
         """A new connection was opened."""
 
     def failed(self, address: Address) -> None:
         """Opening a connection failed (refused, timed out...)."""
+
+    def closed(self, address: Address) -> None:
+        """A connection the pool opened was closed (or forgotten after fork); once per connection."""
 
 
 class _CallSocket(TSocket):
@@ -101,8 +99,8 @@ class PooledConnection:
     pool hands it out)."""
 
     __slots__ = (
-        "_default_timeout", "_poll", "_socket", "_transport", "address", "idle_since", "protocol", "seqid", "tsocket",
-        "wire",
+        "_default_timeout", "_poll", "_socket", "_transport", "address", "idle_since", "on_close", "protocol", "seqid",
+        "tsocket", "wire",
     )
 
     def __init__(
@@ -125,6 +123,7 @@ class PooledConnection:
         self._poll = poller.poll
         self.seqid = 0
         self.idle_since = time.monotonic()
+        self.on_close: Optional[Callable[[Address], None]] = None  # told once, at the first close
 
     @property
     def written(self) -> int:
@@ -159,12 +158,18 @@ class PooledConnection:
         return bool(self._poll(0))
 
     def close(self) -> None:
+        on_close, self.on_close = self.on_close, None
         self._transport.close()
+        if on_close is not None:
+            on_close(self.address)
 
     def forget(self) -> None:
         """Release this process's handle on the socket without shutting the connection down
         (after fork, the parent still uses it)."""
+        on_close, self.on_close = self.on_close, None
         self._socket.close()
+        if on_close is not None:
+            on_close(self.address)
 
 
 class _Idle(Deque[PooledConnection]):
@@ -213,7 +218,7 @@ class ConnectionPool:
         self._watcher = watcher
 
     def set_watcher(self, watcher: Optional[PoolWatcher]) -> None:
-        """Tell ``watcher`` about every connection lent, returned, opened or failed to open."""
+        """Tell ``watcher`` about the connections opened, failed to open and closed from now on."""
         self._watcher = watcher
 
     def set_keep(self, keep: KeepFunc) -> None:
@@ -255,8 +260,6 @@ class ConnectionPool:
                     # The newest idle one is too old, so are the others: this loop closes them all.
                     log.debug("closing a connection to %s:%d idle for longer than %.0f s", *address, self._max_idle_age)
                 elif not conn.is_stale():
-                    if self._watcher is not None:
-                        self._watcher.lent(address)
                     return conn
                 else:
                     log.debug("dropping a connection to %s:%d closed by the peer", *address)
@@ -288,14 +291,12 @@ class ConnectionPool:
         log.debug("opened a %s connection to %s:%d", wire, *address)
         conn = PooledConnection(address, sock, transport, wire.protocol_factory.get_protocol(transport), wire)
         if watcher is not None:
+            conn.on_close = watcher.closed
             watcher.opened(address)
-            watcher.lent(address)
         return conn
 
     def release(self, conn: PooledConnection) -> None:
         """Take back a connection whose last call completed cleanly."""
-        if self._watcher is not None:
-            self._watcher.returned(conn.address)
         now = conn.idle_since = time.monotonic()
         address = conn.address
         idle = self._idle.get(address)
@@ -355,10 +356,9 @@ class ConnectionPool:
                 idle.appendleft(conn)
                 return
 
-    def discard(self, conn: PooledConnection) -> None:
-        """Close a lent connection whose state is unknown (transport error, timeout)."""
-        if self._watcher is not None:
-            self._watcher.returned(conn.address)
+    @staticmethod
+    def discard(conn: PooledConnection) -> None:
+        """Close a connection whose state is unknown (transport error, timeout)."""
         conn.close()
 
     def drop(self, address: Address) -> None:

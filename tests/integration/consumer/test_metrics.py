@@ -97,7 +97,8 @@ def test_each_outcome_is_recorded_once_with_the_node_and_the_whole_calls_duratio
             ("sleep_ms", node, "ok"): 1,
             ("record", node, "ok"): 1,
         }
-        labels = dict(rpc_system="thrift", appkey=appkey, rpc_service="Calculator", rpc_method="sleep_ms", node=node)
+        labels = {"rpc_system": "thrift", "appkey": appkey, "rpc_service": "Calculator", "rpc_method": "sleep_ms",
+                  "node": node}
         # The whole call as the caller saw it: recorded durations sum to about what was measured.
         recorded = metrics.value("rpc_client_call_duration_seconds_sum", outcome="ok", **labels)
         assert 0.05 <= recorded <= took
@@ -118,7 +119,7 @@ def test_a_killed_provider_is_a_transport_error_and_no_node_left_is_no_node(conf
             def slow() -> None:
                 try:
                     client.sleep_ms(3000)
-                except BaseException as err:  # noqa: BLE001 - the test looks at it
+                except BaseException as err:
                     failure["error"] = err
 
             caller = threading.Thread(target=slow)
@@ -229,8 +230,8 @@ def test_a_retry_after_a_timeout_and_an_ejection_are_counted(config_path, provid
                                  rpc_method="ping", reason="transport_error") == 1
             # One call, recorded once: the node that answered, its whole duration (the timeout too).
             assert metrics.calls(appkey) == {("ping", fine_node, "ok"): 1}
-            labels = dict(rpc_system="thrift", appkey=appkey, rpc_service="Calculator", rpc_method="ping",
-                          node=fine_node, outcome="ok")
+            labels = {"rpc_system": "thrift", "appkey": appkey, "rpc_service": "Calculator", "rpc_method": "ping",
+                      "node": fine_node, "outcome": "ok"}
             assert metrics.value("rpc_client_call_duration_seconds_sum", **labels) >= 0.3
             assert metrics.value("thriftprobe_client_connects_total", appkey=appkey, rpc_service="Calculator",
                                  node=stopped, event="opened") == 1
@@ -278,7 +279,7 @@ def test_gauges_follow_the_table_and_the_pool(providers, cfg, appkey, metrics, g
 
 def test_a_weight_change_is_observed_as_discovery_lag(providers, cfg, appkey, metrics, gov):
     svc = providers("a")
-    labels = dict(appkey=appkey, rpc_service="Calculator")
+    labels = {"appkey": appkey, "rpc_service": "Calculator"}
     with _client(cfg, appkey, metrics, 1) as client:
         # The first fill is no propagation: nothing observed.
         assert metrics.value("thriftprobe_discovery_lag_seconds_count", **labels) == 0
@@ -317,8 +318,8 @@ def test_the_default_recorder_is_used_when_prometheus_client_is_installed(provid
         client.ping()
     assert rec.registry.get_sample_value(
         "rpc_client_call_duration_seconds_count",
-        dict(rpc_system="thrift", appkey=appkey, rpc_service="Calculator", rpc_method="ping",
-             node="127.0.0.1:%d" % providers.started[0].port, outcome="ok"),
+        {"rpc_system": "thrift", "appkey": appkey, "rpc_service": "Calculator", "rpc_method": "ping",
+         "node": "127.0.0.1:%d" % providers.started[0].port, "outcome": "ok"},
     ) == 1
 
 
