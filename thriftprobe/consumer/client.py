@@ -134,6 +134,7 @@ class _Core:
         if instruments is not None:
             me = weakref.ref(self)
             instruments.watch_nodes(lambda: _node_states(me))
+            instruments.watch_pool(lambda address: _idle_count(me, address))
             outliers.add_ejection_listener(instruments.ejected)
         # A connection coming back to the pool for an address without an idle list is kept only
         # if its node is still in the (current) table; and connections are made, lent and kept
@@ -162,8 +163,7 @@ class _Core:
         snapshot = self.table.snapshot
         self._pool.set_wires(snapshot.wires)
         if self._instruments is not None:
-            me = weakref.ref(self)
-            self._instruments.nodes_changed(snapshot.addresses, lambda address: _idle_count(me, address))
+            self._instruments.nodes_changed(snapshot.addresses)
 
     def _eligible(self, snapshot: Snapshot) -> FrozenSet[Address]:
         """The addresses of the snapshot's nodes that can take calls (built once per snapshot)."""

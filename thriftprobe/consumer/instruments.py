@@ -21,7 +21,7 @@ and its call path tests one attribute.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, List, Optional, Tuple
 
 from thriftpy2.thrift import TApplicationException, TException
 from thriftpy2.transport import TTransportException
@@ -82,7 +82,11 @@ class ClientInstruments:
         self._live: Dict[Address, List[int]] = {}  # [opened, closed] by this client, by address
         self._connects: Dict[Tuple[Address, str], Callable[[], None]] = {}
         self._retries: Dict[Tuple[str, str], Callable[[], None]] = {}
-        self._pooled: Dict[Address, List[Callable[[], None]]] = {}  # address -> remove() of its gauge sources
+        # The nodes this client opened connections to and that are in its table, with the remove()
+        # of their connection gauges: made at the first connection, not for every node of the
+        # table (1,000 nodes would be 2,000 series and megabytes for a client that uses few).
+        self._pooled: Dict[Address, List[Callable[[], None]]] = {}
+        self._idle_count: Callable[[Address], int] = lambda address: 0
         self._removers: List[Callable[[], None]] = []
         self._closed = False
         self._refused = recorder.child(recorder.client_budget_refusals, appkey, service).inc
@@ -136,6 +140,8 @@ class ClientInstruments:
     def opened(self, address: Address) -> None:
         with self._lock:
             self._live.setdefault(address, [0, 0])[0] += 1
+            if address not in self._pooled and not self._closed:
+                self._pooled[address] = self._connection_gauges(address)
         self._connect_event(address, "opened")
 
     def failed(self, address: Address) -> None:
@@ -145,9 +151,19 @@ class ClientInstruments:
         with self._lock:
             self._live.setdefault(address, [0, 0])[1] += 1
 
-    def _in_use(self, address: Address, idle_count: Callable[[Address], int]) -> int:
+    def _in_use(self, address: Address) -> int:
         opened, closed = self._live.get(address, (0, 0))
-        return max(0, opened - closed - idle_count(address))
+        return max(0, opened - closed - self._idle_count(address))
+
+    def _connection_gauges(self, address: Address) -> List[Callable[[], None]]:
+        """Under the lock: the idle and in-use gauges of a node; returns their remove()."""
+        rec, node = self.recorder, node_label(address)
+        return [
+            add_gauge_source(rec, rec.client_connections, (self._appkey, self._service, node, "idle"),
+                             lambda: self._idle_count(address)),
+            add_gauge_source(rec, rec.client_connections, (self._appkey, self._service, node, "in_use"),
+                             lambda: self._in_use(address)),
+        ]
 
     # -- scraped gauges ----------------------------------------------------------------------------
 
@@ -163,30 +179,17 @@ class ClientInstruments:
                     lambda state=state: states().get(state, 0),
                 ))
 
-    def nodes_changed(self, addresses: Iterable[Address], idle_count: Callable[[Address], int]) -> None:
-        """The table's addresses now: each gets its connection gauges (idle: ``idle_count``; in
-        use), and those that left lose theirs. Quick (the table calls it under its lock)."""
-        rec = self.recorder
+    def watch_pool(self, idle_count: Callable[[Address], int]) -> None:
+        """Read a node's idle connections with ``idle_count(address)`` (cheap, never raising)."""
+        self._idle_count = idle_count
+
+    def nodes_changed(self, addresses: AbstractSet[Address]) -> None:
+        """The table's addresses now: the connection gauges of nodes that left go (a node gets
+        them at its first connection). Quick (the table calls it under its lock)."""
         with self._lock:
-            if self._closed:
-                return
-            now = set(addresses)
-            for address in [a for a in self._pooled if a not in now]:
+            for address in [a for a in self._pooled if a not in addresses]:
                 for remove in self._pooled.pop(address):
                     remove()
-            for address in now:
-                if address not in self._pooled:
-                    node = node_label(address)
-                    self._pooled[address] = [
-                        add_gauge_source(
-                            rec, rec.client_connections, (self._appkey, self._service, node, "idle"),
-                            lambda address=address: idle_count(address),
-                        ),
-                        add_gauge_source(
-                            rec, rec.client_connections, (self._appkey, self._service, node, "in_use"),
-                            lambda address=address: self._in_use(address, idle_count),
-                        ),
-                    ]
 
     def close(self) -> None:
         """Withdraw this client's gauges (its counters and histograms stay, as Prometheus wants).

@@ -197,7 +197,8 @@ def test_client_instruments_count_connections_by_node(listener):
     def value(name: str, **labels: str) -> Any:
         return registry.get_sample_value(name, dict(appkey="app", rpc_service="Svc", node=node, **labels))
 
-    inst.nodes_changed([listener], pool.idle_count)
+    inst.watch_pool(pool.idle_count)
+    assert value("thriftprobe_client_connections", state="idle") is None  # no series before a first connection
     a, b = pool.acquire(listener), pool.acquire(listener)
     assert value("thriftprobe_client_connections", state="in_use") == 2
     assert value("thriftprobe_client_connects_total", event="opened") == 2
@@ -207,7 +208,9 @@ def test_client_instruments_count_connections_by_node(listener):
     pool.discard(b)
     assert value("thriftprobe_client_connections", state="in_use") == 0
     assert value("thriftprobe_client_connections", state="idle") == 1
-    inst.nodes_changed([], pool.idle_count)  # the node left: its gauges go
+    inst.nodes_changed({listener})
+    assert value("thriftprobe_client_connections", state="idle") == 1
+    inst.nodes_changed(set())  # the node left: its gauges go
     assert value("thriftprobe_client_connections", state="idle") is None
     assert value("thriftprobe_client_connections", state="in_use") is None
     inst.call("ping", listener, "ok", 0.002)
