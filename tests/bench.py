@@ -3,7 +3,8 @@
     bash tests/bench.sh [--quick] [--json out.json]
 
 Needs the local servers (tests/services.sh start). Every comparison is measured side by side
-in one run, interleaved round by round, so that machine drift hits all contenders alike. The
+in one run, interleaved round by round (each round led by another contender), so that machine
+drift hits all contenders alike. The
 provider runs in another process, pinned to another CPU than the clients (when there are two),
 because this 2-vCPU machine is bimodal: a round trip takes ~0.03 ms when client and server
 share a vCPU and ~0.12 ms across.
@@ -117,8 +118,10 @@ def time_calls(call: Callable[[], Any], n: int) -> List[float]:
 
 def call_path(contenders: Dict[str, Callable[[], Any]], rounds: int, per_round: Dict[str, int]) -> Dict[str, Any]:
     samples: Dict[str, List[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, call in contenders.items():
+    order = list(contenders.items())
+    for r in range(rounds):
+        # Each round starts with another contender: running first or after another is no edge.
+        for name, call in order[r % len(order):] + order[:r % len(order)]:
             for _ in range(20):  # warm the path after the other contenders ran
                 call()
             samples[name].extend(time_calls(call, per_round[name]))

@@ -79,6 +79,8 @@ class ClientInstruments:
         self._service = service
         self._lock = threading.Lock()
         self._calls: Dict[Tuple[str, Optional[Address], str], Callable[[float], None]] = {}
+        # The observers of successful calls by (method, node): the call path reads it directly.
+        self.ok: Dict[Tuple[str, Optional[Address]], Callable[[float], None]] = {}
         self._live: Dict[Address, List[int]] = {}  # [opened, closed] by this client, by address
         self._connects: Dict[Tuple[Address, str], Callable[[], None]] = {}
         self._retries: Dict[Tuple[str, str], Callable[[], None]] = {}
@@ -103,6 +105,16 @@ class ClientInstruments:
             ).observe
             self._calls[(method, address, outcome)] = observe
         observe(seconds)
+
+    def ok_observer(self, method: str, address: Optional[Address]) -> Callable[[float], None]:
+        """The observer of ``method``'s successful calls answered by ``address`` (now in ``ok``)."""
+        observe = self.ok.get((method, address))
+        if observe is None:
+            rec = self.recorder
+            observe = self.ok[(method, address)] = rec.child(
+                rec.client_duration, "thrift", self._appkey, self._service, method, node_label(address), "ok"
+            ).observe
+        return observe
 
     def call_failed(
         self, method: str, address: Optional[Address], error: BaseException, seconds: float, timeout_ms: Optional[int]
