@@ -1,9 +1,10 @@
-"""thriftprobe benchmarks: call path, threads, propagation, scale, distribution.
+"""thriftprobe benchmarks: call path, threads, propagation, scale, distribution, metrics cost.
 
     bash tests/bench.sh [--quick] [--json out.json]
 
 Needs the local servers (tests/services.sh start). Every comparison is measured side by side
-in one run, interleaved round by round, so that machine drift hits all contenders alike. The
+in one run, interleaved round by round (each round led by another contender), so that machine
+drift hits all contenders alike. The
 provider runs in another process, pinned to another CPU than the clients (when there are two),
 because this 2-vCPU machine is bimodal: a round trip takes ~0.03 ms when client and server
 share a vCPU and ~0.12 ms across.
@@ -34,7 +35,7 @@ from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.rpc import make_client
 from thriftpy2.transport import TBufferedTransportFactory, TSocket
 
-from thriftprobe import build_client, config
+from thriftprobe import build_client, config, metrics
 from thriftprobe.consumer.balancer import WeightedRandom
 from thriftprobe.consumer.table import NodeTable
 from thriftprobe.node import Node, parse_znode_name, service_path
@@ -117,8 +118,10 @@ def time_calls(call: Callable[[], Any], n: int) -> List[float]:
 
 def call_path(contenders: Dict[str, Callable[[], Any]], rounds: int, per_round: Dict[str, int]) -> Dict[str, Any]:
     samples: Dict[str, List[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, call in contenders.items():
+    order = list(contenders.items())
+    for r in range(rounds):
+        # Each round starts with another contender: running first or after another is no edge.
+        for name, call in order[r % len(order):] + order[:r % len(order)]:
             for _ in range(20):  # warm the path after the other contenders ran
                 call()
             samples[name].extend(time_calls(call, per_round[name]))
@@ -184,6 +187,43 @@ def propagation(zk: KazooClient, client: Any, repeats: int) -> Dict[str, Any]:
         results["leave"].append(time.perf_counter() - began)
     return {k: {"p50_ms": statistics.median(v) * 1000, "p99_ms": pct(v, 0.99) * 1000, "n": len(v)}
             for k, v in results.items()}
+
+
+def histogram_quantile(buckets: Sequence[tuple], q: float) -> float:
+    """Prometheus's ``histogram_quantile``: ``buckets`` are (upper bound, cumulative count),
+    ascending, +Inf last; linear interpolation inside the bucket the rank falls in."""
+    total = buckets[-1][1]
+    if not total:
+        return float("nan")
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower  # Prometheus answers the highest finite bound
+            return lower + (upper - lower) * (rank - below) / (count - below) if count > below else upper
+        lower, below = upper, count
+    return lower
+
+
+def discovery_lag(recorder: Any, exact: List[float]) -> Dict[str, Any]:
+    """The discovery lag histogram of the benchmark's service, as a Prometheus would read it,
+    beside the exact figures of the same observations."""
+    buckets = sorted(
+        (float(sample.labels["le"]), sample.value)
+        for metric in recorder.registry.collect()
+        for sample in metric.samples
+        if sample.name == "thriftprobe_discovery_lag_seconds_bucket" and sample.labels["appkey"] == APPKEY
+        and sample.labels["rpc_service"] == "Calculator"
+    )
+    return {
+        "n": int(buckets[-1][1]) if buckets else 0,
+        "histogram_p50_ms": histogram_quantile(buckets, 0.5) * 1000,
+        "histogram_p99_ms": histogram_quantile(buckets, 0.99) * 1000,
+        "exact_p50_ms": statistics.median(exact) * 1000 if exact else float("nan"),
+        "exact_p99_ms": pct(exact, 0.99) * 1000 if exact else float("nan"),
+        "exact_max_ms": max(exact) * 1000 if exact else float("nan"),
+    }
 
 
 class CountingZk:
@@ -273,6 +313,21 @@ def distribution(picks: int) -> Dict[str, Any]:
     expected = [picks * w / total for w in weights.values()]
     stat, p = chisquare(observed, expected)
     return {"picks": picks, "observed": dict(zip(weights, observed)), "chi2": stat, "p_value": p}
+
+
+def metrics_cost(cfg: config.Config, rounds: int, per_round: int) -> Dict[str, Any]:
+    """One call with metrics on (the default recorder) and off, side by side, interleaved."""
+    on = build_client(IDL, APPKEY, "Calculator", config=cfg)
+    off = build_client(IDL, APPKEY, "Calculator", config=cfg, metrics=False)
+    assert on._instruments is not None and off._instruments is None
+    try:
+        out = call_path({"metrics on": lambda: on.echo(PAYLOAD), "metrics off": lambda: off.echo(PAYLOAD)},
+                        rounds, {"metrics on": per_round, "metrics off": per_round})
+    finally:
+        on.close()
+        off.close()
+    out["p50_on_over_off"] = out["metrics on"]["p50_ms"] / out["metrics off"]["p50_ms"]
+    return out
 
 
 # -- orchestration -----------------------------------------------------------------------------------
@@ -369,8 +424,18 @@ def main() -> None:
             r.close()
         raw.close()
 
+        # The same run also measures the discovery lag the client records (znode mtime -> table):
+        # its histogram, and the exact observations beside it.
+        exact_lag: List[float] = []
+        recorder = metrics.default_recorder()
+        if recorder is not None:
+            lag_child = recorder.child(recorder.discovery_lag, APPKEY, "Calculator")
+            client.table.set_lag_observer(lambda seconds: (exact_lag.append(seconds), lag_child.observe(seconds)))
         results["propagation"] = propagation(zk, client, 20 if quick else 100)
+        results["discovery_lag"] = discovery_lag(recorder, exact_lag) if recorder is not None else None
         client.close()
+        if metrics.available():
+            results["metrics_cost"] = metrics_cost(cfg, rounds, 300 if quick else 2000)
         results["scale"] = scale(cfg, zk, 1000)
         results["distribution"] = distribution(100_000)
     finally:
@@ -387,7 +452,7 @@ def main() -> None:
 def report(r: Dict[str, Any]) -> None:
     m = r["machine"]
     print("thriftprobe benchmark - Python %s, %d CPUs, %s" % (m["python"], m["cpus"], m["placement"]))
-    print("\n1. call path, 1 thread, echo of 32 bytes (interleaved rounds)")
+    print("\n1. call path, 1 thread, echo of 32 bytes (interleaved rounds; thriftprobe records metrics, the default)")
     print("   %-14s %10s %9s %9s" % ("client", "calls/s", "p50 ms", "p99 ms"))
     for name, v in r["call_path_1_thread"].items():
         print("   %-14s %10.0f %9.3f %9.3f" % (name, v["calls_per_s"], v["p50_ms"], v["p99_ms"]))
@@ -401,6 +466,13 @@ def report(r: Dict[str, Any]) -> None:
     print("\n3. propagation: ZooKeeper change -> running client's table")
     for name, v in r["propagation"].items():
         print("   %-14s p50 %6.2f ms  p99 %6.2f ms  (n=%d)" % (name, v["p50_ms"], v["p99_ms"], v["n"]))
+    lag = r.get("discovery_lag")
+    if lag:
+        print("   discovery lag recorded by the client (znode mtime -> table applied; joins, weight changes and")
+        print("   switch-offs above): histogram p50 %.2f ms, p99 %.2f ms (interpolated within buckets);"
+              % (lag["histogram_p50_ms"], lag["histogram_p99_ms"]))
+        print("   exact p50 %.2f ms, p99 %.2f ms, max %.2f ms (n=%d)"
+              % (lag["exact_p50_ms"], lag["exact_p99_ms"], lag["exact_max_ms"], lag["n"]))
     s = r["scale"]
     print("\n4. scale: %d nodes of one service" % s["nodes"])
     print("   client start-up %.0f ms; one pick %.2f us (target <= 5); memory %.0f KiB"
@@ -410,6 +482,15 @@ def report(r: Dict[str, Any]) -> None:
     d = r["distribution"]
     print("\n5. distribution: %d picks over weights 1/10/100: %s; chi-square %.2f, p = %.3f (target > 0.01)"
           % (d["picks"], d["observed"], d["chi2"], d["p_value"]))
+    mc = r.get("metrics_cost")
+    if mc:
+        print("\n6. metrics cost: one call, 1 thread, echo of 32 bytes, metrics on vs off (interleaved rounds)")
+        for name in ("metrics on", "metrics off"):
+            v = mc[name]
+            print("   %-14s %10.0f %9.3f %9.3f" % (name, v["calls_per_s"], v["p50_ms"], v["p99_ms"]))
+        print("   p50 on/off %.3f (target <= 1.05)" % mc["p50_on_over_off"])
+    else:
+        print("\n6. metrics cost: skipped (prometheus_client is not installed)")
     print("\nJSON:")
     print(json.dumps(r, sort_keys=True))
 

@@ -16,6 +16,7 @@ recording into its own copy (prometheus_client's usual rule for pre-fork servers
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Dict, Optional, Tuple
 
@@ -212,3 +213,42 @@ def serve(port: int = 0, host: str = "0.0.0.0", registry: Any = None) -> Metrics
     """Expose this process's metrics at ``http://host:port/metrics`` (``port=0``: the OS picks;
     read ``.port``). Raises RuntimeError without prometheus_client, OSError if the port is taken."""
     return MetricsServer(port, host, registry)
+
+
+# -- consumer side (issue 12: consumer metrics) ----------------------------------------------------
+# Gauges whose value is read when the registry is scraped (nothing is done per call), summed over
+# every source that registered for one label set: two clients of one service in a process both
+# count their connections and table nodes under that service's labels.
+
+_SOURCES_ATTR = "_thriftprobe_gauge_sources"
+
+
+def add_gauge_source(recorder: Recorder, metric: Any, labels: Tuple[str, ...], source: Any) -> Any:
+    """Make ``metric``'s child for ``labels`` (a Gauge) report the sum of ``source()`` and of the
+    other sources registered for the same labels, evaluated at each scrape. ``source`` must be
+    cheap, never block and never raise. Returns ``remove()``, which unregisters it (idempotent);
+    when the last source of a label set goes, so does its series."""
+    with recorder._lock:
+        table: Dict[Tuple[Any, ...], Dict[object, Any]] = recorder.__dict__.setdefault(_SOURCES_ATTR, {})
+        key = (id(metric), *labels)
+        sources = table.get(key)
+        if sources is None:
+            sources = table[key] = {}
+            bound = sources
+
+            def total() -> float:
+                return float(sum(fn() for fn in list(bound.values())))
+
+            metric.labels(*labels).set_function(total)
+        token = object()
+        sources[token] = source
+
+    def remove() -> None:
+        with recorder._lock:
+            if sources.pop(token, None) is None or sources or table.get(key) is not sources:
+                return
+            del table[key]
+            with contextlib.suppress(KeyError):  # removed by its owner meanwhile
+                metric.remove(*labels)
+
+    return remove

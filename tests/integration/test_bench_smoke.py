@@ -26,3 +26,7 @@ def test_quick_benchmark_runs_and_one_node_change_costs_one_read(tmp_path, servi
     assert sum(results["scale"]["zk_reads_one_node_joined"].values()) == 2
     assert set(results["propagation"]) == {"join", "leave", "weight change", "switch off"}
     assert 0 <= results["distribution"]["p_value"] <= 1
+    # Metrics: the on/off comparison ran, and the client recorded one lag per change it applied
+    # (a join, a weight change and a switch-off per round; a removal carries no time).
+    assert {"metrics on", "metrics off", "p50_on_over_off"} <= set(results["metrics_cost"])
+    assert results["discovery_lag"]["n"] == 3 * results["propagation"]["join"]["n"]

@@ -26,6 +26,7 @@ from thriftpy2.thrift import TApplicationException, TClient, TDecodeException, T
 from thriftpy2.transport import TMemoryBuffer, TTransportException
 
 from .. import config as config_mod
+from .. import metrics as metrics_mod
 from ..errors import LOADSHEDDING, BackendError, InvalidArgument, NoAvailableNode, Overloaded, ThriftProbeError
 from ..idl import IdlSource, load_service
 from ..node import Node, validate_names
@@ -33,6 +34,7 @@ from ..registry import Registry, Watch, open_registry
 from .balancer import Balancer, WeightedRandom
 from .cache import CacheWriter, TableCache
 from .health import HealthChecker, OutlierDetector
+from .instruments import ClientInstruments
 from .pool import ConnectionPool, PooledConnection
 from .presence import DEFAULT_CALLER, Explanation, InFlight, Presence, check_caller, explain
 from .retry import Retry, RetryBudget
@@ -104,6 +106,7 @@ class _Core:
         health_check_interval: Optional[float],
         cache_writer: Optional[CacheWriter] = None,
         presence: Optional[Presence] = None,
+        instruments: Optional[ClientInstruments] = None,
     ) -> None:
         self._service = service
         self.env = cfg.env
@@ -131,6 +134,12 @@ class _Core:
         self._closed = False
         self._forked = False
         self._fork_lock = threading.Lock()
+        self._instruments = instruments
+        if instruments is not None:
+            me = weakref.ref(self)
+            instruments.watch_nodes(lambda: _node_states(me))
+            instruments.watch_pool(lambda address: _idle_count(me, address))
+            outliers.add_ejection_listener(instruments.ejected)
         # A connection coming back to the pool for an address without an idle list is kept only
         # if its node is still in the (current) table; and connections are made, lent and kept
         # in the wire the node speaks now.
@@ -157,7 +166,10 @@ class _Core:
     def _table_changed(self, nodes: object) -> None:
         """The table's change listener (under its lock, after it published the new snapshot).
         After fork it stays on the child's copy of the table, and feeds the child's pool."""
-        self._pool.set_wires(self.table.snapshot.wires)
+        snapshot = self.table.snapshot
+        self._pool.set_wires(snapshot.wires)
+        if self._instruments is not None:
+            self._instruments.nodes_changed(snapshot.addresses)
 
     def _eligible(self, snapshot: Snapshot) -> FrozenSet[Address]:
         """The addresses of the snapshot's nodes that can take calls (built once per snapshot)."""
@@ -168,6 +180,32 @@ class _Core:
         return addresses
 
     def _call(self, api: str, timeout_ms: Optional[int], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        instruments = self._instruments
+        if instruments is None:
+            return self._send(api, timeout_ms, args, kwargs, None)
+        began = _clock()
+        trace: List[Optional[Address]] = [None]  # the node that answered, or was tried last
+        try:
+            result = self._send(api, timeout_ms, args, kwargs, trace)
+        except BaseException as err:
+            instruments.call_failed(api, trace[0], err, _clock() - began, timeout_ms)
+            raise
+        observe = instruments.ok.get((api, trace[0]))
+        if observe is None:
+            observe = instruments.ok_observer(api, trace[0])
+        observe(_clock() - began)
+        return result
+
+    def _send(
+        self,
+        api: str,
+        timeout_ms: Optional[int],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        trace: Optional[List[Optional[Address]]],
+    ) -> Any:
+        """The call: ``trace[0]`` (when given) is set to each node a request goes to, or that a
+        connect to failed."""
         if self._forked:
             self._adopt_after_fork()
         method = self._methods[api]
@@ -188,7 +226,7 @@ class _Core:
         sent_error: Optional[TTransportException] = None  # the last failure after sending
         while True:
             try:
-                conn, probing = self._lend(avoid, deadline, timeout_ms, never)
+                conn, probing = self._lend(avoid, deadline, timeout_ms, never, trace)
             except NoAvailableNode as none:
                 if sent_error is None:
                     if shed:
@@ -200,6 +238,8 @@ class _Core:
                     sent_error.type, "%s; sending it again found no node: %s" % (sent_error.message, none)
                 ) from sent_error
             done = self._flights.start(conn.address)
+            if trace is not None:
+                trace[0] = conn.address
             try:
                 reply = self._exchange(conn, method, kwargs, deadline)
             except _Unencodable as bad:
@@ -221,11 +261,18 @@ class _Core:
                 sends += 1
                 if retry is not None and retry.may_retry(api, sends):
                     log.debug("%s.%s failed on %s:%d (%s); retrying", self.service_name, api, *conn.address, err)
+                    if self._instruments is not None:
+                        self._instruments.retried(api, "transport_error")
                     avoid = avoid | {conn.address}
                     sent_error = error
                     if error is not err:
                         error.__cause__ = err
                     continue
+                if (
+                    self._instruments is not None and retry is not None
+                    and api in retry.idempotent and sends < retry.attempts
+                ):  # a retry the policy allowed and only the budget refused
+                    self._instruments.budget_refused()
                 if error is err:
                     raise
                 raise error from err
@@ -244,6 +291,8 @@ class _Core:
                 never = frozenset(shed)
                 why = self._why_not_resend(shed, deadline, timeout_ms)
                 if why is None:
+                    if self._instruments is not None:
+                        self._instruments.retried(api, "overloaded")
                     log.debug("%s.%s was shed by %s:%d (%s); sending it to another node",
                               self.service_name, api, conn.address[0], conn.address[1], reply.message)
                     continue
@@ -274,6 +323,8 @@ class _Core:
         if all(node.address in shed for node in self.table.snapshot.available):
             return "no other node is left"
         if not self._budget.withdraw():
+            if self._instruments is not None:
+                self._instruments.budget_refused()
             return "the retry budget allows no further try"
         return None
 
@@ -290,6 +341,7 @@ class _Core:
         deadline: Optional[float],
         timeout_ms: Optional[int],
         never: FrozenSet[Address] = frozenset(),
+        trace: Optional[List[Optional[Address]]] = None,
     ) -> Tuple[PooledConnection, bool]:
         """Borrow a connection to a picked node, in the node's wire; on a connect failure
         try the other nodes. Returns it, and whether this call is the probe of a node whose
@@ -345,6 +397,8 @@ class _Core:
                 # In the wire the node speaks now (the pool follows the table: see _table_changed).
                 return self._pool.acquire(address, deadline), probe is not None
             except TTransportException as err:
+                if trace is not None:
+                    trace[0] = address
                 if deadline is not None and time.monotonic() >= deadline:
                     # The call's own timeout ran out: that says nothing about the node.
                     if probe is not None:
@@ -509,6 +563,9 @@ class _Core:
                 return
             self._closed = True
         _live_clients.discard(self)
+        if self._instruments is not None:
+            self._instruments.close()
+            self._outliers.remove_ejection_listener(self._instruments.ejected)
         self._attach_stop.set()
         if self._attacher is not None and self._attacher is not threading.current_thread():
             self._attacher.join()
@@ -708,6 +765,37 @@ def _mark_clients_forked() -> None:
 os.register_at_fork(after_in_child=_mark_clients_forked)
 
 
+_clock = time.perf_counter
+
+
+def _node_states(ref: "weakref.ReferenceType[_Core]") -> Dict[str, int]:
+    """The client's table nodes by state (see ``instruments.NODE_STATES``), for the gauges."""
+    core = ref()
+    counts = {"valid": 0, "disabled": 0, "ejected": 0, "held": 0}
+    if core is None or core._closed:
+        return counts
+    snapshot = core.table.snapshot
+    excluded = core._outliers.excluded()
+    available = core._eligible(snapshot)
+    held = snapshot.held
+    for node in snapshot.all_nodes:
+        address = node.address
+        if address in held:
+            counts["held"] += 1
+        elif address not in available:
+            counts["disabled"] += 1
+        elif address in excluded:
+            counts["ejected"] += 1
+        else:
+            counts["valid"] += 1
+    return counts
+
+
+def _idle_count(ref: "weakref.ReferenceType[_Core]", address: Address) -> int:
+    core = ref()
+    return 0 if core is None or core._closed else core._pool.idle_count(address)
+
+
 def _transport_error(err: BaseException, where: str) -> TTransportException:
     if isinstance(err, TTransportException):
         return err
@@ -785,6 +873,7 @@ def build_client(
     max_idle_per_node: int = 32,
     max_idle_age: Optional[float] = 30.0,
     caller: Optional[str] = None,
+    metrics: Union[metrics_mod.Recorder, bool, None] = None,
 ) -> ProbeClient:
     """Return a client for ``service_name`` of ``appkey``, as defined in the IDL ``thrift_path``:
     a .thrift file's path, a module thriftpy2 loaded from one, or the service class. The IDL's
@@ -815,6 +904,10 @@ def build_client(
     in the config file, else ``"unknown"``). The client registers itself as a consumer of the
     service under ``/consumers/<env>/<appkey>/<service>`` (best effort: an unreachable
     ZooKeeper never fails it), so operators see who calls whom; ``close()`` withdraws it.
+    ``metrics``: where the client records its calls, connections, table and discovery lag (see
+    the README's "Consumer metrics"): None (the default) records into
+    ``thriftprobe.metrics.default_recorder()`` when prometheus_client is installed and records
+    nothing otherwise; False records nothing; a ``thriftprobe.metrics.Recorder`` records into it.
 
     Raises InvalidArgument, ConfigError, IdlError, or BackendError when ZooKeeper is unreachable.
     """
@@ -828,17 +921,25 @@ def build_client(
         raise InvalidArgument("max_idle_age must be a number of seconds > 0 or None, got %r" % (max_idle_age,))
     if empty_grace < 0 or cache_max_age < 0 or (health_check_interval is not None and health_check_interval <= 0):
         raise InvalidArgument("empty_grace and cache_max_age must be >= 0, health_check_interval > 0")
+    try:
+        recorder = metrics_mod.resolve(metrics)
+    except TypeError as err:
+        raise InvalidArgument(str(err)) from None
     cfg = config_mod.resolve(config, env)
     caller = check_caller(caller if caller is not None else cfg.client.caller or DEFAULT_CALLER)
     service = load_service(thrift_path, service_name)
+    instruments = ClientInstruments(recorder, appkey, service_name) if recorder is not None else None
     outliers = outlier_detection or OutlierDetector()
     pool = ConnectionPool(
         connect_timeout_ms=connect_timeout or socket_timeout,
         socket_timeout_ms=socket_timeout,
         max_idle=max_idle_per_node,
         max_idle_age=max_idle_age,
+        watcher=instruments,
     )
     table = NodeTable(empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name))
+    if instruments is not None:
+        table.set_lag_observer(instruments.observe_lag)
     cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
     confirmed_at: Optional[float] = None
     registry: Optional[Registry] = None
@@ -886,4 +987,5 @@ def build_client(
         health_check_interval=health_check_interval,
         cache_writer=writer,
         presence=Presence(cfg.env, appkey, service_name, caller),
+        instruments=instruments,
     ))

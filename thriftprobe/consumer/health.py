@@ -81,6 +81,17 @@ class OutlierDetector:
         self._next_expiry = float("inf")
         self._probe_ready: Set[Address] = set()  # ejection over, no probe sent yet
         self._probing: Set[Address] = set()  # one call is probing it now
+        self._on_eject: Tuple[Callable[[Address], None], ...] = ()
+
+    def add_ejection_listener(self, listener: Callable[[Address], None]) -> None:
+        """Call ``listener(address)`` on each ejection (under the detector's lock: keep it short,
+        never block). A detector shared by several clients tells each of them."""
+        with self._lock:
+            self._on_eject = (*self._on_eject, listener)
+
+    def remove_ejection_listener(self, listener: Callable[[Address], None]) -> None:
+        with self._lock:
+            self._on_eject = tuple(fn for fn in self._on_eject if fn != listener)
 
     def excluded(self) -> FrozenSet[Address]:
         """The addresses calls must avoid now (empty in the common case, at the cost of one
@@ -200,6 +211,8 @@ class OutlierDetector:
             self._probing.discard(address)
             self._publish(self._ejected | {address})
             log.warning("ejected node %s:%d for %.1f s after repeated failures", address[0], address[1], duration)
+            for listener in self._on_eject:
+                listener(address)
 
     def forget(self, address: Address) -> None:
         """Drop what is known of a node that left the registry."""

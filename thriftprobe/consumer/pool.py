@@ -22,7 +22,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Deque, Dict, Mapping, Optional, Tuple
+from typing import Callable, Deque, Dict, Mapping, Optional, Protocol, Tuple
 
 from thriftpy2.protocol.base import TProtocolBase
 from thriftpy2.transport import TSocket, TTransportException
@@ -30,13 +30,28 @@ from thriftpy2.transport.base import TTransportBase
 
 from .wire import BUFFERED_BINARY, Wire
 
-__all__ = ["ConnectionPool", "PooledConnection"]
+__all__ = ["ConnectionPool", "PoolWatcher", "PooledConnection"]
 
 log = logging.getLogger(__name__)
 
 Address = Tuple[str, int]
 KeepFunc = Callable[[Address], bool]
 _STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+class PoolWatcher(Protocol):
+    """Told when a pool opens, fails to open and closes connections, by address (a client's
+    metrics): never per call, so lending and taking back cost nothing. Called on the calling
+    threads: each method must be quick and never raise."""
+
+    def opened(self, address: Address) -> None:
+        """A new connection was opened."""
+
+    def failed(self, address: Address) -> None:
+        """Opening a connection failed (refused, timed out...)."""
+
+    def closed(self, address: Address) -> None:
+        """A connection the pool opened was closed (or forgotten after fork); once per connection."""
 
 
 class _CallSocket(TSocket):
@@ -84,8 +99,8 @@ class PooledConnection:
     pool hands it out)."""
 
     __slots__ = (
-        "_default_timeout", "_poll", "_socket", "_transport", "address", "idle_since", "protocol", "seqid", "tsocket",
-        "wire",
+        "_default_timeout", "_poll", "_socket", "_transport", "address", "idle_since", "on_close", "protocol", "seqid",
+        "tsocket", "wire",
     )
 
     def __init__(
@@ -108,6 +123,7 @@ class PooledConnection:
         self._poll = poller.poll
         self.seqid = 0
         self.idle_since = time.monotonic()
+        self.on_close: Optional[Callable[[Address], None]] = None  # told once, at the first close
 
     @property
     def written(self) -> int:
@@ -142,12 +158,18 @@ class PooledConnection:
         return bool(self._poll(0))
 
     def close(self) -> None:
+        on_close, self.on_close = self.on_close, None
         self._transport.close()
+        if on_close is not None:
+            on_close(self.address)
 
     def forget(self) -> None:
         """Release this process's handle on the socket without shutting the connection down
         (after fork, the parent still uses it)."""
+        on_close, self.on_close = self.on_close, None
         self._socket.close()
+        if on_close is not None:
+            on_close(self.address)
 
 
 class _Idle(Deque[PooledConnection]):
@@ -178,6 +200,7 @@ class ConnectionPool:
         max_idle_age: Optional[float] = 30.0,
         keep: Optional[KeepFunc] = None,
         wires: Optional[Mapping[Address, Wire]] = None,
+        watcher: Optional[PoolWatcher] = None,
     ) -> None:
         self._connect_timeout_ms = connect_timeout_ms
         self._socket_timeout_ms = socket_timeout_ms
@@ -192,6 +215,11 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._closed = False
         self.owner_pid = os.getpid()
+        self._watcher = watcher
+
+    def set_watcher(self, watcher: Optional[PoolWatcher]) -> None:
+        """Tell ``watcher`` about the connections opened, failed to open and closed from now on."""
+        self._watcher = watcher
 
     def set_keep(self, keep: KeepFunc) -> None:
         self._keep = keep
@@ -253,9 +281,19 @@ class ConnectionPool:
             connect_timeout=connect_timeout_ms,
         )
         transport = wire.transport_factory.get_transport(sock)
-        transport.open()  # raises TTransportException(NOT_OPEN); TSocket closes its socket then
+        watcher = self._watcher
+        try:
+            transport.open()  # raises TTransportException(NOT_OPEN); TSocket closes its socket then
+        except BaseException:
+            if watcher is not None:
+                watcher.failed(address)
+            raise
         log.debug("opened a %s connection to %s:%d", wire, *address)
-        return PooledConnection(address, sock, transport, wire.protocol_factory.get_protocol(transport), wire)
+        conn = PooledConnection(address, sock, transport, wire.protocol_factory.get_protocol(transport), wire)
+        if watcher is not None:
+            conn.on_close = watcher.closed
+            watcher.opened(address)
+        return conn
 
     def release(self, conn: PooledConnection) -> None:
         """Take back a connection whose last call completed cleanly."""
@@ -359,6 +397,7 @@ class ConnectionPool:
             max_idle_age=None if self._max_idle_age == float("inf") else self._max_idle_age,
             keep=self._keep,
             wires=self._wires,
+            watcher=self._watcher,
         )
 
     def idle_count(self, address: Address) -> int:

@@ -36,12 +36,14 @@ log = logging.getLogger(__name__)
 class Snapshot:
     """An immutable view of the table: ``available`` nodes (valid, weight > 0, speaking a known
     wire), ``cumulative`` weights aligned with them, and their ``total``; ``wires``: the wire of
-    every node that speaks a known one, by address; ``unspoken``: the nodes that do not. Built
-    in O(n) on every change."""
+    every node that speaks a known one, by address; ``unspoken``: the nodes that do not;
+    ``held``: the addresses of the nodes kept through the empty-list grace period. Built in O(n)
+    on every change."""
 
-    __slots__ = ("addresses", "all_nodes", "available", "cumulative", "total", "unspoken", "wires")
+    __slots__ = ("addresses", "all_nodes", "available", "cumulative", "held", "total", "unspoken", "wires")
 
-    def __init__(self, nodes: Dict[str, Node]) -> None:
+    def __init__(self, nodes: Dict[str, Node], held: FrozenSet[Tuple[str, int]] = frozenset()) -> None:
+        self.held = held
         self.all_nodes: Tuple[Node, ...] = tuple(nodes.values())
         self.addresses: FrozenSet[Tuple[str, int]] = frozenset(n.address for n in self.all_nodes)
         wires: Dict[Tuple[str, int], Wire] = {}
@@ -61,6 +63,7 @@ class Snapshot:
 
 RemovalListener = Callable[[Node], None]
 ChangeListener = Callable[[Dict[str, Node]], None]
+LagObserver = Callable[[float], None]
 
 
 class NodeTable:
@@ -79,7 +82,13 @@ class NodeTable:
         self._label = label
         self._timer: Optional[threading.Timer] = None
         self._warned: Dict[Tuple[str, int], Tuple[str, str]] = {}  # nodes logged as unspoken, and what they said
+        self._lag_observer: Optional[LagObserver] = None
         self.snapshot: Snapshot = Snapshot({})
+
+    def set_lag_observer(self, observer: Optional[LagObserver]) -> None:
+        """Call ``observer(seconds)`` after each change ``upsert_at`` applies, with the time from
+        the change in the registry to now (the discovery propagation lag)."""
+        self._lag_observer = observer
 
     def on_remove(self, listener: RemovalListener) -> None:
         """Call ``listener(node)`` (under the table's lock: keep it short) when a node leaves."""
@@ -115,6 +124,17 @@ class NodeTable:
             self._publish()
             if old is not None and old.address != node.address:
                 self._removed(old)  # back under its name, at another address: the old one left
+
+    def upsert_at(self, name: str, node: Node, changed_at: float) -> None:
+        """``upsert``, for a change the registry recorded at ``changed_at`` (``time.time()``
+        seconds, by the registry server's clock; see ``registry.TimedNodeListener``): once it is
+        applied, the lag observer gets the seconds since then. A registry clock ahead of this
+        host's would make the lag negative; it is clamped at 0."""
+        self.upsert(name, node)
+        observe = self._lag_observer
+        if observe is not None:
+            lag = time.time() - changed_at
+            observe(lag if lag > 0.0 else 0.0)
 
     def remove(self, name: str) -> None:
         self.remove_many((name,))
@@ -207,6 +227,7 @@ class NodeTable:
     def copy_for_child(self) -> "NodeTable":
         """A new table with this one's nodes, for a child process after fork (locks are fresh)."""
         table = NodeTable(self._empty_grace, self._label)
+        table._lag_observer = self._lag_observer
         # Change listeners (the cache file) carry over; removal listeners are the caller's to add.
         table._change_listeners = list(self._change_listeners)
         table._nodes = dict(self._nodes)
@@ -218,7 +239,8 @@ class NodeTable:
     def _publish(self) -> None:
         merged = dict(self._held)
         merged.update(self._nodes)
-        snapshot = self.snapshot = Snapshot(merged)
+        held = frozenset(node.address for name, node in self._held.items() if name not in self._nodes)
+        snapshot = self.snapshot = Snapshot(merged, held)
         if snapshot.unspoken or self._warned:
             self._warn_unspoken(snapshot)
         self._changed.notify_all()

@@ -32,6 +32,7 @@ __all__ = [
     "Registration",
     "Registry",
     "Retainer",
+    "TimedNodeListener",
     "Watch",
     "open_registry",
 ]
@@ -98,6 +99,22 @@ class ConsumerRegistration(Protocol):
         """Stop keeping the entry and withdraw it, waiting at most ``timeout`` seconds; never
         raises. Returns True once withdrawn; False when the backend cannot be reached now (it is
         then withdrawn once it can be, or goes with the session). Idempotent."""
+
+
+class TimedNodeListener(NodeListener, Protocol):
+    """A NodeListener that also wants to know when each change happened in the registry (a
+    consumer's table, for the discovery propagation lag). Optional: a watch calls ``upsert_at``
+    instead of ``upsert`` when the listener has it, and keeps calling ``upsert`` on the others.
+
+    ``upsert_at`` is called for the changes the watch saw happen while it ran: a node that joined
+    or whose data changed. The nodes of the first fill (and of the fill after a new watch
+    starts) come through ``upsert``: they changed before anyone was watching, so their age says
+    nothing about propagation. Removals carry no time (a deleted znode leaves no stamp)."""
+
+    def upsert_at(self, name: str, node: Node, changed_at: float) -> None:
+        """``upsert``, for a change the registry recorded at ``changed_at``: seconds since the
+        epoch by the registry server's clock (ZooKeeper: the znode's mtime). That clock may
+        differ from this host's: the time since can come out negative."""
 
 
 class Retainer(Protocol):

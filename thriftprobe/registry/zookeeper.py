@@ -786,10 +786,11 @@ class _FolderWatch:
 class _Token:
     """Identifies one node's data watch, so a cancelled watch never touches a newer one's entry."""
 
-    __slots__ = ("cancelled", "mzxid", "watcher")
+    __slots__ = ("cancelled", "first", "mzxid", "watcher")
 
-    def __init__(self) -> None:
+    def __init__(self, first: bool = False) -> None:
         self.cancelled = False
+        self.first = first  # of the watch's first fill: its first data is no change seen live
         self.mzxid = -1  # the newest version applied, so a late reply never wins over a newer one
         self.watcher: Callable[[Any], None] = lambda event: None  # one object per node: kazoo keeps it once
 
@@ -827,6 +828,8 @@ class ServiceWatch:
         self._client = client
         self._service = service
         self._listener = listener
+        # A listener that wants each change's time (TimedNodeListener) gets the znode's mtime.
+        self._upsert_at: Optional[Callable[[str, Node, float], None]] = getattr(listener, "upsert_at", None)
         self._path = service_path(env, appkey)
         # Reentrant: kazoo runs a reply's callbacks inline when its handler is stopped. Requests
         # are sent under it too, so that after close() nothing more is sent (see close()).
@@ -876,7 +879,7 @@ class ServiceWatch:
             if gone:
                 self._listener.remove_many(gone)  # at once: all N gone at once is one glitch, not N removals
             for name in mine - set(self._tokens):
-                token = self._tokens[name] = _Token()
+                token = self._tokens[name] = _Token(first=self._first_reads is not None)
                 token.watcher = partial(self._on_event, name, token)
                 pending = self._fetch(name, token)
                 if pending is not None and self._first_reads is not None:
@@ -945,13 +948,17 @@ class ServiceWatch:
             if token.cancelled or self._closed or stat.mzxid <= token.mzxid:
                 return
             token.mzxid = stat.mzxid
+            seen_live, token.first = not token.first, False
             try:
                 node = Node.from_json(data or b"")
             except ValueError as err:
                 log.warning("skipping znode %s/%s with bad data %r: %s", self._path, name, data, err)
                 self._listener.remove(name)
             else:
-                self._listener.upsert(name, node)
+                if seen_live and self._upsert_at is not None:
+                    self._upsert_at(name, node, stat.mtime / 1000.0)  # mtime: ms, the server's clock
+                else:
+                    self._listener.upsert(name, node)
 
     def _on_state(self, state: str) -> None:
         # kazoo's connection thread: record and schedule work on kazoo's worker, never block here.
