@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "thriftprobe"
 
-VOCABULARY = {"_version", "errors", "config", "node", "idl"}
+VOCABULARY = {"_version", "errors", "config", "node", "idl", "metrics"}
 LEVEL = {"registry": 1, "stores": 1, "provider": 2, "consumer": 2, "admin": 3}
 
 
@@ -47,6 +47,10 @@ def _wing(module: str) -> Tuple[str, int]:
 # The client libraries of the backends belong to the wing that wraps them: the rest of the
 # package reaches ZooKeeper through the registry interface and Redis and MySQL through stores.
 BACKEND_LIBRARIES = {"kazoo": "registry", "redis": "stores", "pymysql": "stores"}
+
+# Optional libraries (extras) are imported by one module each, which works without them: the
+# rest of the package reaches prometheus_client through thriftprobe.metrics.
+OPTIONAL_LIBRARIES = {"prometheus_client": "thriftprobe.metrics"}
 
 
 def _imports(module: str, path: Path, package_only: bool = True) -> Iterator[str]:
@@ -112,6 +116,16 @@ def test_backend_libraries_are_used_only_by_the_wing_that_wraps_them() -> None:
             owner = BACKEND_LIBRARIES.get(target.split(".")[0])
             if owner is not None and _wing(module)[0] != owner:
                 wrong.append("%s imports %s (only %s/ may)" % (module, target, owner))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_optional_libraries_are_imported_only_by_the_module_that_wraps_them() -> None:
+    wrong = []
+    for module, path in sorted(MODULES.items()):
+        for target in _imports(module, path, package_only=False):
+            owner = OPTIONAL_LIBRARIES.get(target.split(".")[0])
+            if owner is not None and module != owner:
+                wrong.append("%s imports %s (only %s may)" % (module, target, owner))
     assert not wrong, "\n".join(wrong)
 
 
