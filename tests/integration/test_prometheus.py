@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 import thriftpy2
-from conftest import CONFIG_TEXT, IDL, ROOT, TEST_ENV, spawn_provider, wait_until
+from conftest import CONFIG_TEXT, IDL, ROOT, TEST_ENV, ZK_PORT, free_port, spawn_provider, wait_until
 from thriftpy2.rpc import make_client
 
 from thriftprobe.node import Node
@@ -148,3 +148,30 @@ def test_prometheus_discovers_the_providers_and_counts_their_calls(
     assert [(r["metric"], float(r["value"][1])) for r in by_method] == [
         ({"rpc_method": "sleep_ms", "outcome": "ok", "rpc_system": "thrift"}, 23.0)
     ]
+
+
+def test_the_service_script_starts_prometheus_once_and_stops_it(services, tmp_path):
+    """A port from the environment reaches the generated config; a second start only probes;
+    stop ends the server this script started, from its own state folder."""
+    port = free_port()
+    env = {**os.environ, "THRIFTPROBE_STATE_DIR": str(tmp_path / "state"), "THRIFTPROBE_PROMETHEUS_PORT": str(port)}
+
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "tests" / "services.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    try:
+        done = script("start", "prometheus")
+        assert done.returncode == 0, done.stderr
+        generated = (tmp_path / "state" / "prometheus" / "prometheus.yml").read_text()
+        assert "serverset_sd_configs" in generated and '"127.0.0.1:%s"' % ZK_PORT in generated
+        with urllib.request.urlopen("http://127.0.0.1:%d/-/ready" % port, timeout=5) as answer:
+            assert answer.status == 200
+        again = script("start", "prometheus")
+        assert again.returncode == 0 and "already running" in again.stderr
+        status = script("status", "prometheus")
+        assert status.returncode == 0 and "started by services.sh" in status.stdout
+    finally:
+        stopped = script("stop", "prometheus")
+    assert stopped.returncode == 0, stopped.stderr
+    assert script("status", "prometheus").returncode == 3
