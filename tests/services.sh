@@ -6,7 +6,7 @@
 #   bash tests/services.sh status [SERVICE...]   one line per service; exit 3 if any is down
 #   bash tests/services.sh clean                 stop, then delete the state directory
 #
-# SERVICE is one of: zookeeper redis redis-cluster mariadb (default: all of them).
+# SERVICE is one of: zookeeper redis redis-cluster mariadb prometheus (default: all of them).
 #
 # Everything listens on 127.0.0.1 only.  A service that already answers on its
 # port (for example a Redis or MariaDB the machine runs anyway) is used as is and
@@ -18,6 +18,7 @@
 #   THRIFTPROBE_REDIS_PORT           standalone Redis port         (6379)
 #   THRIFTPROBE_REDIS_CLUSTER_PORTS  Redis Cluster master ports    ("7001 7002 7003")
 #   THRIFTPROBE_MYSQL_PORT           MariaDB port                  (3306)
+#   THRIFTPROBE_PROMETHEUS_PORT      Prometheus HTTP port          (19090)
 #   THRIFTPROBE_START_TIMEOUT        seconds to wait for a service (30; MariaDB gets twice that)
 #   THRIFTPROBE_PYTHON               Python that creates the schema + demo appkey (python3)
 #
@@ -36,9 +37,10 @@ ZK_PORT="${THRIFTPROBE_ZK_PORT:-2181}"
 REDIS_PORT="${THRIFTPROBE_REDIS_PORT:-6379}"
 read -r -a CLUSTER_PORTS <<<"${THRIFTPROBE_REDIS_CLUSTER_PORTS:-7001 7002 7003}"
 MYSQL_PORT="${THRIFTPROBE_MYSQL_PORT:-3306}"
+PROM_PORT="${THRIFTPROBE_PROMETHEUS_PORT:-19090}"
 TIMEOUT="${THRIFTPROBE_START_TIMEOUT:-30}"
 HOST=127.0.0.1
-ALL_SERVICES=(zookeeper redis redis-cluster mariadb)
+ALL_SERVICES=(zookeeper redis redis-cluster mariadb prometheus)
 
 ZK_JAR=/usr/share/java/zookeeper.jar
 # zookeeper.jar's manifest Class-Path pulls in its dependencies (netty, jetty,
@@ -626,6 +628,121 @@ mariadb_status() {
     print_status mariadb "$HOST:$MYSQL_PORT" mysql_login_ok "$MYSQL_PID" "--datadir=$MYSQL_DATA"
 }
 
+# ---------------------------------------------------------------------------
+# Prometheus (Debian package `prometheus`): discovers the providers of the test and demo
+# environments in ZooKeeper (serverset_sd_configs) and scrapes their /metrics endpoints
+# ---------------------------------------------------------------------------
+
+PROM_DIR="$STATE/prometheus"
+PROM_PID="$PROM_DIR/prometheus.pid"
+PROM_LOG="$PROM_DIR/prometheus.log"
+PROM_CFG="$PROM_DIR/prometheus.yml"
+# The whole /services tree (every environment: the tests', the demo's), not /services/<env>
+# paths: Prometheus' ZooKeeper tree cache stalls for 10 s whenever its path is deleted, and the
+# tests delete /services/test at the start of every session.
+PROM_PATHS=(/services)
+
+# http_status PORT PATH: the status code 127.0.0.1:PORT answers GET PATH with (bash only, no curl).
+http_status() {
+    local out
+    out="$(timeout 3 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        printf "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" "$3" "$1" >&3
+        head -n 1 <&3' _ "$HOST" "$1" "$2" 2>/dev/null)" || return 1
+    out="${out#HTTP/* }"
+    echo "${out%% *}"
+}
+
+prometheus_ready() {
+    [[ "$(http_status "$PROM_PORT" /-/ready)" == 200 ]]
+}
+
+# The scrape config: each znode under /services that advertises a serverset endpoint
+# named "metrics" is a target at that endpoint. Providers of one process share their endpoint;
+# targets with the same address are one target, so nothing is scraped twice.
+prometheus_config() {
+    local paths="" path
+    for path in "${PROM_PATHS[@]}"; do
+        paths="$paths\"$path\", "
+    done
+    cat <<EOF
+# written by tests/services.sh on every start
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: thriftprobe
+    serverset_sd_configs:
+      - servers: ["$HOST:$ZK_PORT"]
+        paths: [${paths%, }]
+        timeout: 10s
+    relabel_configs:
+      - source_labels: [__meta_serverset_endpoint_port_metrics]
+        regex: .+
+        action: keep
+      - source_labels: [__meta_serverset_endpoint_host_metrics, __meta_serverset_endpoint_port_metrics]
+        regex: (.+);(.+)
+        target_label: __address__
+        replacement: \$1:\$2
+EOF
+}
+
+prometheus_start() {
+    local addr="$HOST:$PROM_PORT"
+    mkdir -p "$PROM_DIR/data"
+    prometheus_config >"$PROM_CFG.tmp"
+    if prometheus_ready; then
+        if pid_alive "$PROM_PID" "--config.file=$PROM_CFG" && ! cmp -s "$PROM_CFG.tmp" "$PROM_CFG"; then
+            mv "$PROM_CFG.tmp" "$PROM_CFG"
+            log "prometheus $addr: already running, reloading its changed config"
+            kill -HUP "$(cat "$PROM_PID")"
+        else
+            rm -f "$PROM_CFG.tmp"
+            log "prometheus $addr: already running"
+        fi
+        return 0
+    fi
+    mv "$PROM_CFG.tmp" "$PROM_CFG"
+    if pid_alive "$PROM_PID" "--config.file=$PROM_CFG"; then
+        log "prometheus $addr: started earlier, waiting for it"
+        wait_for --pidfile "$PROM_PID" "$TIMEOUT" "prometheus $addr" prometheus_ready && return 0
+        show_log "$PROM_LOG"
+        die "prometheus $addr did not become ready"
+    fi
+    if port_open "$PROM_PORT"; then
+        die "prometheus: port $PROM_PORT is taken by something that does not answer /-/ready;" \
+            "set THRIFTPROBE_PROMETHEUS_PORT to a free port and this script starts its own Prometheus there"
+    fi
+    command -v prometheus >/dev/null 2>&1 || apt_install prometheus
+    command -v prometheus >/dev/null 2>&1 || die "prometheus: no prometheus after installing the package"
+
+    log "prometheus $addr: starting (log $PROM_LOG)"
+    (
+        cd "$PROM_DIR"
+        exec setsid nohup prometheus --config.file="$PROM_CFG" \
+            --storage.tsdb.path="$PROM_DIR/data" --storage.tsdb.retention.time=2h \
+            --web.listen-address="$addr" \
+            </dev/null >"$PROM_LOG" 2>&1 9>&-
+    ) &
+    local pid=$!
+    echo "$pid" >"$PROM_PID"
+    if ! wait_for --pid "$pid" "$TIMEOUT" "prometheus $addr" prometheus_ready; then
+        show_log "$PROM_LOG"
+        die "prometheus $addr did not start"
+    fi
+    log "prometheus $addr: up (pid $pid)"
+}
+
+prometheus_stop() {
+    stop_pidfile "prometheus $HOST:$PROM_PORT" "$PROM_PID" "--config.file=$PROM_CFG" ||
+        log "prometheus $HOST:$PROM_PORT: not started by this script, leaving it"
+}
+
+prometheus_status() {
+    print_status prometheus "$HOST:$PROM_PORT" prometheus_ready "$PROM_PID" "--config.file=$PROM_CFG"
+}
+
 # Create the schema and the demo appkey with the package's own code (idempotent).
 # Needs a Python that can import thriftprobe (THRIFTPROBE_PYTHON, default python3).
 apply_schema() {
@@ -694,6 +811,7 @@ service_fn() {
         redis) echo redis ;;
         redis-cluster | cluster) echo redis_cluster ;;
         mariadb | mysql) echo mariadb ;;
+        prometheus) echo prometheus ;;
         *) die "unknown service '$1' (expected: ${ALL_SERVICES[*]})" ;;
     esac
 }
@@ -705,7 +823,7 @@ take_lock() {
 }
 
 usage() {
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -749,7 +867,7 @@ main() {
         clean)
             take_lock
             local fn
-            for fn in mariadb redis_cluster redis zookeeper; do
+            for fn in prometheus mariadb redis_cluster redis zookeeper; do
                 "${fn}_stop"
             done
             log "removing $STATE"

@@ -166,10 +166,12 @@ class ProviderConfig:
     idle_timeout: Optional[float] = None
     transport: Optional[str] = None
     protocol: Optional[str] = None
+    metrics_port: Optional[int] = None
+    """Serve ``/metrics`` on this port (0: the OS picks); unset: no endpoint."""
 
     def set_values(self) -> Dict[str, Any]:
-        """The keys the file set, with their values."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        """The server limits the file set, with their values (``metrics_port`` is not one)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None and k != "metrics_port"}
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class ClientConfig:
 _PROVIDER_KEYS: Tuple[Tuple[str, type], ...] = (
     ("workers", int), ("queue_size", int), ("max_connections", int), ("max_message_size", int),
     ("read_timeout", float), ("idle_timeout", float), ("transport", str), ("protocol", str),
+    ("metrics_port", int),
 )  # fmt: skip
 
 
@@ -458,7 +461,14 @@ def _provider(r: _Reader, data: Mapping[str, Any]) -> ProviderConfig:
         return ProviderConfig()  # optional: every provider option has a default
     s = r.section(data, "provider")
     r.only(s, "provider", tuple(key for key, _ in _PROVIDER_KEYS))
-    return ProviderConfig(**{key: r.get(s, "provider", key, kind, None) for key, kind in _PROVIDER_KEYS})
+    values = {key: r.get(s, "provider", key, kind, None) for key, kind in _PROVIDER_KEYS}
+    metrics_port = values["metrics_port"]
+    if metrics_port is not None and not 0 <= metrics_port < 65536:
+        raise ConfigError(
+            "config file %s: key provider.%s.metrics_port must be a TCP port or 0 (the OS picks), got %d"
+            % (r.path, r.env, metrics_port)
+        )
+    return ProviderConfig(**values)
 
 
 def _client(r: _Reader, data: Mapping[str, Any]) -> ClientConfig:

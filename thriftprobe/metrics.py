@@ -252,3 +252,69 @@ def add_gauge_source(recorder: Recorder, metric: Any, labels: Tuple[str, ...], s
                 metric.remove(*labels)
 
     return remove
+
+# -- provider endpoints (issue 12, provider part) ------------------------------------------------
+# Providers with ``metrics_port`` share one HTTP endpoint per process, host and registry: the
+# endpoint exposes the whole registry (every provider and consumer of the process), so two
+# endpoints of one process would expose the same series twice and a Prometheus scraping both
+# would count every call twice. ``port=0`` joins the process's endpoint if there is one; a given
+# port joins the endpoint on that port, or binds it. The endpoint closes with its last user.
+
+
+class SharedEndpoint:
+    """One user's hold on a shared ``MetricsServer``: ``.host``, ``.port``; ``release()`` once."""
+
+    def __init__(self, key: Tuple[str, int], server: MetricsServer) -> None:
+        self._key = key
+        self._server = server
+        self.host = server.host
+        self.port = server.port
+        self._released = False
+
+    def release(self) -> None:
+        """Let go of the endpoint; the last user closes it (idempotent)."""
+        with _shared_lock:
+            if self._released:
+                return
+            self._released = True
+            servers = _shared.get(self._key, [])
+            for entry in servers:
+                if entry[0] is self._server:
+                    entry[1] -= 1
+                    if entry[1] > 0:
+                        return
+                    servers.remove(entry)
+                    break
+            if not servers:
+                _shared.pop(self._key, None)
+        self._server.close()
+
+
+__all__ += ["SharedEndpoint", "acquire_endpoint"]
+
+_shared: Dict[Tuple[str, int], "list[list[Any]]"] = {}  # (host, id(registry)) -> [[server, users]]
+_shared_lock = threading.Lock()
+
+
+def acquire_endpoint(port: int = 0, host: str = "0.0.0.0", registry: Any = None) -> SharedEndpoint:
+    """A hold on this process's ``/metrics`` endpoint for ``registry`` on ``host``: the one on
+    ``port`` (or any one, for ``port=0``) if it is served already, else a new one. Raises
+    RuntimeError without prometheus_client, OSError if the port cannot be bound."""
+    if prometheus_client is None:
+        raise RuntimeError("thriftprobe metrics need prometheus_client: pip install 'thriftprobe[metrics]'")
+    reg = prometheus_client.REGISTRY if registry is None else registry
+    key = (host, id(reg))
+    with _shared_lock:
+        servers = _shared.setdefault(key, [])
+        for entry in servers:
+            if port in (0, entry[0].port):
+                entry[1] += 1
+                return SharedEndpoint(key, entry[0])
+        try:
+            server = MetricsServer(port, host, reg)
+        except BaseException:
+            if not servers:
+                _shared.pop(key, None)
+            raise
+        servers.append([server, 1])
+        return SharedEndpoint(key, server)

@@ -20,6 +20,7 @@ import types
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from .. import config as config_mod
+from .. import metrics as metrics_mod
 from .._version import __version__
 from ..errors import ConfigError, InvalidArgument, ThriftProbeError
 from ..idl import IdlSource, load_service
@@ -30,6 +31,7 @@ from ..stores.appkeys import check_appkey
 from ..stores.settings import NodeSettingsStore
 from .dispatch import Dispatcher
 from .hooks import ServerHooks
+from .monitor import ProviderMonitor, chain
 from .server import Server, ServerOptions, protocol_factory
 
 __all__ = ["RunningService", "start_service"]
@@ -60,6 +62,8 @@ class RunningService:
         stop_timeout: float,
         drain: float,
         label: str,
+        monitor: Optional[ProviderMonitor] = None,
+        endpoint: Optional[metrics_mod.SharedEndpoint] = None,
     ) -> None:
         self.config = cfg
         self.env = cfg.env
@@ -78,6 +82,10 @@ class RunningService:
         self._stopper: Optional[threading.Thread] = None
         self._stopped = False
         self._label = label
+        self._monitor = monitor
+        self._endpoint = endpoint
+        self.metrics_port: Optional[int] = None if endpoint is None else endpoint.port
+        """The port of the ``/metrics`` endpoint this service advertises; None without one."""
         # The server core names its worker threads thriftprobe-worker-<label>-<n> (see the README).
         self._handler_threads = "thriftprobe-worker-%s-" % label
 
@@ -145,6 +153,10 @@ class RunningService:
             log.info("draining %s on port %d for %.1f s", self.service_name, self.port, drain)
             threading.Event().wait(drain)
         steps: List[Callable[[], None]] = [self._stop_server(left), self._registry.close, self._store.close]
+        if self._monitor is not None:
+            steps.append(self._monitor.close)
+        if self._endpoint is not None:
+            steps.append(self._endpoint.release)
         for step in steps:
             try:
                 step()
@@ -211,6 +223,11 @@ def _check_handler(handler: object, service: types.ModuleType, service_name: str
         )
 
 
+def _check_metrics_port(value: object, what: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 65536):
+        raise InvalidArgument("%s must be an integer 0..65535 (0: the OS picks) or None, got %r" % (what, value))
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -270,6 +287,8 @@ def start_service(
     protocol: Optional[str] = None,
     hooks: Optional[ServerHooks] = None,
     io_timeout: Optional[int] = None,
+    metrics: Any = None,
+    metrics_port: Optional[int] = None,
 ) -> RunningService:
     """Serve ``handler`` as ``service_name`` of ``appkey`` and register it for discovery.
 
@@ -298,6 +317,14 @@ def start_service(
     follow them node by node. ``hooks`` (a ``ServerHooks``) is called around every request and on
     connection open, close and reject. ``io_timeout`` (ms) is the former name of
     ``read_timeout``.
+    Monitoring (``thriftprobe.metrics``; needs the ``metrics`` extra): ``metrics`` is where the
+    calls are recorded: None (the default) the process's recorder on prometheus_client's
+    registry when the extra is installed, else nothing; False nothing; or a ``Recorder``. They
+    are recorded alongside ``hooks``, which are still called. ``metrics_port`` (also the config
+    file's ``provider.<env>.metrics_port``; 0 = the OS picks; unset = none) serves ``/metrics`` on
+    ``bind_host`` and advertises it in the znode as the serverset endpoint ``metrics``; providers
+    of one process share one endpoint (it shows them all; ``port=0`` joins it), closed with the
+    last of them.
     Stopping (``stop()``, SIGTERM, SIGINT) deregisters first, keeps serving for ``drain`` seconds
     while consumers drop the node, then stops accepting and gives in-flight calls up to
     ``stop_timeout`` seconds to finish.
@@ -305,7 +332,7 @@ def start_service(
     node is checked and repaired: re-created if missing, with the settings now in Redis.
 
     Raises InvalidArgument, ConfigError, AppkeyNotRegistered, IdlError, BackendError,
-    SettingsError, or ThriftProbeError when the port cannot be bound. On any error nothing is
+    SettingsError, or ThriftProbeError when the port (or the metrics port) cannot be bound. On any error nothing is
     left behind: no znode, no bound port, no thread.
     """
     validate_names(appkey, service_name)
@@ -322,6 +349,11 @@ def start_service(
             read_timeout = io_timeout / 1000.0
     if hooks is not None and not isinstance(hooks, ServerHooks):
         raise InvalidArgument("hooks must be a thriftprobe.provider.ServerHooks, got %s" % type(hooks).__name__)
+    try:
+        recorder = metrics_mod.resolve(metrics)
+    except TypeError as err:
+        raise InvalidArgument(str(err)) from None
+    _check_metrics_port(metrics_port, "metrics_port")
     for label, value in (("bind_host", bind_host), ("advertise_host", advertise_host)):
         if value is None or (label == "bind_host" and value == ""):  # "" = every interface
             continue
@@ -341,22 +373,41 @@ def start_service(
         transport=transport,
         protocol=protocol,
     )
+    if metrics_port is None:
+        metrics_port = cfg.provider.metrics_port
+        where = "config file %s: provider.%s.metrics_port" % (cfg.path, cfg.env)
+    else:
+        where = "metrics_port"
+    if metrics_port is not None and not metrics_mod.available():
+        raise InvalidArgument("%s: serving metrics needs prometheus_client: pip install 'thriftprobe[metrics]'" % where)
     check_appkey(cfg.mysql, cfg.env, appkey)
     service = load_service(thrift_path, service_name)
     _check_handler(handler, service, service_name)
 
     listener = _bind(bind_host, port)
     store: Optional[NodeSettingsStore] = None
+    endpoint: Optional[metrics_mod.SharedEndpoint] = None
+    monitor: Optional[ProviderMonitor] = None
     try:
         bound_port = listener.getsockname()[1]
         host = advertise_host or _advertised_host(bind_host, cfg.zookeeper.hosts)
-        extras = {
+        extras: Dict[str, Any] = {
             "protocol": options.protocol,
             "transport": options.transport,
             "pid": os.getpid(),
             "start_time": int(time.time()),
             "sdk": "thriftprobe/" + __version__,
+            # Finagle's serverset member fields: Prometheus' serverset_sd_configs reads them.
+            "serviceEndpoint": {"host": host, "port": bound_port},
+            "status": "ALIVE",
         }
+        if metrics_port is not None:
+            registry_ = recorder.registry if recorder is not None else None
+            try:
+                endpoint = metrics_mod.acquire_endpoint(metrics_port, bind_host, registry_)
+            except OSError as err:
+                raise ThriftProbeError("cannot serve metrics on %s:%d: %s" % (bind_host, metrics_port, err)) from err
+            extras["additionalEndpoints"] = {"metrics": {"host": host, "port": endpoint.port}}
         store = NodeSettingsStore(cfg.redis, cfg.env)
         # Stamped before the settings are read, so that a prune deciding by an older stamp
         # leaves this node's settings alone (its compare-and-delete sees the new stamp).
@@ -370,11 +421,20 @@ def start_service(
         label = "%s-%d" % (service_name, bound_port)
         proto_factory = protocol_factory(options.protocol)
         dispatcher = Dispatcher(service, handler, proto_factory, label=label, expose_errors=expose_errors)
-        server = Server(dispatcher, listener, label, options, hooks)
+        if recorder is not None:
+            node_label = "%s:%d" % (host, bound_port)
+            monitor = ProviderMonitor(recorder, appkey, service_name, node_label, service.thrift_services)
+        server = Server(dispatcher, listener, label, options, chain(monitor, hooks))
+        if monitor is not None:
+            monitor.watch_queue(lambda: server.stats()["queued"])
     except BaseException:
         listener.close()
         if store is not None:
             store.close()
+        if monitor is not None:
+            monitor.close()
+        if endpoint is not None:
+            endpoint.release()
         raise
 
     def refresh(current: Node) -> Node:
@@ -402,6 +462,10 @@ def start_service(
         store.close()
         if registry is not None:
             registry.close()
+        if monitor is not None:
+            monitor.close()
+        if endpoint is not None:
+            endpoint.release()
         raise
     running = RunningService(
         cfg=cfg,
@@ -414,6 +478,8 @@ def start_service(
         stop_timeout=stop_timeout,
         drain=drain,
         label=label,
+        monitor=monitor,
+        endpoint=endpoint,
     )
     log.info("serving %s/%s/%s on %s:%d", cfg.env, appkey, service_name, host, bound_port)
     if block:
