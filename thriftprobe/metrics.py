@@ -17,6 +17,7 @@ recording into its own copy (prometheus_client's usual rule for pre-fork servers
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any, Dict, Optional, Tuple
 
@@ -292,7 +293,7 @@ class SharedEndpoint:
 
 __all__ += ["SharedEndpoint", "acquire_endpoint"]
 
-_shared: Dict[Tuple[str, int], "list[list[Any]]"] = {}  # (host, id(registry)) -> [[server, users]]
+_shared: Dict[Tuple[str, int], "list[list[Any]]"] = {}  # (host, id(registry)) -> [[server, users, pid]]
 _shared_lock = threading.Lock()
 
 
@@ -306,6 +307,8 @@ def acquire_endpoint(port: int = 0, host: str = "0.0.0.0", registry: Any = None)
     key = (host, id(reg))
     with _shared_lock:
         servers = _shared.setdefault(key, [])
+        # A forked child inherits the parent's table, not its HTTP threads: serve its own.
+        servers[:] = [entry for entry in servers if entry[2] == os.getpid()]
         for entry in servers:
             if port in (0, entry[0].port):
                 entry[1] += 1
@@ -316,5 +319,5 @@ def acquire_endpoint(port: int = 0, host: str = "0.0.0.0", registry: Any = None)
             if not servers:
                 _shared.pop(key, None)
             raise
-        servers.append([server, 1])
+        servers.append([server, 1, os.getpid()])
         return SharedEndpoint(key, server)

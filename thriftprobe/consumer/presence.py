@@ -173,13 +173,17 @@ class InFlight:
     Each node has two ``itertools.count`` objects, started and finished calls: ``next()`` on one
     is atomic, so no update is lost between threads. A reader takes ``next()`` of finished, then
     of started: both move on by one, so their difference (started minus finished) is unchanged by
-    reading, and it is never negative (every finished call counted had started before).
+    reading, and it is never negative (every finished call counted had started before). Readers
+    take a lock among themselves.
     """
 
-    __slots__ = ("_counts",)
+    __slots__ = ("_counts", "_read_lock")
 
     def __init__(self) -> None:
         self._counts: Dict[Address, Tuple[Iterator[int], Iterator[int]]] = {}
+        # Readers (explain) take turns: two interleaved reads would each move the other's
+        # counters and report one call too many and one too few. The call path takes no lock.
+        self._read_lock = threading.Lock()
 
     def start(self, address: Address) -> Iterator[int]:
         """Count a call to ``address`` as started; ``next()`` the returned counter when it ends."""
@@ -193,8 +197,9 @@ class InFlight:
         pair = self._counts.get(address)
         if pair is None:
             return 0
-        finished = next(pair[1])
-        return next(pair[0]) - finished
+        with self._read_lock:
+            finished = next(pair[1])
+            return max(0, next(pair[0]) - finished)
 
     def forget(self, address: Address) -> None:
         """The node left: calls still in flight end on the counter they hold."""
