@@ -156,6 +156,13 @@ class Recorder:
                     found = self._children[key] = metric.labels(*labels)
         return found
 
+    def forget(self, metric: Any, *labels: str) -> None:
+        """Remove ``metric``'s child for ``labels`` (a node that left for good), if it exists."""
+        with self._lock:
+            self._children.pop((id(metric), *labels), None)
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+
     def client_call(self, appkey: str, service: str, method: str, node: str, outcome: str, seconds: float) -> None:
         self.child(self.client_duration, RPC_SYSTEM, appkey, service, method, node, outcome).observe(seconds)
 

@@ -21,6 +21,7 @@ and its call path tests one attribute.
 from __future__ import annotations
 
 import threading
+import time
 from typing import AbstractSet, Callable, Dict, List, Optional, Tuple
 
 from thriftpy2.thrift import TApplicationException, TException
@@ -70,6 +71,10 @@ def outcome_of(error: BaseException, seconds: float, timeout_ms: Optional[int]) 
     return "transport_error", True  # interrupted mid-call (KeyboardInterrupt...): it did not complete
 
 
+DEPARTED_GRACE = 300.0
+"""Seconds a node's series stay after it left the table (a few scrapes see its last values)."""
+
+
 class ClientInstruments:
     """One client's instruments (thread-safe). Also the pool's ``PoolWatcher``."""
 
@@ -90,6 +95,9 @@ class ClientInstruments:
         self._pooled: Dict[Address, List[Callable[[], None]]] = {}
         self._idle_count: Callable[[Address], int] = lambda address: 0
         self._removers: List[Callable[[], None]] = []
+        # Nodes that left the table, and when: their series go DEPARTED_GRACE s later (a fleet
+        # redeployed on new addresses would otherwise leave every old node's series behind).
+        self._departed: Dict[Address, float] = {}
         self._closed = False
         self._refused = recorder.child(recorder.client_budget_refusals, appkey, service).inc
         self.observe_lag: Callable[[float], None] = recorder.child(recorder.discovery_lag, appkey, service).observe
@@ -198,10 +206,39 @@ class ClientInstruments:
     def nodes_changed(self, addresses: AbstractSet[Address]) -> None:
         """The table's addresses now: the connection gauges of nodes that left go (a node gets
         them at its first connection). Quick (the table calls it under its lock)."""
+        now = time.monotonic()
         with self._lock:
             for address in [a for a in self._pooled if a not in addresses]:
                 for remove in self._pooled.pop(address):
                     remove()
+            known: "set[Optional[Address]]" = {k[1] for k in self._calls} | {k[1] for k in self.ok}
+            known |= set(self._live)
+            for seen in known:
+                if seen is None:
+                    continue
+                if seen in addresses:
+                    self._departed.pop(seen, None)
+                else:
+                    self._departed.setdefault(seen, now)
+            gone = [a for a, since in self._departed.items() if now - since >= DEPARTED_GRACE]
+            for address in gone:
+                del self._departed[address]
+                self._forget_node(address)
+
+    def _forget_node(self, address: Address) -> None:
+        """Under the lock: drop a departed node's series and cached observers."""
+        rec, node = self.recorder, node_label(address)
+        for call in [k for k in self._calls if k[1] == address]:
+            del self._calls[call]
+            rec.forget(rec.client_duration, "thrift", self._appkey, self._service, call[0], node, call[2])
+        for ok in [k for k in self.ok if k[1] == address]:
+            del self.ok[ok]
+            rec.forget(rec.client_duration, "thrift", self._appkey, self._service, ok[0], node, "ok")
+        for connect in [k for k in self._connects if k[0] == address]:
+            del self._connects[connect]
+            rec.forget(rec.client_connects, self._appkey, self._service, node, connect[1])
+        rec.forget(rec.client_ejections, self._appkey, self._service, node)
+        self._live.pop(address, None)
 
     def close(self) -> None:
         """Withdraw this client's gauges (its counters and histograms stay, as Prometheus wants).

@@ -1,5 +1,6 @@
 """Review of issue 12: a forked child serves its own /metrics endpoint (it inherits the parent's
-table, not its HTTP thread), and explain()'s in-flight counts stay exact with readers racing."""
+table, not its HTTP thread); explain()'s in-flight counts stay exact with readers racing; a
+departed node's series go after a grace period."""
 
 from __future__ import annotations
 
@@ -69,3 +70,38 @@ def test_endpoint_shared_within_one_process():
     finally:
         a.release()
         b.release()
+
+
+@pytest.mark.skipif(not metrics.available(), reason="needs prometheus_client")
+def test_a_departed_nodes_series_go_after_the_grace_period(monkeypatch):
+    """A long-lived consumer of a fleet redeployed on new addresses must not keep every old
+    node's series (review of issue 12)."""
+    import prometheus_client
+
+    from thriftprobe.consumer import instruments as inst
+
+    registry = prometheus_client.CollectorRegistry()
+    rec = metrics.Recorder(registry)
+    client = inst.ClientInstruments(rec, "app", "Svc")
+    a, b = ("10.0.0.1", 1), ("10.0.0.2", 1)
+
+    def nodes():
+        return {
+            s.labels["node"]
+            for m in registry.collect() if m.name == "rpc_client_call_duration_seconds"
+            for s in m.samples if s.labels.get("node")
+        }
+
+    for address in (a, b):
+        client.call("ping", address, "ok", 0.001)
+        client.ok_observer("ping", address)(0.001)
+        client.opened(address)
+    client.nodes_changed({a, b})
+    client.nodes_changed({b})  # a left: its series stay through the grace period
+    assert nodes() == {"10.0.0.1:1", "10.0.0.2:1"}
+    monkeypatch.setattr(inst, "DEPARTED_GRACE", 0.0)
+    client.nodes_changed({b})
+    assert nodes() == {"10.0.0.2:1"}
+    assert all(k[1] != a for k in client._calls) and all(k[1] != a for k in client.ok) and a not in client._live
+    client.call("ping", a, "ok", 0.001)  # back again: recorded afresh
+    assert "10.0.0.1:1" in nodes()
