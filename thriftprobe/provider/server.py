@@ -785,9 +785,14 @@ class Server:
                 found = conn.reader.feed(conn.inbuf)
             except MessageError:
                 break  # the I/O thread refuses it
+            if found is not None and self._stop_begun():
+                break  # arrived while the server stops: the I/O thread answers it, unrun
             if found is not None and self._hooks is not None:
                 conn.whole_at = time.time()
         self._give_back(conn)
+
+    def _stop_begun(self) -> bool:
+        return self._stopping
 
     def _run(self, conn: _Conn, name: str, proto: Any) -> bool:
         """Decode (from ``proto``, over the request's bytes), run and answer one request; False
