@@ -394,7 +394,7 @@ def cmd_console(args: argparse.Namespace, out: Output) -> int:
     cfg = _cfg(args)
     console_cfg = config_mod.load_console(cfg)
     port = console_cfg.port if args.port is None else args.port
-    serve(cfg, console_cfg, host=args.host or console_cfg.host, port=port, out=out.line)
+    serve(cfg, console_cfg, host=args.host or console_cfg.host, port=port, out=out.line, prometheus=args.prometheus)
     return EXIT_OK
 
 
@@ -555,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="listen port, 0 = any free one (default: console.<env>.port or 8700)",
     )
+    p.add_argument("--prometheus", default=None, metavar="URL",
+                   help="read the live figures from this Prometheus instead of scraping the providers")
     return parser
 
 
