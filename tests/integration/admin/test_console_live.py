@@ -11,15 +11,12 @@ from pathlib import Path
 
 import pytest
 from conftest import IDL, ROOT, wait_until
+from prometheus_client import CollectorRegistry
 from test_console import CREDENTIALS, browser  # noqa: F401 - the fixture
 
 from thriftprobe import build_client
 from thriftprobe.admin.console import ConsoleServer
-
-pytest.importorskip("prometheus_client")
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-from thriftprobe.metrics import Recorder  # noqa: E402
+from thriftprobe.metrics import Recorder
 
 
 @pytest.fixture

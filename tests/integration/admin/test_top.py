@@ -9,14 +9,12 @@ import time
 import pytest
 import thriftpy2
 from conftest import IDL, wait_until
+from prometheus_client import CollectorRegistry
+from test_prometheus import _get, prometheus  # noqa: F401 - the fixture
 from thriftpy2.thrift import TApplicationException
 
 from thriftprobe import build_client
 from thriftprobe.admin.live import Sampler, compute
-
-pytest.importorskip("prometheus_client")
-from prometheus_client import CollectorRegistry
-
 from thriftprobe.metrics import Recorder
 
 calc = thriftpy2.load(IDL, module_name="demo_thrift")
@@ -108,3 +106,36 @@ def test_top_text_and_a_provider_without_endpoint(providers, run, appkey):
     providers("plain")  # no metrics_port: nothing to scrape, no error
     out = run("top", appkey, "--once", "--window", "0.2")
     assert "SERVICE / NODE / #METHOD" in out and "no calls recorded" in out
+
+
+def prom_calls(appkey: str) -> float:
+    data = _get("/api/v1/query", query='sum(rpc_server_call_duration_seconds_count{appkey="%s"})' % appkey)
+    return float(data["result"][0]["value"][1]) if data["result"] else -1.0
+
+
+def test_top_reads_a_real_prometheus(prometheus, providers, rec, run, cfg, appkey):  # noqa: F811
+    svc = providers("a", metrics=rec, metrics_port=0)
+    with build_client(IDL, appkey, "Calculator", config=cfg, metrics=False) as client:
+        client.ping()
+        wait_until(lambda: prom_calls(appkey) == 1, timeout=30, what="Prometheus to scrape the first call")
+        result = {}
+
+        def top():
+            result["out"] = run("--json", "top", appkey, "--once", "--window", "4", "--prometheus", prometheus)
+
+        thread = threading.Thread(target=top)
+        thread.start()
+        time.sleep(0.5)
+        for _ in range(50):
+            client.ping()
+        for _ in range(5):
+            with pytest.raises(TApplicationException):
+                client.compute(calc.Operation(left=1, right=2, op="%"))
+        wait_until(lambda: prom_calls(appkey) == 56, timeout=10, what="Prometheus to scrape the calls")
+        thread.join(10)
+    data = json.loads(result["out"])
+    (found,) = data["services"]
+    assert found["calls"] == 55 and found["errors"] == 5
+    (node,) = found["nodes"]
+    assert node["node"] == "127.0.0.1:%d" % svc.port
+    assert {m["method"]: m["calls"] for m in node["methods"]}["ping"] == 50
