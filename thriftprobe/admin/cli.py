@@ -320,8 +320,9 @@ def cmd_top(args: argparse.Namespace, out: Output) -> int:
             samples: List[Any] = [sampler.sample()]
             keep = max(2, round(args.window / args.interval) + 1)
             tty = out.stream.isatty() and not out.as_json
+            until = None if args.duration is None else time.monotonic() + args.duration
             try:
-                while True:
+                while until is None or time.monotonic() + args.interval <= until:
                     time.sleep(args.interval)
                     samples = ([*samples, sampler.sample()])[-keep:]
                     figures = compute(samples[0], samples[-1])
@@ -331,7 +332,8 @@ def cmd_top(args: argparse.Namespace, out: Output) -> int:
                     text = "\n".join(_top_lines(gov.env, figures, sorted(samples[-1].errors)))
                     print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"), file=out.stream, flush=True)
             except KeyboardInterrupt:
-                return EXIT_OK
+                pass
+            return EXIT_OK
         finally:
             sampler.close()
 
@@ -508,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_seconds, default=None, metavar="SECONDS",
                    help="figures over this many seconds (default 5; 1 with --once)")
     p.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
+    p.add_argument("--for", dest="duration", type=_seconds, default=None, metavar="SECONDS",
+                   help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--prometheus", default=None, metavar="URL",
                    help="read the series from this Prometheus (http://host:9090) instead of scraping providers")
 

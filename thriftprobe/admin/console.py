@@ -479,7 +479,9 @@ function render(data) {
   document.getElementById('charts').innerHTML = cards;
   document.querySelector('#live tbody').innerHTML = rows ||
     '<tr><td colspan="7" class="muted">no figures yet (providers show here when started with metrics_port)</td></tr>';
-  status(data.unreachable.length ? 'unreachable: ' + data.unreachable.join(', ') : '', data.unreachable.length > 0);
+  const problems = (data.failure ? ['sampling failed: ' + data.failure] : [])
+    .concat(data.unreachable.length ? ['unreachable: ' + data.unreachable.join(', ')] : []);
+  status(problems.join('; '), problems.length > 0);
 }
 let last = null;
 async function refresh() {

@@ -329,6 +329,7 @@ class History:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="thriftprobe-live", daemon=True)
         self._started = False
+        self._failure: Optional[str] = None
 
     def start(self) -> "History":
         with self._lock:
@@ -342,8 +343,11 @@ class History:
             began = time.monotonic()
             try:
                 self.tick()
-            except Exception:
-                log.warning("live figures: sampling failed", exc_info=True)
+                self._failure = None
+            except Exception as err:
+                if self._failure is None:
+                    log.warning("live figures: sampling failed", exc_info=True)
+                self._failure = "%s: %s" % (type(err).__name__, err)
             self._stop.wait(max(0.05, self.interval - (time.monotonic() - began)))
 
     def tick(self) -> None:
@@ -359,7 +363,7 @@ class History:
             samples = list(self._samples)
             points = list(self._points)
         figures = compute(samples[0], samples[-1]) if len(samples) >= 2 else None
-        return {"figures": figures, "points": points,
+        return {"figures": figures, "points": points, "failure": self._failure,
                 "unreachable": sorted(samples[-1].errors) if samples else []}
 
     def stop(self) -> None:

@@ -139,3 +139,31 @@ def test_top_reads_a_real_prometheus(prometheus, providers, rec, run, cfg, appke
     (node,) = found["nodes"]
     assert node["node"] == "127.0.0.1:%d" % svc.port
     assert {m["method"]: m["calls"] for m in node["methods"]}["ping"] == 50
+
+
+def test_top_refreshes_until_for_runs_out(providers, rec, run, cfg, appkey):
+    providers("a", metrics=rec, metrics_port=0)
+    stop = threading.Event()
+    with build_client(IDL, appkey, "Calculator", config=cfg, metrics=False) as client:
+
+        def load():
+            while not stop.is_set():
+                client.ping()
+                time.sleep(0.005)
+
+        caller = threading.Thread(target=load)
+        caller.start()
+        try:
+            began = time.monotonic()
+            out = run("--json", "top", appkey, "--interval", "0.5", "--window", "1", "--for", "2.2")
+            took = time.monotonic() - began
+        finally:
+            stop.set()
+            caller.join(5)
+    frames = [json.loads(line) for line in out.splitlines()]
+    assert 3 <= len(frames) <= 5 and took < 4
+    last = frames[-1]
+    assert 0.9 < last["seconds"] < 1.5  # the window, not the whole run
+    assert last["services"][0]["qps"] > 20
+    text = run("top", appkey, "--interval", "0.3", "--for", "0.7")
+    assert text.count("SERVICE / NODE / #METHOD") == 2
