@@ -84,6 +84,7 @@ def test_live_chart_shows_a_weight_change_moving_traffic(console, browser, provi
 
             wait_until(moved, timeout=10, what="node b's line at 0 on the chart")
             seen_after = time.monotonic() - changed
+            print("weight change seen on the chart after %.1f s" % seen_after)
             assert seen_after < 6, seen_after
             sb = series(page, appkey, b.port)
             assert any(v and v > 5 for v in sb[:-3])  # the chart still shows b's traffic before the change
