@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from thriftpy2.transport import TTransportException
@@ -272,6 +273,71 @@ def cmd_callers(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _top_lines(env: str, figures: Dict[str, Any], unreachable: List[str]) -> List[str]:
+    def ms(v: Optional[float]) -> str:
+        return "-" if v is None else "%.2f" % v
+
+    def row(label: str, f: Dict[str, Any]) -> str:
+        return "%-46s %9.1f %6.1f%% %9s %9s %8d" % (
+            label[:46], f["qps"], 100 * f["error_rate"], ms(f["p50_ms"]), ms(f["p99_ms"]), f["calls"])
+
+    lines = [
+        "thriftprobe top   env %s   %s   figures over the last %.1f s"
+        % (env, time.strftime("%H:%M:%S", time.localtime(figures["to"])), figures["seconds"]),
+        "%-46s %9s %7s %9s %9s %8s" % ("SERVICE / NODE / #METHOD", "QPS", "ERR", "P50 ms", "P99 ms", "CALLS"),
+    ]
+    for s in figures["services"]:
+        lines.append(row("%s/%s" % (s["appkey"], s["service"]), s))
+        # declared methods not called are in --json, at 0
+        lines.extend(row("  #" + m["method"], m) for m in s["methods"] if m["calls"])
+        for n in s["nodes"]:
+            lines.append(row("  " + n["node"], n))
+            lines.extend(row("    #" + m["method"], m) for m in n["methods"] if m["calls"])
+    if not figures["services"]:
+        lines.append("  (no calls recorded: no live provider with a metrics endpoint, or no traffic)")
+    lines.extend("unreachable: %s" % url for url in unreachable)
+    return lines
+
+
+def cmd_top(args: argparse.Namespace, out: Output) -> int:
+    from .live import Sampler, compute
+
+    if args.window is None:
+        args.window = 1.0 if args.once else 5.0
+    with Governance(_cfg(args)) as gov:
+        sampler = Sampler(gov, args.appkey, args.service, prometheus=args.prometheus)
+        try:
+            if args.once:
+                first = sampler.sample()
+                time.sleep(args.window)
+                last = sampler.sample()
+                figures = compute(first, last)
+                unreachable = sorted(set(first.errors) | set(last.errors))
+                out.data({"env": gov.env, **figures, "unreachable": unreachable})
+                for line in _top_lines(gov.env, figures, unreachable):
+                    out.line(line)
+                return EXIT_OK
+            samples: List[Any] = [sampler.sample()]
+            keep = max(2, round(args.window / args.interval) + 1)
+            tty = out.stream.isatty() and not out.as_json
+            until = None if args.duration is None else time.monotonic() + args.duration
+            try:
+                while until is None or time.monotonic() + args.interval <= until:
+                    time.sleep(args.interval)
+                    samples = ([*samples, sampler.sample()])[-keep:]
+                    figures = compute(samples[0], samples[-1])
+                    if out.as_json:
+                        out.event({"env": gov.env, **figures, "unreachable": sorted(samples[-1].errors)}, "")
+                        continue
+                    text = "\n".join(_top_lines(gov.env, figures, sorted(samples[-1].errors)))
+                    print(("\x1b[H\x1b[2J" if tty else "") + text + ("" if tty else "\n"), file=out.stream, flush=True)
+            except KeyboardInterrupt:
+                pass
+            return EXIT_OK
+        finally:
+            sampler.close()
+
+
 def cmd_history(args: argparse.Namespace, out: Output) -> int:
     cfg = _cfg(args)
     entries = audit.history(cfg.mysql, cfg.env, args.appkey, args.service, args.limit)  # MySQL alone
@@ -330,7 +396,7 @@ def cmd_console(args: argparse.Namespace, out: Output) -> int:
     cfg = _cfg(args)
     console_cfg = config_mod.load_console(cfg)
     port = console_cfg.port if args.port is None else args.port
-    serve(cfg, console_cfg, host=args.host or console_cfg.host, port=port, out=out.line)
+    serve(cfg, console_cfg, host=args.host or console_cfg.host, port=port, out=out.line, prometheus=args.prometheus)
     return EXIT_OK
 
 
@@ -436,6 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("appkey", nargs="?")
     p.add_argument("service", nargs="?")
 
+    p = command("top", cmd_top, "live calls per service, node and method: QPS, error rate, p50, p99 "
+                "(read from the providers' metrics endpoints, or a Prometheus); Ctrl-C stops")
+    p.add_argument("appkey", nargs="?")
+    p.add_argument("service", nargs="?")
+    p.add_argument("--once", action="store_true", help="sample twice, --window seconds apart, print, and exit")
+    p.add_argument("--window", type=_seconds, default=None, metavar="SECONDS",
+                   help="figures over this many seconds (default 5; 1 with --once)")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
+    p.add_argument("--for", dest="duration", type=_seconds, default=None, metavar="SECONDS",
+                   help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--prometheus", default=None, metavar="URL",
+                   help="read the series from this Prometheus (http://host:9090) instead of scraping providers")
+
     p = command("history", cmd_history, "show recorded changes, newest first")
     p.add_argument("appkey", nargs="?")
     p.add_argument("service", nargs="?")
@@ -480,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="listen port, 0 = any free one (default: console.<env>.port or 8700)",
     )
+    p.add_argument("--prometheus", default=None, metavar="URL",
+                   help="read the live figures from this Prometheus instead of scraping the providers")
     return parser
 
 

@@ -13,19 +13,22 @@ import hmac
 import logging
 import secrets
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..config import Config, ConsoleConfig
 from ..errors import InvalidArgument, ThriftProbeError
 from .governance import Governance
+from .live import History, Sampler
 
-__all__ = ["ConsoleServer", "create_app", "serve"]
+__all__ = ["ConsoleServer", "create_app", "serve", "stop_live"]
 
 log = logging.getLogger(__name__)
 
 
-def create_app(gov: Governance, console: ConsoleConfig) -> Any:
-    """Build the Flask app over a Governance that the caller owns (and closes)."""
+def create_app(gov: Governance, console: ConsoleConfig, prometheus: Optional[str] = None) -> Any:
+    """Build the Flask app over a Governance that the caller owns (and closes). The live figures
+    are sampled every second from the first visit of the live page on, from the providers'
+    metrics endpoints (or the Prometheus at ``prometheus``); ``stop_live(app)`` ends that."""
     try:
         from flask import Flask, jsonify, redirect, render_template_string, request, session, url_for
     except ImportError as err:  # pragma: no cover - depends on the install
@@ -102,6 +105,24 @@ def create_app(gov: Governance, console: ConsoleConfig) -> Any:
         except ThriftProbeError as err:
             return jsonify(error="%s: %s" % (type(err).__name__, err)), 502
 
+    history = History(Sampler(gov, prometheus=prometheus), interval=1.0, window=5.0, keep=300.0)
+    app.extensions["thriftprobe_live"] = history
+
+    @app.get("/live")
+    def live_page() -> Any:
+        if not logged_in():
+            return redirect(url_for("login_form"))
+        history.start()
+        return render_template_string(_LIVE_PAGE, env=gov.env, user=session["user"],
+                                      origin=prometheus or "the providers' metrics endpoints")
+
+    @app.get("/api/live")
+    def api_live() -> Any:
+        if not logged_in():
+            return jsonify(error="login required"), 401
+        history.start()
+        return jsonify(env=gov.env, **history.snapshot())
+
     @app.post("/api/node")
     def api_node() -> Any:
         if not logged_in():
@@ -134,15 +155,24 @@ def create_app(gov: Governance, console: ConsoleConfig) -> Any:
     return app
 
 
+def stop_live(app: Any) -> None:
+    """Stop the live figures' sampling thread of an app made by create_app."""
+    history = app.extensions.get("thriftprobe_live")
+    if history is not None:
+        history.stop()
+
+
 class ConsoleServer:
     """The console on a werkzeug threaded server, in a background thread (``thriftprobe-console``)."""
 
-    def __init__(self, cfg: Config, console: ConsoleConfig, host: str = "127.0.0.1", port: int = 8700) -> None:
+    def __init__(self, cfg: Config, console: ConsoleConfig, host: str = "127.0.0.1", port: int = 8700,
+                 prometheus: Optional[str] = None) -> None:
         from werkzeug.serving import make_server
 
         self._gov = Governance(cfg, source="console")
         try:
-            self._server = make_server(host, port, create_app(self._gov, console), threaded=True)
+            self._app = create_app(self._gov, console, prometheus)
+            self._server = make_server(host, port, self._app, threaded=True)
         except BaseException:
             self._gov.close()
             raise
@@ -163,6 +193,7 @@ class ConsoleServer:
             self._server.shutdown()
             self._thread.join()
         self._server.server_close()
+        stop_live(self._app)
         self._gov.close()
 
     def __enter__(self) -> "ConsoleServer":
@@ -172,9 +203,10 @@ class ConsoleServer:
         self.stop()
 
 
-def serve(cfg: Config, console: ConsoleConfig, host: str, port: int, out: Callable[[str], None]) -> None:
+def serve(cfg: Config, console: ConsoleConfig, host: str, port: int, out: Callable[[str], None],
+          prometheus: Optional[str] = None) -> None:
     """Serve until Ctrl-C (the ``thriftprobe console`` command)."""
-    server = ConsoleServer(cfg, console, host, port)
+    server = ConsoleServer(cfg, console, host, port, prometheus)
     out("thriftprobe console for env %s on %s (Ctrl-C stops)" % (cfg.env, server.url))
     server.start()
     try:
@@ -221,6 +253,7 @@ _MAIN_PAGE = (
     + _STYLE
     + """</style></head><body>
 <header><h1>thriftprobe</h1><span class="env">env {{ env }}</span>
+<a href="/live" id="nav-live" style="color:#fff">live calls</a>
 <a href="/dependencies" id="nav-dependencies" style="color:#fff">who calls whom</a><span id="updated"></span>
 <form method="post" action="/logout">{{ user }} <button type="submit">Log out</button></form></header>
 <main>
@@ -354,5 +387,114 @@ async function refresh() {
   } catch (e) { status('Refresh failed: ' + e.message, true); }
 }
 refresh(); setInterval(refresh, 2000);
+</script></body></html>"""
+)
+
+# The live view: QPS, error rate, p50 and p99 per service, node and method, with charts of the
+# last minutes (plain SVG drawn by the page's own script: no CDN).
+_LIVE_PAGE = (
+    """<!doctype html><html><head><meta charset="utf-8"><title>thriftprobe console - {{ env }} - live calls</title>
+<style>"""
+    + _STYLE
+    + """ td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.svc td { font-weight: 600; background: #f8fafc; }
+tr.method td:first-child { padding-left: 26px; color: #4b5563; } tr.node td:first-child { padding-left: 14px; }
+tr.node-method td:first-child { padding-left: 40px; color: #4b5563; }
+.card { background: #fff; padding: 10px 14px; margin-bottom: 14px; border-radius: 6px; }
+.card h3 { margin: 0 0 6px; font-size: 15px; } .legend span { margin-right: 14px; } .legend i { display: inline-block;
+width: 10px; height: 10px; margin-right: 4px; border-radius: 2px; }
+svg.chart { background: #fbfcfd; border: 1px solid #e4e7ec; }
+.bad { color: #b91c1c; font-weight: 600; } .muted { color: #6b7280; }</style></head><body>
+<header><h1>thriftprobe</h1><span class="env">env {{ env }}</span>
+<a href="/" id="nav-fleet" style="color:#fff">fleet</a>
+<a href="/dependencies" id="nav-dependencies" style="color:#fff">who calls whom</a><span id="updated"></span>
+<form method="post" action="/logout">{{ user }} <button type="submit">Log out</button></form></header>
+<main>
+<p class="muted">Calls answered by the providers, read every second from {{ origin }}: figures over the last
+5 seconds; charts over the last minutes (calls per second per node, and p99 latency).</p>
+<p><input id="filter" placeholder="filter: appkey, service or node" size="40"></p>
+<div id="status"></div>
+<div id="charts"></div>
+<table id="live"><thead><tr><th>service / node / #method</th><th>QPS</th><th>errors</th><th>p50 ms</th><th>p99 ms</th>
+<th>calls (5 s)</th><th>QPS, last minutes</th></tr></thead><tbody></tbody></table>
+</main>
+<script>
+const esc = s => String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+const COLORS = ['#2563eb', '#dc2626', '#16a34a', '#d97706', '#7c3aed', '#0891b2', '#db2777', '#4b5563'];
+function status(text, error) { const el = document.getElementById('status'); el.textContent = text;
+                               el.className = error ? 'error' : ''; }
+const fmt = (v, d) => v === null || v === undefined ? '-' : Number(v).toFixed(d);
+// One SVG chart: series = [{name, color, values}], values aligned on the points' times.
+function chart(series, width, height, opts) {
+  const all = series.flatMap(s => s.values.filter(v => v !== null));
+  const max = Math.max(1e-9, ...all) * 1.1, n = Math.max(2, ...series.map(s => s.values.length));
+  const x = i => (i * (width - 2) / (n - 1) + 1).toFixed(1), y = v => (height - 1 - v * (height - 2) / max).toFixed(1);
+  const lines = series.map(s => {
+    const pts = s.values.map((v, i) => v === null ? null : x(i + n - s.values.length) + ',' + y(v)).filter(Boolean);
+    return `<polyline fill="none" stroke="${s.color}" stroke-width="1.5" points="${pts.join(' ')}"
+             data-series="${esc(s.name)}" data-values="${s.values.map(v => v === null ? '' : v).join(',')}"/>`;
+  }).join('');
+  const label = opts && opts.label
+    ? `<text x="4" y="12" font-size="10" fill="#6b7280">${esc(opts.label)} max ${fmt(max / 1.1, 1)}</text>` : '';
+  return `<svg class="chart" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}">
+          ${label}${lines}</svg>`;
+}
+function row(cls, id, label, f, spark) {
+  const err = f.error_rate > 0 ? 'bad' : '';
+  return `<tr class="${cls}" data-row="${esc(id)}"><td>${esc(label)}</td><td class="num qps">${fmt(f.qps, 1)}</td>
+    <td class="num ${err} err">${fmt(100 * f.error_rate, 1)}%</td><td class="num p50">${fmt(f.p50_ms, 2)}</td>
+    <td class="num p99">${fmt(f.p99_ms, 2)}</td><td class="num calls">${f.calls}</td><td>${spark}</td></tr>`;
+}
+function render(data) {
+  const points = data.points, figures = data.figures;
+  const values = (id, k) => points.map(p => p.rows[id] ? p.rows[id][k] : null);
+  const spark = id => chart([{name: id, color: '#2563eb', values: values(id, 0)}], 160, 26);
+  const words = document.getElementById('filter').value.toLowerCase().split(/ +/).filter(Boolean);
+  const services = (figures ? figures.services : []).filter(s =>
+    words.every(w => `${s.appkey}/${s.service} ${s.nodes.map(n => n.node).join(' ')}`.toLowerCase().includes(w)));
+  let rows = '', cards = '';
+  for (const s of services) {
+    const sid = `${s.appkey}/${s.service}`;
+    rows += row('svc', sid, sid, s, spark(sid));
+    for (const m of s.methods.filter(m => m.calls)) {
+      rows += row('method', `${sid}#${m.method}`, '#' + m.method, m, spark(`${sid}#${m.method}`));
+    }
+    const line = k => (n, i) =>
+      ({name: n.node, color: COLORS[i % COLORS.length], values: values(`${sid}/${n.node}`, k)});
+    const series = s.nodes.map(line(0)), p99 = s.nodes.map(line(3));
+    s.nodes.forEach((n, i) => {
+      const nid = `${sid}/${n.node}`;
+      rows += row('node', nid, n.node, n, spark(nid));
+      for (const m of n.methods.filter(m => m.calls)) {
+        rows += row('node-method', `${nid}#${m.method}`, '#' + m.method, m, spark(`${nid}#${m.method}`));
+      }
+    });
+    cards += `<div class="card" data-service="${esc(sid)}"><h3>${esc(sid)}: ${fmt(s.qps, 1)} calls/s,
+      ${fmt(100 * s.error_rate, 1)}% errors, p50 ${fmt(s.p50_ms, 2)} ms, p99 ${fmt(s.p99_ms, 2)} ms</h3>
+      <div class="legend">${series.map(x =>
+        `<span><i style="background:${x.color}"></i>${esc(x.name)}</span>`).join('')}</div>
+      <span class="qps-chart">${chart(series, 560, 120, {label: 'calls/s per node'})}</span>
+      <span class="p99-chart">${chart(p99, 360, 120, {label: 'p99 ms per node'})}</span></div>`;
+  }
+  document.getElementById('charts').innerHTML = cards;
+  document.querySelector('#live tbody').innerHTML = rows ||
+    '<tr><td colspan="7" class="muted">no figures yet (providers show here when started with metrics_port)</td></tr>';
+  const problems = (data.failure ? ['sampling failed: ' + data.failure] : [])
+    .concat(data.unreachable.length ? ['unreachable: ' + data.unreachable.join(', ')] : []);
+  status(problems.join('; '), problems.length > 0);
+}
+let last = null;
+async function refresh() {
+  try {
+    const r = await fetch('/api/live');
+    if (r.status === 401) { location.href = '/login'; return; }
+    const data = await r.json();
+    if (!r.ok) throw new Error(data.error || r.statusText);
+    last = data; render(data);
+    document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
+  } catch (e) { status('Refresh failed: ' + e.message, true); }
+}
+document.getElementById('filter').addEventListener('input', () => last && render(last));
+refresh(); setInterval(refresh, 1000);
 </script></body></html>"""
 )

@@ -302,6 +302,28 @@ class Governance:
             views[(key, svc, host, port)] = NodeView(self.env, key, svc, host, port, None, None, True, None, 0, problem)
         return [views[k] for k in sorted(views)]
 
+    def metrics_endpoints(
+        self, appkey: Optional[str] = None, service: Optional[str] = None
+    ) -> List[Tuple[str, str, Tuple[str, int, Optional[Tuple[str, int]]]]]:
+        """(appkey, service, (host, port, metrics endpoint)) of every live node, the endpoint read
+        from its znode's ``additionalEndpoints.metrics`` (None when it serves none).
+        Raises InvalidArgument for a malformed appkey or service, BackendError."""
+        _check_filter(appkey, service)
+        found: List[Tuple[str, str, Tuple[str, int, Optional[Tuple[str, int]]]]] = []
+        for key in [appkey] if appkey else self._registry.appkeys(self.env):
+            for svc, node in self._registry.nodes(self.env, key):
+                if service and svc != service:
+                    continue
+                endpoint = None
+                extra = node.extras.get("additionalEndpoints")
+                metrics = extra.get("metrics") if isinstance(extra, dict) else None
+                if isinstance(metrics, dict):
+                    host, port = metrics.get("host"), metrics.get("port")
+                    if isinstance(host, str) and host and isinstance(port, int) and 0 < port < 65536:
+                        endpoint = (host, port)
+                found.append((key, svc, (node.host, node.port, endpoint)))
+        return found
+
     def callers(self, appkey: Optional[str] = None, service: Optional[str] = None) -> Dependencies:
         """Who calls the services of the environment (of one appkey, of one service of it), from
         the consumers' entries. Raises InvalidArgument for a malformed appkey or service, BackendError."""

@@ -1,0 +1,70 @@
+"""The live figures' pure computation: the text parser, deltas, rates and quantiles."""
+
+from __future__ import annotations
+
+import pytest
+
+from thriftprobe.admin.live import compute, parse_text, quantile, sample_from_text
+
+S = "rpc_server_call_duration_seconds"
+
+
+def page(calls, le_counts, appkey="a", service="S", node="h:1", method="m", outcome="ok"):
+    labels = 'appkey="%s",rpc_service="%s",node="%s",rpc_method="%s",outcome="%s",rpc_system="thrift"' % (
+        appkey, service, node, method, outcome)
+    lines = ["# HELP %s x" % S, "# TYPE %s histogram" % S]
+    for le, n in le_counts:
+        lines.append('%s_bucket{%s,le="%s"} %s' % (S, labels, le, n))
+    lines.append("%s_count{%s} %s" % (S, labels, calls))
+    lines.append("%s_sum{%s} 0.5" % (S, labels))
+    return "\n".join(lines) + "\n"
+
+
+def test_parser_reads_labels_with_escapes_and_skips_junk():
+    text = 'x_total{a="q\\"uo\\\\te",b="new\\nline"} 3.0 1700000000\n# comment\ngarbage{\nplain 4\n'
+    got = list(parse_text(text))
+    assert got == [("x_total", {"a": 'q"uo\\te', "b": "new\nline"}, 3.0), ("plain", {}, 4.0)]
+
+
+def test_quantile_interpolates_like_histogram_quantile():
+    buckets = {0.001: 0, 0.01: 50, 0.1: 100, float("inf"): 100}
+    assert quantile(0.5, buckets) == pytest.approx(0.01)
+    assert quantile(0.25, buckets) == pytest.approx(0.001 + 0.009 * 0.5)
+    assert quantile(0.99, buckets) == pytest.approx(0.01 + 0.09 * 0.98)
+    assert quantile(0.5, {0.1: 0, float("inf"): 0}) is None
+    assert quantile(0.99, {0.1: 0, float("inf"): 10}) == 0.1  # beyond the last bound
+
+
+def test_deltas_rates_error_rate_and_tree():
+    old = sample_from_text(page(100, [(0.01, 100), ("+Inf", 100)]), "u", at=10.0)
+    sample_from_text(page(5, [(0.01, 5), ("+Inf", 5)], outcome="application_error"), "u", old)
+    new = sample_from_text(page(300, [(0.01, 250), ("+Inf", 300)]), "u", at=12.0)
+    sample_from_text(page(55, [(0.01, 55), ("+Inf", 55)], outcome="application_error"), "u", new)
+    figures = compute(old, new)
+    (svc,) = figures["services"]
+    assert (svc["appkey"], svc["service"]) == ("a", "S")
+    assert svc["calls"] == 250 and svc["errors"] == 50
+    assert svc["qps"] == 125.0 and svc["error_rate"] == 0.2
+    assert svc["outcomes"] == {"application_error": 50, "ok": 200}
+    # 200 of 250 below 10 ms: p50 inside the first bucket, p99 beyond the last finite bound
+    assert 0 < svc["p50_ms"] <= 10 and svc["p99_ms"] == 10.0
+    (node,) = svc["nodes"]
+    assert node["node"] == "h:1" and node["calls"] == 250 and node["methods"][0]["method"] == "m"
+
+
+def test_restart_and_new_series_and_unread_sources():
+    old = sample_from_text(page(100, [("+Inf", 100)]), "u", at=0.0)
+    new = sample_from_text(page(7, [("+Inf", 7)]), "u", at=1.0)  # the counter went down: restarted
+    sample_from_text(page(3, [("+Inf", 3)], method="n"), "u", new)  # a new series of a source read before
+    sample_from_text(page(9, [("+Inf", 9)], node="h:2"), "v", new)  # a source not read before: left out
+    (svc,) = compute(old, new)["services"]
+    assert svc["calls"] == 10
+    assert [n["node"] for n in svc["nodes"]] == ["h:1"]
+    assert {m["method"]: m["calls"] for m in svc["methods"]} == {"m": 7, "n": 3}
+
+
+def test_scope_filters_other_services_of_a_shared_endpoint():
+    text = page(5, [("+Inf", 5)]) + page(8, [("+Inf", 8)], service="Other")
+    old = sample_from_text("", "u", at=0.0)
+    new = sample_from_text(text, "u", at=1.0, scope={("a", "S")})
+    assert [s["service"] for s in compute(old, new)["services"]] == ["S"]
