@@ -18,7 +18,7 @@
 #   THRIFTPROBE_REDIS_PORT           standalone Redis port         (6379)
 #   THRIFTPROBE_REDIS_CLUSTER_PORTS  Redis Cluster master ports    ("7001 7002 7003")
 #   THRIFTPROBE_MYSQL_PORT           MariaDB port                  (3306)
-#   THRIFTPROBE_PROMETHEUS_PORT      Prometheus HTTP port          (19090)
+#   THRIFTPROBE_PROMETHEUS_PORT      Prometheus HTTP port          (19990)
 #   THRIFTPROBE_START_TIMEOUT        seconds to wait for a service (30; MariaDB gets twice that)
 #   THRIFTPROBE_PYTHON               Python that creates the schema + demo appkey (python3)
 #
@@ -37,7 +37,7 @@ ZK_PORT="${THRIFTPROBE_ZK_PORT:-2181}"
 REDIS_PORT="${THRIFTPROBE_REDIS_PORT:-6379}"
 read -r -a CLUSTER_PORTS <<<"${THRIFTPROBE_REDIS_CLUSTER_PORTS:-7001 7002 7003}"
 MYSQL_PORT="${THRIFTPROBE_MYSQL_PORT:-3306}"
-PROM_PORT="${THRIFTPROBE_PROMETHEUS_PORT:-19090}"
+PROM_PORT="${THRIFTPROBE_PROMETHEUS_PORT:-19990}"
 TIMEOUT="${THRIFTPROBE_START_TIMEOUT:-30}"
 HOST=127.0.0.1
 ALL_SERVICES=(zookeeper redis redis-cluster mariadb prometheus)

@@ -22,7 +22,7 @@ from thriftpy2.rpc import make_client
 from thriftprobe.metrics import BUCKETS
 from thriftprobe.node import Node
 
-PROMETHEUS = "http://127.0.0.1:%d" % int(os.environ.get("THRIFTPROBE_PROMETHEUS_PORT", "19090"))
+PROMETHEUS = "http://127.0.0.1:%d" % int(os.environ.get("THRIFTPROBE_PROMETHEUS_PORT", "19990"))
 SLEEP_MS = 30  # what the handler sleeps: every duration falls in the bucket (0.025, 0.05]
 
 demo_thrift = thriftpy2.load(IDL, module_name="demo_thrift")
