@@ -68,3 +68,96 @@ def test_scope_filters_other_services_of_a_shared_endpoint():
     old = sample_from_text("", "u", at=0.0)
     new = sample_from_text(text, "u", at=1.0, scope={("a", "S")})
     assert [s["service"] for s in compute(old, new)["services"]] == ["S"]
+
+
+# -- regressions of the review of the live view (fake endpoints on sockets) -------------------------
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from thriftprobe.admin.live import Sampler  # noqa: E402
+
+
+class _Endpoint:
+    """A raw HTTP/1.0 endpoint answering each request with ``handler(conn)``."""
+
+    def __init__(self, handler):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.handler = handler
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+class _Gov:
+    def __init__(self, *endpoints):
+        self.endpoints = list(endpoints)
+
+    def metrics_endpoints(self, appkey=None, service=None):
+        return list(self.endpoints)
+
+
+def _drip(conn):
+    while True:
+        conn.sendall(b"#")
+        time.sleep(0.2)
+
+
+def test_a_dripping_endpoint_cannot_hold_a_sample_past_its_deadline():
+    slow = _Endpoint(_drip)
+    good = _Endpoint(lambda c: c.sendall(page(5, [("+Inf", 5)]).encode()))
+    gov = _Gov(("a", "S", ("h", 1, ("127.0.0.1", good.port))), ("a", "T", ("h", 2, ("127.0.0.1", slow.port))))
+    sampler = Sampler(gov, timeout=0.5)
+    try:
+        for _ in range(3):  # the slow one is unreachable each time, fetches of it do not pile up
+            began = time.monotonic()
+            sample = sampler.sample()
+            assert time.monotonic() - began < 1.5
+            assert list(sample.errors) == ["http://127.0.0.1:%d/metrics" % slow.port]
+            assert sample.calls[("a", "S", "h:1", "m")] == {"ok": 5.0}
+        assert len(sampler._busy) <= 1
+    finally:
+        sampler.close()
+        slow.close()
+        good.close()
+
+
+def test_an_endless_body_is_an_error_not_a_memory_hog():
+    def endless(conn):
+        chunk = b"# " + b"x" * (1 << 20) + b"\n"
+        for _ in range(64):
+            conn.sendall(chunk)
+
+    huge = _Endpoint(endless)
+    sampler = Sampler(_Gov(("a", "S", ("h", 1, ("127.0.0.1", huge.port)))), timeout=5.0)
+    try:
+        sample = sampler.sample()
+        assert list(sample.errors) == ["http://127.0.0.1:%d/metrics" % huge.port]
+    finally:
+        sampler.close()
+        huge.close()

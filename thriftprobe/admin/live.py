@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -242,9 +242,28 @@ def compute(old: Sample, new: Sample) -> Dict[str, Any]:
 # -- reading samples -------------------------------------------------------------------------------
 
 
-def _fetch(url: str, timeout: float) -> str:
+MAX_BODY = 8 << 20  # bytes of one /metrics page or query answer; more is an error
+
+
+def _fetch(url: str, timeout: float, deadline: Optional[float] = None, limit: int = MAX_BODY) -> str:
+    """The body at ``url``; ``timeout`` bounds each socket operation, ``deadline`` (monotonic,
+    default now + timeout) the whole read, so an endpoint that drips bytes cannot hold it longer;
+    a body over ``limit`` bytes is an error."""
+    deadline = time.monotonic() + timeout if deadline is None else deadline
     with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return str(reply.read().decode("utf-8", "replace"))
+        chunks: List[bytes] = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError("reading the body took over %.1f s" % timeout)
+            chunk = reply.read1(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise ValueError("body over %d bytes" % limit)
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
 
 
 class Sampler:
@@ -259,6 +278,8 @@ class Sampler:
         self.prometheus = prometheus.rstrip("/") if prometheus else None
         self.timeout = timeout
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="thriftprobe-scrape")
+        self._busy: Set[str] = set()  # endpoints still being read: one fetch per endpoint at a time
+        self._busy_lock = threading.Lock()
 
     def targets(self) -> Tuple[Set[Tuple[str, str]], Dict[str, str]]:
         """The (appkey, service) pairs in scope, and {metrics URL: a node it serves} of their live nodes."""
@@ -276,22 +297,45 @@ class Sampler:
         scope, urls = self.targets()
         if self.prometheus:
             return self._from_prometheus(scope)
-        at = time.time()
-        pages = list(self._pool.map(self._read, list(urls)))
-        sample = Sample(at)
-        for url, text in zip(urls, pages):
+        sample = Sample(time.time())
+        # one deadline for the whole sample: an endpoint not read by then is unreachable this time
+        deadline = time.monotonic() + self.timeout
+        futures: Dict[str, "Future[Optional[str]]"] = {}
+        for url in urls:
+            with self._busy_lock:
+                if url in self._busy:  # a former read still runs (its own deadline ends it)
+                    sample.errors[url] = "unreachable: still reading it from the last sample"
+                    continue
+                self._busy.add(url)
+            try:
+                futures[url] = self._pool.submit(self._read, url, deadline)
+            except RuntimeError:  # closed
+                self._done(url)
+                sample.errors[url] = "unreachable: sampler closed"
+        wait(list(futures.values()), timeout=max(0.0, deadline - time.monotonic()) + 0.05)
+        for url, future in futures.items():
+            if not future.done():
+                sample.errors[url] = "unreachable: no answer within %.1f s" % self.timeout
+                continue
+            text = future.result()
             if text is None:
                 sample.errors[url] = "unreachable"
                 continue
             sample_from_text(text, url, sample, scope=scope)
         return sample
 
-    def _read(self, url: str) -> Optional[str]:
+    def _done(self, url: str) -> None:
+        with self._busy_lock:
+            self._busy.discard(url)
+
+    def _read(self, url: str, deadline: float) -> Optional[str]:
         try:
-            return _fetch(url, self.timeout)
+            return _fetch(url, self.timeout, deadline)
         except (OSError, ValueError) as err:
             log.debug("cannot read %s: %s", url, err)
             return None
+        finally:
+            self._done(url)
 
     def _from_prometheus(self, scope: Set[Tuple[str, str]]) -> Sample:
         sample = Sample(time.time())
@@ -312,7 +356,7 @@ class Sampler:
         return sample
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class History:
