@@ -161,3 +161,14 @@ def test_an_endless_body_is_an_error_not_a_memory_hog():
     finally:
         sampler.close()
         huge.close()
+
+
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-Inf", "-5"])
+def test_non_finite_or_negative_counts_are_dropped(bad):
+    import json
+
+    old = sample_from_text(page(1, [("+Inf", 1)]) + page(1, [("+Inf", 1)], service="Good"), "u", at=0.0)
+    new = sample_from_text(page(bad, [("+Inf", bad)]) + page(4, [("+Inf", 4)], service="Good"), "u", at=1.0)
+    figures = compute(old, new)
+    json.dumps(figures, allow_nan=False)  # strict JSON for the browser
+    assert {s["service"]: s["calls"] for s in figures["services"]} == {"Good": 3}

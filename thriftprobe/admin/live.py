@@ -108,6 +108,8 @@ class Sample:
     errors: Dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, labels: Dict[str, str], value: float, source: str) -> None:
+        if not math.isfinite(value) or value < 0:
+            return  # not a count (NaN, Inf, negative): it would spoil every figure it joins
         try:
             key = (labels["appkey"], labels["rpc_service"], labels["node"], labels["rpc_method"])
         except KeyError:
