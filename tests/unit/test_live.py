@@ -172,3 +172,15 @@ def test_non_finite_or_negative_counts_are_dropped(bad):
     figures = compute(old, new)
     json.dumps(figures, allow_nan=False)  # strict JSON for the browser
     assert {s["service"]: s["calls"] for s in figures["services"]} == {"Good": 3}
+
+
+def test_a_series_back_in_scope_does_not_count_its_whole_total():
+    text = page(10, [("+Inf", 10)]) + page(1000000, [("+Inf", 1000000)], service="B", node="h:2")
+    s1 = sample_from_text(text, "u", at=0.0, scope={("a", "S"), ("a", "B")})
+    s2 = sample_from_text(text, "u", at=1.0, scope={("a", "S")})  # B's node left ZooKeeper for a while
+    s3 = sample_from_text(text, "u", at=2.0, scope={("a", "S"), ("a", "B")})
+    assert [(s["service"], s["calls"]) for s in compute(s2, s3)["services"]] == [("S", 0)]
+    assert sorted((s["service"], s["calls"]) for s in compute(s1, s3)["services"]) == [("B", 0), ("S", 0)]
+    # a method's first calls (its series is new, its service was in scope) still count
+    s4 = sample_from_text(text + page(3, [("+Inf", 3)], method="n"), "u", at=3.0, scope={("a", "S"), ("a", "B")})
+    assert {m["method"]: m["calls"] for m in compute(s3, s4)["services"][1]["methods"]} == {"m": 0, "n": 3}

@@ -96,9 +96,11 @@ def parse_text(text: str, prefix: str = "") -> Iterable[Tuple[str, Dict[str, str
 @dataclass
 class Sample:
     """Cumulative counts at one moment: calls by outcome and bucket counts, per (appkey, service,
-    node, method). ``sources`` names what was read (endpoints), so that a series seen for the
-    first time in a source read both times counts from zero, and one whose source was not read
-    before is left out of the deltas."""
+    node, method). ``sources`` names what was read (endpoints) and ``scope`` the (appkey, service)
+    pairs read (None: all), so that a series seen for the first time in a source read both times,
+    of a service in scope both times, counts from zero (its first calls), and any other series
+    missing from the older sample (source not read, or service out of scope: it may have been
+    counting all along) is left out of the deltas."""
 
     at: float
     calls: Dict[Key, Dict[str, float]] = field(default_factory=dict)
@@ -106,6 +108,7 @@ class Sample:
     source_of: Dict[Key, str] = field(default_factory=dict)
     sources: Set[str] = field(default_factory=set)
     errors: Dict[str, str] = field(default_factory=dict)
+    scope: Optional[Set[Tuple[str, str]]] = None
 
     def add(self, name: str, labels: Dict[str, str], value: float, source: str) -> None:
         if not math.isfinite(value) or value < 0:
@@ -134,6 +137,8 @@ def sample_from_text(text: str, source: str, sample: Optional[Sample] = None, at
     ``scope``: only these (appkey, service) pairs."""
     sample = sample if sample is not None else Sample(time.time() if at is None else at)
     sample.sources.add(source)
+    if scope is not None:
+        sample.scope = set(scope) | (sample.scope or set())
     for name, labels, value in parse_text(text, SERIES):
         if scope is not None and (labels.get("appkey"), labels.get("rpc_service")) not in scope:
             continue
@@ -210,10 +215,12 @@ def compute(old: Sample, new: Sample) -> Dict[str, Any]:
     nodes: Dict[Tuple[str, ...], Figures] = {}
     node_methods: Dict[Tuple[str, ...], Figures] = {}
     for key in sorted(set(new.calls) | set(new.buckets)):
-        source = new.source_of.get(key)
-        if source not in old.sources:
-            continue  # not read last time: no delta to take
         appkey, service, node, method = key
+        if key not in old.calls and key not in old.buckets:
+            if new.source_of.get(key) not in old.sources:
+                continue  # not read last time: no delta to take
+            if old.scope is not None and (appkey, service) not in old.scope:
+                continue  # out of scope last time (a node gone for a while): its counts are not new
         old_calls, new_calls = old.calls.get(key, {}), new.calls.get(key, {})
         outcomes = {o: _delta(n, old_calls.get(o, 0.0)) for o, n in new_calls.items()}
         old_b, new_b = old.buckets.get(key, {}), new.buckets.get(key, {})
@@ -299,7 +306,7 @@ class Sampler:
         scope, urls = self.targets()
         if self.prometheus:
             return self._from_prometheus(scope)
-        sample = Sample(time.time())
+        sample = Sample(time.time(), scope=set(scope))
         # one deadline for the whole sample: an endpoint not read by then is unreachable this time
         deadline = time.monotonic() + self.timeout
         futures: Dict[str, "Future[Optional[str]]"] = {}
@@ -340,7 +347,7 @@ class Sampler:
             self._done(url)
 
     def _from_prometheus(self, scope: Set[Tuple[str, str]]) -> Sample:
-        sample = Sample(time.time())
+        sample = Sample(time.time(), scope=set(scope))
         source = self.prometheus or ""
         sample.sources.add(source)
         for series in (SERIES + "_count", SERIES + "_bucket"):
