@@ -184,3 +184,57 @@ def test_a_series_back_in_scope_does_not_count_its_whole_total():
     # a method's first calls (its series is new, its service was in scope) still count
     s4 = sample_from_text(text + page(3, [("+Inf", 3)], method="n"), "u", at=3.0, scope={("a", "S"), ("a", "B")})
     assert {m["method"]: m["calls"] for m in compute(s3, s4)["services"][1]["methods"]} == {"m": 0, "n": 3}
+
+
+class _FakeSampler:
+    timeout = 0.5
+
+    def __init__(self):
+        self.n = 0
+
+    def sample(self):
+        self.n += 1
+        return sample_from_text(page(10 * self.n, [("+Inf", 10 * self.n)]), "u", at=float(self.n))
+
+    def close(self):
+        pass
+
+
+def test_history_computes_once_per_tick_outside_its_lock(monkeypatch):
+    from thriftprobe.admin import live
+
+    history = live.History(_FakeSampler(), interval=1.0, window=2.0)
+    calls = []
+
+    def spy(old, new):
+        assert not history._lock.locked()
+        calls.append((old.at, new.at))
+        return compute(old, new)
+
+    monkeypatch.setattr(live, "compute", spy)
+    for _ in range(4):
+        history.tick()
+    assert len(calls) == 6  # per tick: the chart point and the window, from the second tick on
+    for _ in range(3):
+        snap = history.snapshot()
+    assert len(calls) == 6  # snapshot() computes nothing
+    assert (snap["figures"]["from"], snap["figures"]["to"]) == (2.0, 4.0)
+    assert snap["figures"]["services"][0]["calls"] == 20
+
+
+def test_compute_is_linear_in_the_series():
+    from thriftprobe.admin.live import Sample
+
+    def mk(at, n_nodes, c):
+        s = Sample(at)
+        s.sources.add("u")
+        for nd in range(n_nodes):
+            for m in range(10):
+                s.add(S + "_count", {"appkey": "a", "rpc_service": "S%d" % (nd % 20), "node": "n%d:1" % nd,
+                                     "rpc_method": "m%d" % m}, c, "u")
+        return s
+
+    began = time.perf_counter()
+    figures = compute(mk(0, 2000, 0), mk(1, 2000, 5))
+    assert time.perf_counter() - began < 3.0  # was quadratic: minutes at this size
+    assert sum(s["calls"] for s in figures["services"]) == 2000 * 10 * 5

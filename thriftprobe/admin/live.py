@@ -210,11 +210,12 @@ def compute(old: Sample, new: Sample) -> Dict[str, Any]:
     """The figures between two samples, as a JSON-ready tree: services (appkey, service) with
     their figures, their methods, and their nodes (each with its methods)."""
     seconds = max(new.at - old.at, 1e-9)
-    services: Dict[Tuple[str, ...], Figures] = {}
-    svc_methods: Dict[Tuple[str, ...], Figures] = {}
-    nodes: Dict[Tuple[str, ...], Figures] = {}
-    node_methods: Dict[Tuple[str, ...], Figures] = {}
-    for key in sorted(set(new.calls) | set(new.buckets)):
+    # one pass over the series, grouped as the tree is: linear in the number of series
+    services: Dict[Tuple[str, str], Figures] = {}
+    svc_methods: Dict[Tuple[str, str], Dict[str, Figures]] = {}
+    nodes: Dict[Tuple[str, str], Dict[str, Figures]] = {}
+    node_methods: Dict[Tuple[str, str, str], Dict[str, Figures]] = {}
+    for key in set(new.calls) | set(new.buckets):
         appkey, service, node, method = key
         if key not in old.calls and key not in old.buckets:
             if new.source_of.get(key) not in old.sources:
@@ -225,25 +226,21 @@ def compute(old: Sample, new: Sample) -> Dict[str, Any]:
         outcomes = {o: _delta(n, old_calls.get(o, 0.0)) for o, n in new_calls.items()}
         old_b, new_b = old.buckets.get(key, {}), new.buckets.get(key, {})
         buckets = {le: _delta(n, old_b.get(le, 0.0)) for le, n in new_b.items()}
-        for table, k in ((services, (appkey, service)), (svc_methods, (appkey, service, method)),
-                         (nodes, (appkey, service, node)), (node_methods, key)):
-            table.setdefault(k, Figures(seconds)).add(outcomes, buckets)
+        sk = (appkey, service)
+        for figs in (services.setdefault(sk, Figures(seconds)),
+                     svc_methods.setdefault(sk, {}).setdefault(method, Figures(seconds)),
+                     nodes.setdefault(sk, {}).setdefault(node, Figures(seconds)),
+                     node_methods.setdefault((appkey, service, node), {}).setdefault(method, Figures(seconds))):
+            figs.add(outcomes, buckets)
     result: List[Dict[str, Any]] = []
     for (appkey, service), figs in sorted(services.items()):
         entry: Dict[str, Any] = {"appkey": appkey, "service": service, **figs.to_dict()}
-        entry["methods"] = [
-            {"method": m, **f.to_dict()} for (a, s, m), f in sorted(svc_methods.items()) if (a, s) == (appkey, service)
+        entry["methods"] = [{"method": m, **f.to_dict()} for m, f in sorted(svc_methods[(appkey, service)].items())]
+        entry["nodes"] = [
+            {"node": node, **nf.to_dict(),
+             "methods": [{"method": m, **f.to_dict()} for m, f in sorted(node_methods[(appkey, service, node)].items())]}
+            for node, nf in sorted(nodes[(appkey, service)].items())
         ]
-        entry["nodes"] = []
-        for (a, s, node), nf in sorted(nodes.items()):
-            if (a, s) != (appkey, service):
-                continue
-            entry["nodes"].append({
-                "node": node,
-                **nf.to_dict(),
-                "methods": [{"method": k[3], **f.to_dict()} for k, f in sorted(node_methods.items())
-                            if k[:3] == (appkey, service, node)],
-            })
         result.append(entry)
     return {"from": round(old.at, 3), "to": round(new.at, 3), "seconds": round(seconds, 3), "services": result}
 
@@ -383,6 +380,7 @@ class History:
         self._thread = threading.Thread(target=self._run, name="thriftprobe-live", daemon=True)
         self._started = False
         self._failure: Optional[str] = None
+        self._figures: Optional[Dict[str, Any]] = None  # over the window, computed once per tick
 
     def start(self) -> "History":
         with self._lock:
@@ -404,18 +402,26 @@ class History:
             self._stop.wait(max(0.05, self.interval - (time.monotonic() - began)))
 
     def tick(self) -> None:
+        """Read a sample; the figures (last tick's for the chart, the window's for snapshot) are
+        computed here, once, outside the lock (only this thread changes the samples)."""
         sample = self.sampler.sample()
         with self._lock:
-            if self._samples:
-                self._points.append(_point(compute(self._samples[-1], sample)))
+            samples = list(self._samples)
+        samples = (samples + [sample])[-(self._samples.maxlen or 2):]
+        point = _point(compute(samples[-2], sample)) if len(samples) >= 2 else None
+        figures = compute(samples[0], sample) if len(samples) >= 2 else None
+        with self._lock:
             self._samples.append(sample)
+            if point is not None:
+                self._points.append(point)
+            self._figures = figures
 
     def snapshot(self) -> Dict[str, Any]:
         """The figures over the window, and the chart points (one per tick, oldest first)."""
         with self._lock:
             samples = list(self._samples)
             points = list(self._points)
-        figures = compute(samples[0], samples[-1]) if len(samples) >= 2 else None
+            figures = self._figures
         return {"figures": figures, "points": points, "failure": self._failure,
                 "unreachable": sorted(samples[-1].errors) if samples else []}
 
