@@ -236,5 +236,28 @@ def test_compute_is_linear_in_the_series():
 
     began = time.perf_counter()
     figures = compute(mk(0, 2000, 0), mk(1, 2000, 5))
-    assert time.perf_counter() - began < 3.0  # was quadratic: minutes at this size
+    assert time.perf_counter() - began < 3.0  # it was quadratic in the nodes
     assert sum(s["calls"] for s in figures["services"]) == 2000 * 10 * 5
+
+
+def test_history_keeps_ticking_past_a_dripping_endpoint_flags_stale_figures_and_stops_promptly():
+    from thriftprobe.admin.live import History
+
+    slow = _Endpoint(_drip)
+    good = _Endpoint(lambda c: c.sendall(page(5, [("+Inf", 5)]).encode()))
+    gov = _Gov(("a", "S", ("h", 1, ("127.0.0.1", good.port))), ("a", "T", ("h", 2, ("127.0.0.1", slow.port))))
+    history = History(Sampler(gov, timeout=0.5), interval=0.2, window=1.0).start()
+    try:
+        time.sleep(2.5)
+        snap = history.snapshot()
+        assert snap["figures"] is not None and snap["age"] < history.stale_after() and not snap["stale"]
+        assert snap["unreachable"] == ["http://127.0.0.1:%d/metrics" % slow.port]
+        with history._lock:  # figures of long ago are flagged
+            history._samples[-1].at -= 10
+        assert history.snapshot()["stale"]
+    finally:
+        began = time.monotonic()
+        history.stop()
+        assert time.monotonic() - began < 2.0 and not history._thread.is_alive()
+        slow.close()
+        good.close()

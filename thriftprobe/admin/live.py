@@ -416,20 +416,30 @@ class History:
                 self._points.append(point)
             self._figures = figures
 
+    def stale_after(self) -> float:
+        """Figures older than this (seconds) are stale: about two ticks, a tick being the interval
+        or, with an endpoint answering slowly, the sampler's deadline."""
+        return 2 * (self.interval + float(getattr(self.sampler, "timeout", 0.0)))
+
     def snapshot(self) -> Dict[str, Any]:
-        """The figures over the window, and the chart points (one per tick, oldest first)."""
+        """The figures over the window, the chart points (one per tick, oldest first), and the
+        age of the newest sample (``age`` seconds; ``stale`` when over ``stale_after()``)."""
         with self._lock:
             samples = list(self._samples)
             points = list(self._points)
             figures = self._figures
+        age = round(max(0.0, time.time() - samples[-1].at), 3) if samples else None
         return {"figures": figures, "points": points, "failure": self._failure,
-                "unreachable": sorted(samples[-1].errors) if samples else []}
+                "unreachable": sorted(samples[-1].errors) if samples else [],
+                "age": age, "stale": age is not None and age > self.stale_after()}
 
     def stop(self) -> None:
+        """End the sampling; a tick under way ends by the sampler's deadline (not waited for
+        longer than that: the thread is a daemon)."""
         self._stop.set()
-        if self._started:
-            self._thread.join(5)
         self.sampler.close()
+        if self._started:
+            self._thread.join(float(getattr(self.sampler, "timeout", 2.0)) + 1.0)
 
 
 def _point(figures: Dict[str, Any]) -> Dict[str, Any]:
