@@ -238,7 +238,8 @@ def compute(old: Sample, new: Sample) -> Dict[str, Any]:
         entry["methods"] = [{"method": m, **f.to_dict()} for m, f in sorted(svc_methods[(appkey, service)].items())]
         entry["nodes"] = [
             {"node": node, **nf.to_dict(),
-             "methods": [{"method": m, **f.to_dict()} for m, f in sorted(node_methods[(appkey, service, node)].items())]}
+             "methods": [{"method": m, **f.to_dict()}
+                         for m, f in sorted(node_methods[(appkey, service, node)].items())]}
             for node, nf in sorted(nodes[(appkey, service)].items())
         ]
         result.append(entry)
@@ -407,7 +408,7 @@ class History:
         sample = self.sampler.sample()
         with self._lock:
             samples = list(self._samples)
-        samples = (samples + [sample])[-(self._samples.maxlen or 2):]
+        samples = [*samples, sample][-(self._samples.maxlen or 2):]
         point = _point(compute(samples[-2], sample)) if len(samples) >= 2 else None
         figures = compute(samples[0], sample) if len(samples) >= 2 else None
         with self._lock:
