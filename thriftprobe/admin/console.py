@@ -479,7 +479,8 @@ function render(data) {
   document.getElementById('charts').innerHTML = cards;
   document.querySelector('#live tbody').innerHTML = rows ||
     '<tr><td colspan="7" class="muted">no figures yet (providers show here when started with metrics_port)</td></tr>';
-  const problems = (data.failure ? ['sampling failed: ' + data.failure] : [])
+  const problems = (data.stale ? [`figures are ${fmt(data.age, 0)} s old: sampling is behind`] : [])
+    .concat(data.failure ? ['sampling failed: ' + data.failure] : [])
     .concat(data.unreachable.length ? ['unreachable: ' + data.unreachable.join(', ')] : []);
   status(problems.join('; '), problems.length > 0);
 }

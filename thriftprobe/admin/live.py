@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -96,9 +96,11 @@ def parse_text(text: str, prefix: str = "") -> Iterable[Tuple[str, Dict[str, str
 @dataclass
 class Sample:
     """Cumulative counts at one moment: calls by outcome and bucket counts, per (appkey, service,
-    node, method). ``sources`` names what was read (endpoints), so that a series seen for the
-    first time in a source read both times counts from zero, and one whose source was not read
-    before is left out of the deltas."""
+    node, method). ``sources`` names what was read (endpoints) and ``scope`` the (appkey, service)
+    pairs read (None: all), so that a series seen for the first time in a source read both times,
+    of a service in scope both times, counts from zero (its first calls), and any other series
+    missing from the older sample (source not read, or service out of scope: it may have been
+    counting all along) is left out of the deltas."""
 
     at: float
     calls: Dict[Key, Dict[str, float]] = field(default_factory=dict)
@@ -106,8 +108,11 @@ class Sample:
     source_of: Dict[Key, str] = field(default_factory=dict)
     sources: Set[str] = field(default_factory=set)
     errors: Dict[str, str] = field(default_factory=dict)
+    scope: Optional[Set[Tuple[str, str]]] = None
 
     def add(self, name: str, labels: Dict[str, str], value: float, source: str) -> None:
+        if not math.isfinite(value) or value < 0:
+            return  # not a count (NaN, Inf, negative): it would spoil every figure it joins
         try:
             key = (labels["appkey"], labels["rpc_service"], labels["node"], labels["rpc_method"])
         except KeyError:
@@ -132,6 +137,8 @@ def sample_from_text(text: str, source: str, sample: Optional[Sample] = None, at
     ``scope``: only these (appkey, service) pairs."""
     sample = sample if sample is not None else Sample(time.time() if at is None else at)
     sample.sources.add(source)
+    if scope is not None:
+        sample.scope = set(scope) | (sample.scope or set())
     for name, labels, value in parse_text(text, SERIES):
         if scope is not None and (labels.get("appkey"), labels.get("rpc_service")) not in scope:
             continue
@@ -203,38 +210,38 @@ def compute(old: Sample, new: Sample) -> Dict[str, Any]:
     """The figures between two samples, as a JSON-ready tree: services (appkey, service) with
     their figures, their methods, and their nodes (each with its methods)."""
     seconds = max(new.at - old.at, 1e-9)
-    services: Dict[Tuple[str, ...], Figures] = {}
-    svc_methods: Dict[Tuple[str, ...], Figures] = {}
-    nodes: Dict[Tuple[str, ...], Figures] = {}
-    node_methods: Dict[Tuple[str, ...], Figures] = {}
-    for key in sorted(set(new.calls) | set(new.buckets)):
-        source = new.source_of.get(key)
-        if source not in old.sources:
-            continue  # not read last time: no delta to take
+    # one pass over the series, grouped as the tree is: linear in the number of series
+    services: Dict[Tuple[str, str], Figures] = {}
+    svc_methods: Dict[Tuple[str, str], Dict[str, Figures]] = {}
+    nodes: Dict[Tuple[str, str], Dict[str, Figures]] = {}
+    node_methods: Dict[Tuple[str, str, str], Dict[str, Figures]] = {}
+    for key in set(new.calls) | set(new.buckets):
         appkey, service, node, method = key
+        if key not in old.calls and key not in old.buckets:
+            if new.source_of.get(key) not in old.sources:
+                continue  # not read last time: no delta to take
+            if old.scope is not None and (appkey, service) not in old.scope:
+                continue  # out of scope last time (a node gone for a while): its counts are not new
         old_calls, new_calls = old.calls.get(key, {}), new.calls.get(key, {})
         outcomes = {o: _delta(n, old_calls.get(o, 0.0)) for o, n in new_calls.items()}
         old_b, new_b = old.buckets.get(key, {}), new.buckets.get(key, {})
         buckets = {le: _delta(n, old_b.get(le, 0.0)) for le, n in new_b.items()}
-        for table, k in ((services, (appkey, service)), (svc_methods, (appkey, service, method)),
-                         (nodes, (appkey, service, node)), (node_methods, key)):
-            table.setdefault(k, Figures(seconds)).add(outcomes, buckets)
+        sk = (appkey, service)
+        for figs in (services.setdefault(sk, Figures(seconds)),
+                     svc_methods.setdefault(sk, {}).setdefault(method, Figures(seconds)),
+                     nodes.setdefault(sk, {}).setdefault(node, Figures(seconds)),
+                     node_methods.setdefault((appkey, service, node), {}).setdefault(method, Figures(seconds))):
+            figs.add(outcomes, buckets)
     result: List[Dict[str, Any]] = []
     for (appkey, service), figs in sorted(services.items()):
         entry: Dict[str, Any] = {"appkey": appkey, "service": service, **figs.to_dict()}
-        entry["methods"] = [
-            {"method": m, **f.to_dict()} for (a, s, m), f in sorted(svc_methods.items()) if (a, s) == (appkey, service)
+        entry["methods"] = [{"method": m, **f.to_dict()} for m, f in sorted(svc_methods[(appkey, service)].items())]
+        entry["nodes"] = [
+            {"node": node, **nf.to_dict(),
+             "methods": [{"method": m, **f.to_dict()}
+                         for m, f in sorted(node_methods[(appkey, service, node)].items())]}
+            for node, nf in sorted(nodes[(appkey, service)].items())
         ]
-        entry["nodes"] = []
-        for (a, s, node), nf in sorted(nodes.items()):
-            if (a, s) != (appkey, service):
-                continue
-            entry["nodes"].append({
-                "node": node,
-                **nf.to_dict(),
-                "methods": [{"method": k[3], **f.to_dict()} for k, f in sorted(node_methods.items())
-                            if k[:3] == (appkey, service, node)],
-            })
         result.append(entry)
     return {"from": round(old.at, 3), "to": round(new.at, 3), "seconds": round(seconds, 3), "services": result}
 
@@ -242,9 +249,28 @@ def compute(old: Sample, new: Sample) -> Dict[str, Any]:
 # -- reading samples -------------------------------------------------------------------------------
 
 
-def _fetch(url: str, timeout: float) -> str:
+MAX_BODY = 8 << 20  # bytes of one /metrics page or query answer; more is an error
+
+
+def _fetch(url: str, timeout: float, deadline: Optional[float] = None, limit: int = MAX_BODY) -> str:
+    """The body at ``url``; ``timeout`` bounds each socket operation, ``deadline`` (monotonic,
+    default now + timeout) the whole read, so an endpoint that drips bytes cannot hold it longer;
+    a body over ``limit`` bytes is an error."""
+    deadline = time.monotonic() + timeout if deadline is None else deadline
     with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return str(reply.read().decode("utf-8", "replace"))
+        chunks: List[bytes] = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError("reading the body took over %.1f s" % timeout)
+            chunk = reply.read1(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise ValueError("body over %d bytes" % limit)
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
 
 
 class Sampler:
@@ -259,6 +285,8 @@ class Sampler:
         self.prometheus = prometheus.rstrip("/") if prometheus else None
         self.timeout = timeout
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="thriftprobe-scrape")
+        self._busy: Set[str] = set()  # endpoints still being read: one fetch per endpoint at a time
+        self._busy_lock = threading.Lock()
 
     def targets(self) -> Tuple[Set[Tuple[str, str]], Dict[str, str]]:
         """The (appkey, service) pairs in scope, and {metrics URL: a node it serves} of their live nodes."""
@@ -276,25 +304,48 @@ class Sampler:
         scope, urls = self.targets()
         if self.prometheus:
             return self._from_prometheus(scope)
-        at = time.time()
-        pages = list(self._pool.map(self._read, list(urls)))
-        sample = Sample(at)
-        for url, text in zip(urls, pages):
+        sample = Sample(time.time(), scope=set(scope))
+        # one deadline for the whole sample: an endpoint not read by then is unreachable this time
+        deadline = time.monotonic() + self.timeout
+        futures: Dict[str, "Future[Optional[str]]"] = {}
+        for url in urls:
+            with self._busy_lock:
+                if url in self._busy:  # a former read still runs (its own deadline ends it)
+                    sample.errors[url] = "unreachable: still reading it from the last sample"
+                    continue
+                self._busy.add(url)
+            try:
+                futures[url] = self._pool.submit(self._read, url, deadline)
+            except RuntimeError:  # closed
+                self._done(url)
+                sample.errors[url] = "unreachable: sampler closed"
+        wait(list(futures.values()), timeout=max(0.0, deadline - time.monotonic()) + 0.05)
+        for url, future in futures.items():
+            if not future.done():
+                sample.errors[url] = "unreachable: no answer within %.1f s" % self.timeout
+                continue
+            text = future.result()
             if text is None:
                 sample.errors[url] = "unreachable"
                 continue
             sample_from_text(text, url, sample, scope=scope)
         return sample
 
-    def _read(self, url: str) -> Optional[str]:
+    def _done(self, url: str) -> None:
+        with self._busy_lock:
+            self._busy.discard(url)
+
+    def _read(self, url: str, deadline: float) -> Optional[str]:
         try:
-            return _fetch(url, self.timeout)
+            return _fetch(url, self.timeout, deadline)
         except (OSError, ValueError) as err:
             log.debug("cannot read %s: %s", url, err)
             return None
+        finally:
+            self._done(url)
 
     def _from_prometheus(self, scope: Set[Tuple[str, str]]) -> Sample:
-        sample = Sample(time.time())
+        sample = Sample(time.time(), scope=set(scope))
         source = self.prometheus or ""
         sample.sources.add(source)
         for series in (SERIES + "_count", SERIES + "_bucket"):
@@ -312,7 +363,7 @@ class Sampler:
         return sample
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class History:
@@ -330,6 +381,7 @@ class History:
         self._thread = threading.Thread(target=self._run, name="thriftprobe-live", daemon=True)
         self._started = False
         self._failure: Optional[str] = None
+        self._figures: Optional[Dict[str, Any]] = None  # over the window, computed once per tick
 
     def start(self) -> "History":
         with self._lock:
@@ -351,26 +403,44 @@ class History:
             self._stop.wait(max(0.05, self.interval - (time.monotonic() - began)))
 
     def tick(self) -> None:
+        """Read a sample; the figures (last tick's for the chart, the window's for snapshot) are
+        computed here, once, outside the lock (only this thread changes the samples)."""
         sample = self.sampler.sample()
         with self._lock:
-            if self._samples:
-                self._points.append(_point(compute(self._samples[-1], sample)))
+            samples = list(self._samples)
+        samples = [*samples, sample][-(self._samples.maxlen or 2):]
+        point = _point(compute(samples[-2], sample)) if len(samples) >= 2 else None
+        figures = compute(samples[0], sample) if len(samples) >= 2 else None
+        with self._lock:
             self._samples.append(sample)
+            if point is not None:
+                self._points.append(point)
+            self._figures = figures
+
+    def stale_after(self) -> float:
+        """Figures older than this (seconds) are stale: about two ticks, a tick being the interval
+        or, with an endpoint answering slowly, the sampler's deadline."""
+        return 2 * (self.interval + float(getattr(self.sampler, "timeout", 0.0)))
 
     def snapshot(self) -> Dict[str, Any]:
-        """The figures over the window, and the chart points (one per tick, oldest first)."""
+        """The figures over the window, the chart points (one per tick, oldest first), and the
+        age of the newest sample (``age`` seconds; ``stale`` when over ``stale_after()``)."""
         with self._lock:
             samples = list(self._samples)
             points = list(self._points)
-        figures = compute(samples[0], samples[-1]) if len(samples) >= 2 else None
+            figures = self._figures
+        age = round(max(0.0, time.time() - samples[-1].at), 3) if samples else None
         return {"figures": figures, "points": points, "failure": self._failure,
-                "unreachable": sorted(samples[-1].errors) if samples else []}
+                "unreachable": sorted(samples[-1].errors) if samples else [],
+                "age": age, "stale": age is not None and age > self.stale_after()}
 
     def stop(self) -> None:
+        """End the sampling; a tick under way ends by the sampler's deadline (not waited for
+        longer than that: the thread is a daemon)."""
         self._stop.set()
-        if self._started:
-            self._thread.join(5)
         self.sampler.close()
+        if self._started:
+            self._thread.join(float(getattr(self.sampler, "timeout", 2.0)) + 1.0)
 
 
 def _point(figures: Dict[str, Any]) -> Dict[str, Any]:
