@@ -4,7 +4,6 @@ the discovery lag the table reports, and the hooks of the pool and the outlier d
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from typing import Any, List, Tuple
 
@@ -137,30 +136,6 @@ class Events:
         self.seen.append(("closed", address))
 
 
-@pytest.fixture
-def listener():
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    accepted = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        srv.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                accepted.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield srv.getsockname()
-    stop.set()
-    thread.join(5)
-    srv.close()
-    for conn in accepted:
-        conn.close()
 
 
 def test_the_pool_tells_its_watcher_what_it_opens_fails_to_open_and_closes_never_what_it_lends(listener):

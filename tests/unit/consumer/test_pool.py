@@ -10,32 +10,6 @@ from thriftpy2.transport import TTransportException
 from thriftprobe.consumer.pool import ConnectionPool
 
 
-@pytest.fixture
-def listener():
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    accepted = []
-    stop = threading.Event()
-
-    def accept():
-        srv.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                accepted.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield srv.getsockname()
-    stop.set()
-    thread.join(5)
-    srv.close()
-    for conn in accepted:
-        conn.close()
-
-
 def test_a_connection_idle_for_longer_than_max_idle_age_is_replaced_not_lent(listener):
     pool = ConnectionPool(connect_timeout_ms=1000, socket_timeout_ms=1000, max_idle_age=60.0)
     first = pool.acquire(listener)

@@ -4,9 +4,7 @@ it, and a pool whose node changes its wire. A local listening socket, no server 
 from __future__ import annotations
 
 import logging
-import socket
-import threading
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import pytest
 from thriftpy2.protocol import TCompactProtocol
@@ -67,30 +65,6 @@ def test_the_table_warns_once_per_node_and_again_only_when_it_says_something_new
     assert len(caplog.records) == 3
 
 
-@pytest.fixture
-def listener() -> Iterator[Address]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    accepted = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        srv.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                accepted.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield srv.getsockname()
-    stop.set()
-    thread.join(5)
-    srv.close()
-    for conn in accepted:
-        conn.close()
 
 
 FRAMED_COMPACT = wire_of(node(1, transport="framed", protocol="compact"))
