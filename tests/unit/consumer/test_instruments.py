@@ -8,6 +8,7 @@ import time
 from typing import Any, List, Tuple
 
 import pytest
+from local_listener import listening_socket  # noqa: F401 - the fixture "listener"
 from prometheus_client import CollectorRegistry
 from thriftpy2.thrift import TApplicationException, TException
 from thriftpy2.transport import TTransportException

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from local_listener import listening_socket  # noqa: F401 - the fixture "listener"
 from thriftpy2.transport import TTransportException
 
 from thriftprobe.consumer.pool import ConnectionPool

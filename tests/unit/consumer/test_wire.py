@@ -7,6 +7,7 @@ import logging
 from typing import Tuple
 
 import pytest
+from local_listener import listening_socket  # noqa: F401 - the fixture "listener"
 from thriftpy2.protocol import TCompactProtocol
 from thriftpy2.transport import TCyFramedTransport
 

@@ -1,4 +1,5 @@
-"""Fixtures of the consumer's unit tests."""
+"""The consumer unit tests' listening-socket fixture (a module of its own: a second conftest.py would
+shadow tests/integration/conftest.py, which tests import by the name ``conftest``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Iterator, List, Tuple
 import pytest
 
 
-@pytest.fixture
-def listener() -> Iterator[Tuple[str, int]]:
+@pytest.fixture(name="listener")
+def listening_socket() -> Iterator[Tuple[str, int]]:
     """A local listening socket that accepts every connection (no server process); its address."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
