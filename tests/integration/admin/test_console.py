@@ -13,32 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import IDL, ROOT, wait_until
+from console_fixtures import CREDENTIALS, chromium, console_server  # noqa: F401 - the fixtures "browser", "console"
 
 from thriftprobe import build_client
-from thriftprobe.admin.console import ConsoleServer
-from thriftprobe.config import ConsoleConfig
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-CREDENTIALS = ConsoleConfig(username="ops", password="correct horse battery")
-
-
-@pytest.fixture
-def console(cfg):
-    with ConsoleServer(cfg, CREDENTIALS, "127.0.0.1", 0) as server:
-        yield server
-
-
-@pytest.fixture
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian's chromium is not installed (tests/bootstrap.sh installs it)")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def test_api_needs_login_and_csrf(console, providers):

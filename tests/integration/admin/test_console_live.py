@@ -9,20 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from conftest import IDL, ROOT, wait_until
+from console_fixtures import CREDENTIALS, chromium, console_server  # noqa: F401 - the fixtures "browser", "console"
 from prometheus_client import CollectorRegistry
-from test_console import CREDENTIALS, browser  # noqa: F401 - the fixture
 
 from thriftprobe import build_client
-from thriftprobe.admin.console import ConsoleServer
 from thriftprobe.metrics import Recorder
-
-
-@pytest.fixture
-def console(cfg):
-    with ConsoleServer(cfg, CREDENTIALS, "127.0.0.1", 0) as server:
-        yield server
 
 
 def series(page, appkey: str, port: int):
@@ -33,7 +25,7 @@ def series(page, appkey: str, port: int):
     return [float(v) if v else None for v in (found.get_attribute("data-values") or "").split(",")]
 
 
-def test_live_chart_shows_a_weight_change_moving_traffic(console, browser, providers, cfg, appkey, gov):  # noqa: F811
+def test_live_chart_shows_a_weight_change_moving_traffic(console, browser, providers, cfg, appkey, gov):
     rec = Recorder(CollectorRegistry())
     a = providers("a", metrics=rec, metrics_port=0)
     b = providers("b", metrics=rec, metrics_port=0)
