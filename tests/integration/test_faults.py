@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -18,7 +17,7 @@ import pytest
 from conftest import IDL, MYSQL_PORT, REDIS_PORT, TEST_ENV, ZK, free_port, spawn_provider, wait_until
 from kazoo.client import KazooClient
 from thriftpy2.transport import TTransportException
-from zk_ensemble import ZkEnsemble
+from zk_ensemble import zk_ensemble  # noqa: F401 - the fixture "ensemble"
 
 from thriftprobe import BackendError, NoAvailableNode, build_client, config
 from thriftprobe.consumer.balancer import WeightedRandom
@@ -180,16 +179,6 @@ def test_session_expiry_under_load_re_registers_with_current_settings(cfg, appke
         load.more(300)
     assert load.failures == []
 
-
-@pytest.fixture
-def ensemble(tmp_path):
-    if not shutil.which("java"):
-        pytest.fail("java is needed for the ZooKeeper ensemble")
-    ens = ZkEnsemble(tmp_path / "ensemble")
-    ens.start()
-    ens.wait_ready()
-    yield ens
-    ens.close()
 
 
 def test_killing_one_ensemble_member_is_invisible(ensemble, tmp_path, appkey, providers):

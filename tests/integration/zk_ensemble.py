@@ -7,12 +7,15 @@ SSL keystores and log4j, which this ZooKeeper does not use, so this is a small o
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
+
+import pytest
 
 CLASSPATH = "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
 
@@ -108,3 +111,15 @@ class ZkEnsemble:
 
     def close(self) -> None:
         self.kill()
+
+
+@pytest.fixture(name="ensemble")
+def zk_ensemble(tmp_path: Path) -> Iterator[ZkEnsemble]:
+    """A running 3-member ensemble of the test's own, closed after it."""
+    if not shutil.which("java"):
+        pytest.fail("java is needed for the ZooKeeper ensemble")
+    ens = ZkEnsemble(tmp_path / "ensemble")
+    ens.start()
+    ens.wait_ready()
+    yield ens
+    ens.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import IDL, MYSQL_PORT, REDIS_PORT, TEST_ENV, free_port, wait_until
 from kazoo.client import KazooClient
-from zk_ensemble import ZkEnsemble
+from zk_ensemble import zk_ensemble  # noqa: F401 - the fixture "ensemble"
 
 from thriftprobe import ConfigError, InvalidArgument, NoAvailableNode, build_client, config
 from thriftprobe.consumer.health import OutlierDetector
@@ -137,16 +136,6 @@ def test_an_unreachable_zookeeper_never_delays_or_fails_a_call(tmp_path, cfg, ap
         assert time.monotonic() - began < 2.0
     assert entries(zk, appkey) == {}
 
-
-@pytest.fixture
-def ensemble(tmp_path):
-    if not shutil.which("java"):
-        pytest.fail("java is needed for the ZooKeeper ensemble")
-    ens = ZkEnsemble(tmp_path / "ensemble")
-    ens.start()
-    ens.wait_ready()
-    yield ens
-    ens.close()
 
 
 def test_zookeeper_going_away_and_back_neither_delays_calls_nor_loses_the_entry(ensemble, tmp_path, appkey,
