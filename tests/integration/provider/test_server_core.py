@@ -394,19 +394,35 @@ PROVIDER_WITH_FEW_FDS = textwrap.dedent(
 )
 
 
+class Provider:
+    """A provider in a process of its own (one of the scripts above): ``proc``, its ``port``
+    (``client()`` takes it), stopped by closing its stdin."""
+
+    def __init__(self, script, config_path, appkey, stderr):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script.format(tests=str(ROOT / "tests" / "integration"), env=TEST_ENV),
+             config_path, appkey],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+
+    def ready(self):
+        line = self.proc.stdout.readline()
+        assert line.startswith("READY"), line
+        self.port = int(line.split()[1])
+        return self.port
+
+    def stop(self):
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
 def test_the_accept_loop_survives_emfile_with_fds_over_1024(config_path, appkey):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PROVIDER_WITH_FEW_FDS.format(tests=str(ROOT / "tests" / "integration"), env=TEST_ENV),
-         config_path, appkey],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    provider = Provider(PROVIDER_WITH_FEW_FDS, config_path, appkey, subprocess.PIPE)
     lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(provider.proc.stderr), daemon=True)
     reader.start()
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("READY"), line
-        port = int(line.split()[1])
+        port = provider.ready()
         flood = []
         for _ in range(120):  # more than the provider has fds left; the rest wait in the backlog
             try:
@@ -417,23 +433,16 @@ def test_the_accept_loop_survives_emfile_with_fds_over_1024(config_path, appkey)
         for s in flood:
             s.close()
 
-        class Port:
-            pass
-
-        svc = Port()
-        svc.port = port
-
         def served():
             try:
-                with client(svc, timeout=1000) as c:
+                with client(provider, timeout=1000) as c:
                     return c.ping() == "low"
             except (TTransportException, OSError):
                 return False
 
         wait_until(served, timeout=10, what="the provider accepting again")
     finally:
-        proc.stdin.close()
-        proc.wait(10)
+        provider.stop()
         reader.join(5)
     err = "".join(lines)
     assert 1 <= err.count("cannot accept connections") <= 3, err  # once per burst, not ten times a second
@@ -576,30 +585,17 @@ EMFILE_WITH_IDLE = textwrap.dedent(
 
 
 def test_out_of_fds_below_max_connections_the_longest_idle_connection_makes_room(config_path, appkey):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", EMFILE_WITH_IDLE.format(tests=str(ROOT / "tests" / "integration"), env=TEST_ENV),
-         config_path, appkey],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    provider = Provider(EMFILE_WITH_IDLE, config_path, appkey, subprocess.DEVNULL)
     idle = []
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("READY"), line
-        port = int(line.split()[1])
+        port = provider.ready()
         idle.extend(socket.create_connection(("127.0.0.1", port), timeout=2) for _ in range(250))
-
-        class Port:
-            pass
-
-        svc = Port()
-        svc.port = port
-        with client(svc, timeout=5000) as c:
+        with client(provider, timeout=5000) as c:
             assert c.ping() == "low"  # served: an idle connection made room, not a timeout
     finally:
         for s in idle:
             s.close()
-        proc.stdin.close()
-        proc.wait(10)
+        provider.stop()
 
 
 @pytest.mark.parametrize("transport,protocol", [("framed", "compact"), ("framed", "binary"), ("buffered", "compact")])
