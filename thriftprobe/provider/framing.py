@@ -234,17 +234,24 @@ class MessageReader:
             if shift > 63:
                 raise MessageError("a varint longer than 10 bytes")
 
+    def _begin(self, buf: Buffer, n: int) -> bool:
+        """Read the message header and open its struct; False while the header is incomplete."""
+        try:
+            self._header(buf, n)
+        except _Incomplete:
+            self._pos = n  # restarts from 0; ``started`` is True
+            return False
+        self._stack.append([_STRUCT])
+        return True
+
     # -- binary body -------------------------------------------------------------------------------
+    # The two walks below share their frame handling on purpose inline: they run once per value
+    # of every request, and a method call per value would cost more than the repetition.
 
     def _walk_binary(self, buf: Buffer, n: int) -> bool:
         """Advance over whole values; True once the message's struct is closed."""
-        if not self._header_done:
-            try:
-                self._header(buf, n)
-            except _Incomplete:
-                self._pos = n  # restarts from 0; ``started`` is True
-                return False
-            self._stack.append([_STRUCT])
+        if not self._header_done and not self._begin(buf, n):
+            return False
         stack = self._stack
         pos = self._pos
         pending = self._pending
@@ -363,13 +370,8 @@ class MessageReader:
     # -- compact body ------------------------------------------------------------------------------
 
     def _walk_compact(self, buf: Buffer, n: int) -> bool:
-        if not self._header_done:
-            try:
-                self._header(buf, n)
-            except _Incomplete:
-                self._pos = n  # restarts from 0; ``started`` is True
-                return False
-            self._stack.append([_STRUCT])
+        if not self._header_done and not self._begin(buf, n):
+            return False
         stack = self._stack
         pos = self._pos
         pending = self._pending
