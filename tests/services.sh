@@ -70,6 +70,19 @@ show_log() {
     fi
 }
 
+# await_start PID PIDFILE LOGFILE TIMEOUT DESCRIPTION COMMAND...
+# For a server just started as PID: record it in PIDFILE and wait (wait_for) until COMMAND
+# succeeds; if it does not, show the end of LOGFILE and give up.
+await_start() {
+    local pid="$1" pidfile="$2" logfile="$3" timeout="$4" what="$5"
+    shift 5
+    echo "$pid" >"$pidfile"
+    if ! wait_for --pid "$pid" "$timeout" "$what" "$@"; then
+        show_log "$logfile"
+        die "$what did not start"
+    fi
+}
+
 # wait_for [--pid PID] [--pidfile FILE] TIMEOUT DESCRIPTION COMMAND...
 # Poll COMMAND until it succeeds.  Returns 1 when TIMEOUT seconds have passed,
 # or early when the process we started (PID, or the one named in FILE) died.
@@ -265,11 +278,7 @@ EOF
             </dev/null >"$ZK_LOG" 2>&1 9>&-
     ) &
     local pid=$!
-    echo "$pid" >"$ZK_PID"
-    if ! wait_for --pid "$pid" "$TIMEOUT" "zookeeper $addr" zk_ready; then
-        show_log "$ZK_LOG"
-        die "zookeeper $addr did not start"
-    fi
+    await_start "$pid" "$ZK_PID" "$ZK_LOG" "$TIMEOUT" "zookeeper $addr" zk_ready
     log "zookeeper $addr: up (pid $pid)"
 }
 
@@ -609,11 +618,7 @@ mariadb_start() {
         --skip-log-bin --innodb-buffer-pool-size=64M \
         </dev/null >>"$MYSQL_LOG" 2>&1 9>&- &
     local pid=$!
-    echo "$pid" >"$MYSQL_PID"
-    if ! wait_for --pid "$pid" $((TIMEOUT * 2)) "mariadb $addr" mysql_alive; then
-        show_log "$MYSQL_LOG"
-        die "mariadb $addr did not start"
-    fi
+    await_start "$pid" "$MYSQL_PID" "$MYSQL_LOG" $((TIMEOUT * 2)) "mariadb $addr" mysql_alive
     mysql_login_ok || mysql_fix_root
     mysql_login_ok || die "mariadb $addr: root cannot log in with an empty password"
     log "mariadb $addr: up (pid $pid)"
@@ -726,11 +731,7 @@ prometheus_start() {
             </dev/null >"$PROM_LOG" 2>&1 9>&-
     ) &
     local pid=$!
-    echo "$pid" >"$PROM_PID"
-    if ! wait_for --pid "$pid" "$TIMEOUT" "prometheus $addr" prometheus_ready; then
-        show_log "$PROM_LOG"
-        die "prometheus $addr did not start"
-    fi
+    await_start "$pid" "$PROM_PID" "$PROM_LOG" "$TIMEOUT" "prometheus $addr" prometheus_ready
     log "prometheus $addr: up (pid $pid)"
 }
 

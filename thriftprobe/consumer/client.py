@@ -190,10 +190,7 @@ class _Core:
         except BaseException as err:
             instruments.call_failed(api, trace[0], err, _clock() - began, timeout_ms)
             raise
-        observe = instruments.ok.get((api, trace[0]))
-        if observe is None:
-            observe = instruments.ok_observer(api, trace[0])
-        observe(_clock() - began)
+        instruments.ok_observer(api, trace[0])(_clock() - began)
         return result
 
     def _send(
