@@ -422,9 +422,12 @@ class ZooKeeperRegistration:
         except (KazooException, ThriftProbeError) as err:  # the node exists; the keeper retries
             log.warning("first audit of %s failed (%s); the keeper retries", self.path, err)
             self._wake.set()
-        keeper = threading.Thread(
-            target=self._keep, name="thriftprobe-keeper-" + self.path.rsplit("/", 1)[1], daemon=True
-        )
+        self._start_keeper("thriftprobe-keeper-")
+
+    def _start_keeper(self, prefix: str) -> None:
+        """Listen to the session's states and start the keeper thread (named ``prefix`` + the
+        znode's name); nothing is left listening if the thread cannot start."""
+        keeper = threading.Thread(target=self._keep, name=prefix + self.path.rsplit("/", 1)[1], daemon=True)
         self._client.add_listener(self._on_state)
         try:
             keeper.start()
@@ -1081,17 +1084,8 @@ class ZooKeeperConsumerRegistration(ZooKeeperRegistration):
 
     def keep(self, wait: float) -> None:
         """Start the keeper, which creates the znode at once; wait at most ``wait`` seconds for it."""
-        keeper = threading.Thread(
-            target=self._keep, name="thriftprobe-consumer-" + self.path.rsplit("/", 1)[1], daemon=True
-        )
-        self._client.add_listener(self._on_state)
         self._wake.set()  # the keeper's first round creates the znode
-        try:
-            keeper.start()
-        except BaseException:
-            self._client.remove_listener(self._on_state)
-            raise
-        self._keeper = keeper
+        self._start_keeper("thriftprobe-consumer-")
         if wait > 0:
             self._published.wait(wait)
 
