@@ -14,8 +14,9 @@ from typing import Any, Iterator, Tuple
 
 import pytest
 import thriftpy2
+from apache_thrift import compile_apache
 from conftest import IDL, Handler, wait_until
-from wire_servers import WIRES, ApacheNonblocking, WireServer, compile_apache, register
+from wire_servers import WIRES, ApacheNonblocking, WireServer, register
 
 from thriftprobe import NoAvailableNode, build_client
 from thriftprobe.consumer.wire import BUFFERED_BINARY

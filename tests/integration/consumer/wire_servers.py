@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
-import subprocess
-import sys
 import threading
 import types
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from kazoo.client import KazooClient
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.thrift import TProcessor
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory, TSocket, TTransportException
 
-THRIFT_COMPILER = "/usr/bin/thrift"  # Debian's thrift-compiler, installed by tests/bootstrap.sh
 WIRES = [("buffered", "binary"), ("buffered", "compact"), ("framed", "binary"), ("framed", "compact")]
 _TRANSPORTS = {"buffered": TBufferedTransportFactory(), "framed": TFramedTransportFactory()}
 _PROTOCOLS = {"binary": TBinaryProtocolFactory(), "compact": TCompactProtocolFactory()}
@@ -115,25 +110,6 @@ class WireServer:
         self._thread.join(5)
 
 
-def compile_apache(idl: str, folder: Path, package: str) -> Iterator[Tuple[Any, Any]]:
-    """The IDL compiled by the Apache Thrift compiler into ``folder``, imported as ``package``:
-    yields (the service module, its ttypes), and unloads them afterwards."""
-    src = folder / ("%s.thrift" % package)
-    src.write_text(Path(idl).read_text().replace("namespace py demo", "namespace py %s" % package))
-    out = folder / "gen"
-    out.mkdir()
-    subprocess.run([THRIFT_COMPILER, "--gen", "py", "-out", str(out), str(src)], check=True,
-                   capture_output=True, timeout=60)
-    sys.path.insert(0, str(out))
-    try:
-        service = __import__("%s.Calculator" % package, fromlist=["Calculator"])
-        ttypes = __import__("%s.ttypes" % package, fromlist=["ttypes"])
-        yield service, ttypes
-    finally:
-        sys.path.remove(str(out))
-        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
-            del sys.modules[name]
-        shutil.rmtree(out, ignore_errors=True)
 
 
 class ApacheNonblocking:

@@ -5,19 +5,16 @@ whichever load raised them; what a handler did not declare never leaks its text.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import thriftpy2
+from apache_thrift import compile_apache
 from conftest import IDL, Handler
 from thriftpy2.thrift import TApplicationException
 
 from thriftprobe import InvalidArgument, build_client, start_service
-
-THRIFT_COMPILER = "/usr/bin/thrift"  # Debian's thrift-compiler, installed by tests/bootstrap.sh
 
 
 @pytest.fixture
@@ -152,22 +149,7 @@ def test_a_service_class_of_another_name_is_refused(calc_idl, cfg, appkey):
 @pytest.fixture
 def apache_calc(tmp_path: Path) -> Iterator[Any]:
     """The demo IDL compiled by the Apache Thrift compiler, imported from a private folder."""
-    src = tmp_path / "apache_calc.thrift"
-    src.write_text(Path(IDL).read_text().replace("namespace py demo", "namespace py apache_calc"))
-    out = tmp_path / "gen"
-    out.mkdir()
-    subprocess.run([THRIFT_COMPILER, "--gen", "py", "-out", str(out), str(src)], check=True,
-                   capture_output=True, timeout=60)
-    sys.path.insert(0, str(out))
-    try:
-        import apache_calc.Calculator as service  # type: ignore[import-not-found]
-        import apache_calc.ttypes as ttypes  # type: ignore[import-not-found]
-
-        yield service, ttypes
-    finally:
-        sys.path.remove(str(out))
-        for name in [m for m in sys.modules if m == "apache_calc" or m.startswith("apache_calc.")]:
-            del sys.modules[name]
+    yield from compile_apache(IDL, tmp_path, "apache_calc")
 
 
 def test_apache_thrift_generated_client_receives_the_declared_exception(serve, calc_idl, apache_calc):
