@@ -10,6 +10,7 @@ operators' tools) on top. Importing the package loads no part of ``admin``.
 from ._version import __version__
 from .config import Config
 from .consumer import ProbeClient, build_client
+from .consumer.balancer import Balancer, ConsistentHash, LeastLoaded, RoundRobin, WeightedRandom
 from .consumer.health import OutlierDetector
 from .consumer.retry import Retry, RetryBudget
 from .errors import (
@@ -28,19 +29,24 @@ from .provider import RunningService, start_service
 __all__ = [
     "AppkeyNotRegistered",
     "BackendError",
+    "Balancer",
     "Config",
     "ConfigError",
+    "ConsistentHash",
     "IdlError",
     "InvalidArgument",
+    "LeastLoaded",
     "NoAvailableNode",
     "OutlierDetector",
     "Overloaded",
     "ProbeClient",
     "Retry",
     "RetryBudget",
+    "RoundRobin",
     "RunningService",
     "SettingsError",
     "ThriftProbeError",
+    "WeightedRandom",
     "__version__",
     "build_client",
     "start_service",

@@ -168,10 +168,13 @@ class ProviderConfig:
     protocol: Optional[str] = None
     metrics_port: Optional[int] = None
     """Serve ``/metrics`` on this port (0: the OS picks); unset: no endpoint."""
+    warmup: Optional[float] = None
+    """Seconds over which consumers ramp a new node's weight up (default 600; 0: none)."""
 
     def set_values(self) -> Dict[str, Any]:
-        """The server limits the file set, with their values (``metrics_port`` is not one)."""
-        return {k: v for k, v in self.__dict__.items() if v is not None and k != "metrics_port"}
+        """The server limits the file set, with their values (``metrics_port`` and ``warmup``
+        are not ones)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None and k not in ("metrics_port", "warmup")}
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ class ClientConfig:
 _PROVIDER_KEYS: Tuple[Tuple[str, type], ...] = (
     ("workers", int), ("queue_size", int), ("max_connections", int), ("max_message_size", int),
     ("read_timeout", float), ("idle_timeout", float), ("transport", str), ("protocol", str),
-    ("metrics_port", int),
+    ("metrics_port", int), ("warmup", float),
 )  # fmt: skip
 
 

@@ -6,6 +6,12 @@ ephemeral znode ``/services/<env>/<appkey>/<service>_<ip>_<port>`` and the Redis
 time, SDK version...) ride along in ``extras`` and are preserved. Nodes are immutable and may be
 shared between threads.
 
+Traffic control keys a provider may declare ride in ``extras`` too, read through the properties
+``version``, ``group``, ``tags``, ``priority``, ``warmup`` and ``start_time``. A node written
+without them (by an older provider) reads as version ``""``, group ``""``, no tags, priority 0
+and no warm-up; so does a node whose value is malformed (it is not refused: the rest of the node
+is good).
+
 ``rev`` is the settings revision: every operator change stores weight and valid with the next
 revision, and a live znode is only ever overwritten by settings of a higher revision, so
 concurrent writers (operators, a restarting provider) converge on the newest change. Data
@@ -24,6 +30,8 @@ from .errors import InvalidArgument
 
 __all__ = [
     "DEFAULT_WEIGHT",
+    "MAX_PRIORITY",
+    "MAX_WARMUP",
     "MAX_WEIGHT",
     "Node",
     "parse_znode_name",
@@ -31,10 +39,14 @@ __all__ = [
     "settings_field",
     "validate_host",
     "validate_names",
+    "validate_traffic",
 ]
 
 DEFAULT_WEIGHT = 10
 MAX_WEIGHT = 1000
+MAX_PRIORITY = 100
+MAX_WARMUP = 86400.0  # a day
+MAX_TAGS = 32
 _CORE_KEYS = ("host", "port", "weight", "valid")
 
 
@@ -55,6 +67,45 @@ class Node:
     def available(self) -> bool:
         """True when the node may receive calls: switched on and with a positive weight."""
         return self.valid and self.weight > 0
+
+    @property
+    def version(self) -> str:
+        value = self.extras.get("version", "")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def group(self) -> str:
+        value = self.extras.get("group", "")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def tags(self) -> Mapping[str, str]:
+        value = self.extras.get("tags")
+        if not isinstance(value, dict):
+            return {}
+        return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+    @property
+    def priority(self) -> int:
+        """The node's tier: 0 is the primary, 1 the first fallback, and so on."""
+        value = self.extras.get("priority", 0)
+        return value if _is_int(value) and 0 <= value <= MAX_PRIORITY else 0
+
+    @property
+    def warmup(self) -> float:
+        """Seconds over which consumers ramp the node's weight up after ``start_time`` (0: none)."""
+        value = self.extras.get("warmup", 0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_WARMUP:
+            return 0.0
+        return float(value)
+
+    @property
+    def start_time(self) -> Optional[float]:
+        """When the provider started serving (``time.time()`` seconds), if it said."""
+        value = self.extras.get("start_time")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return None
+        return float(value)
 
     def znode_name(self, service: str) -> str:
         return "%s_%s_%d" % (service, self.host, self.port)
@@ -194,3 +245,50 @@ def validate_host(host: object) -> str:
             % (host,)
         )
     return host
+
+
+_LABEL_RE = re.compile(r"[\w.\-+]{0,64}")  # versions and groups: "", "1.4.2", "2.0.0-rc1+b7", "blue"
+_TAG_KEY_RE = re.compile(r"\w{1,64}")
+_TAG_VALUE_RE = re.compile(r"[^\x00-\x1f\x7f]{0,128}")
+
+
+def validate_traffic(
+    version: object, group: object, tags: object, priority: object, warmup: object
+) -> Dict[str, Any]:
+    """The traffic-control keys a provider declares, checked, as the extras to write; raise
+    InvalidArgument on a malformed one. A provider declares exact values (no ``*``)."""
+    if not isinstance(version, str) or not _LABEL_RE.fullmatch(version):
+        raise InvalidArgument(
+            "version %r is invalid: it must be at most 64 letters, digits, '.', '-', '+' and '_'" % (version,)
+        )
+    if not isinstance(group, str) or not _LABEL_RE.fullmatch(group):
+        raise InvalidArgument(
+            "group %r is invalid: it must be at most 64 letters, digits, '.', '-', '+' and '_'" % (group,)
+        )
+    if tags is None:
+        tags = {}
+    if not isinstance(tags, Mapping) or len(tags) > MAX_TAGS:
+        raise InvalidArgument("tags must be a mapping of at most %d names to values, got %r" % (MAX_TAGS, tags))
+    for key, value in tags.items():
+        if not isinstance(key, str) or not _TAG_KEY_RE.fullmatch(key):
+            raise InvalidArgument("tag name %r is invalid: it must be 1 to 64 letters, digits and '_'" % (key,))
+        if not isinstance(value, str) or not _TAG_VALUE_RE.fullmatch(value) or value == "*":
+            raise InvalidArgument(
+                "tag %s=%r is invalid: the value must be a string of at most 128 characters, no control "
+                "characters, and not '*'" % (key, value)
+            )
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= MAX_PRIORITY:
+        raise InvalidArgument("priority must be an integer 0..%d (0 = primary), got %r" % (MAX_PRIORITY, priority))
+    if (
+        not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not math.isfinite(warmup)
+        or not 0 <= warmup <= MAX_WARMUP
+    ):
+        raise InvalidArgument("warmup must be 0..%d seconds, got %r" % (MAX_WARMUP, warmup))
+    found: Dict[str, Any] = {"priority": priority, "warmup": warmup}
+    if version:
+        found["version"] = version
+    if group:
+        found["group"] = group
+    if tags:
+        found["tags"] = dict(tags)
+    return found

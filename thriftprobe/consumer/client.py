@@ -18,7 +18,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 from thriftpy2.protocol import TBinaryProtocol
 from thriftpy2.protocol.exc import TProtocolException
@@ -31,13 +31,14 @@ from ..errors import LOADSHEDDING, BackendError, InvalidArgument, NoAvailableNod
 from ..idl import IdlSource, load_service
 from ..node import Node, validate_names
 from ..registry import Registry, Watch, open_registry
-from .balancer import Balancer, WeightedRandom
+from .balancer import Call, Picker, WeightedRandom
 from .cache import CacheWriter, TableCache
 from .health import HealthChecker, OutlierDetector
 from .instruments import ClientInstruments
 from .pool import ConnectionPool, PooledConnection
 from .presence import DEFAULT_CALLER, Explanation, InFlight, Presence, check_caller, explain
 from .retry import Retry, RetryBudget
+from .selector import GroupSpec, Selector
 from .table import NodeTable, Snapshot
 
 try:  # the compiled protocol's own error type, when thriftpy2 was built with Cython
@@ -100,7 +101,7 @@ class _Core:
         table: NodeTable,
         watch: Optional[Watch],
         pool: ConnectionPool,
-        balancer: Balancer,
+        balancer: Picker,
         retry: Optional[Retry],
         outliers: OutlierDetector,
         health_check_interval: Optional[float],
@@ -118,6 +119,7 @@ class _Core:
         self._watch = watch
         self._pool = pool
         self._balancer = balancer
+        self._tracks_load = bool(getattr(balancer, "tracks_load", False))
         self._retry = retry
         # Sending a shed call to another node is a retry too: it draws from the same budget,
         # which a client without a Retry policy still has for that.
@@ -223,7 +225,7 @@ class _Core:
         sent_error: Optional[TTransportException] = None  # the last failure after sending
         while True:
             try:
-                conn, probing = self._lend(avoid, deadline, timeout_ms, never, trace)
+                conn, probing = self._lend(avoid, deadline, timeout_ms, never, trace, (api, kwargs))
             except NoAvailableNode as none:
                 if sent_error is None:
                     if shed:
@@ -237,8 +239,14 @@ class _Core:
             done = self._flights.start(conn.address)
             if trace is not None:
                 trace[0] = conn.address
+            tracked = self._tracks_load
+            answered = False  # for a load-tracking balancer: a reply other than "not executed"
+            if tracked:
+                self._balancer.begin(conn.address)  # type: ignore[attr-defined]
+                sent_at = _clock()
             try:
                 reply = self._exchange(conn, method, kwargs, deadline)
+                answered = not (type(reply) is TApplicationException and reply.type == LOADSHEDDING)
             except _Unencodable as bad:
                 # The caller's argument: no node is to blame, nothing ran, nothing is retried.
                 if probing:
@@ -280,6 +288,8 @@ class _Core:
                 raise
             finally:
                 next(done)
+                if tracked:
+                    self._balancer.end(conn.address, _clock() - sent_at, answered)  # type: ignore[attr-defined]
             self._pool.release(conn)
             self._outliers.success(conn.address)
             # (_exchange makes a TApplicationException of this very class of an EXCEPTION reply)
@@ -339,6 +349,7 @@ class _Core:
         timeout_ms: Optional[int],
         never: FrozenSet[Address] = frozenset(),
         trace: Optional[List[Optional[Address]]] = None,
+        call: Optional[Call] = None,
     ) -> Tuple[PooledConnection, bool]:
         """Borrow a connection to a picked node, in the node's wire; on a connect failure
         try the other nodes. Returns it, and whether this call is the probe of a node whose
@@ -355,23 +366,24 @@ class _Core:
         snapshot = self.table.snapshot
         pick = self._balancer.pick
         outliers = self._outliers
-        soft = outliers.excluded()
+        # Ejected nodes count against their tier's health; the nodes this call failed on
+        # (avoid) are skipped. Both are given up when no other node is left (panic mode);
+        # ``tried`` (connects that failed now, and the nodes that shed the call) never are.
+        ejected = outliers.excluded()
         probe: Optional[Address] = None
-        if soft:
+        if ejected:
             eligible = self._eligible(snapshot)
             barred = avoid | never
             probe = outliers.claim_probe(lambda address: address in eligible and address not in barred)
-        if avoid:
-            soft = soft | avoid
         tried: FrozenSet[Address] = never
         error: Optional[Exception] = None
         while True:
             if probe is not None:
                 address = probe
             else:
-                node = pick(snapshot, soft | tried) if soft or tried else pick(snapshot)
-                if node is None and soft:
-                    soft = frozenset()
+                node = pick(snapshot, ejected, avoid | tried if avoid else tried, call)
+                if node is None and (ejected or avoid):
+                    ejected = avoid = frozenset()
                     continue
                 if node is None:
                     if tried is never and never:
@@ -860,7 +872,10 @@ def build_client(
     connect_timeout: Optional[int] = None,
     config: Union[config_mod.Config, str, "os.PathLike[str]", None] = None,
     env: Optional[str] = None,
-    balancer: Optional[Balancer] = None,
+    balancer: Optional[Picker] = None,
+    version: Optional[str] = "*",
+    group: Optional[GroupSpec] = "",
+    tags: Optional[Mapping[str, str]] = None,
     retry: Optional[Retry] = None,
     outlier_detection: Optional[OutlierDetector] = None,
     health_check_interval: Optional[float] = None,
@@ -883,6 +898,13 @@ def build_client(
     connection. ``config`` is a loaded Config or a path (see ``thriftprobe.config``).
 
     Each node is spoken to in the transport and protocol its znode advertises (see ``wire``).
+
+    Traffic control (see the README's "Traffic control"): ``version``, ``group`` and ``tags``
+    select the nodes this client calls (see ``selector.Selector``: by default any version, only
+    nodes without a group, any tags); ``balancer`` is the strategy that picks one per call
+    (``WeightedRandom()`` by default; ``RoundRobin()``, ``LeastLoaded()``,
+    ``ConsistentHash(key=...)``), always within the best priority tier that has healthy capacity
+    and with the weights of warming nodes ramped. Give each client its own balancer instance.
 
     Resilience (see the README's "Failure behaviour"): ``retry`` says which methods are idempotent
     and may be sent again after a failure that followed sending (default: none are); its budget
@@ -924,6 +946,9 @@ def build_client(
         raise InvalidArgument(str(err)) from None
     cfg = config_mod.resolve(config, env)
     caller = check_caller(caller if caller is not None else cfg.client.caller or DEFAULT_CALLER)
+    selector = Selector(version, group, tags)
+    if balancer is not None and not callable(getattr(balancer, "pick", None)):
+        raise InvalidArgument("balancer must have a pick method (e.g. thriftprobe.RoundRobin()), got %r" % (balancer,))
     service = load_service(thrift_path, service_name)
     instruments = ClientInstruments(recorder, appkey, service_name) if recorder is not None else None
     outliers = outlier_detection or OutlierDetector()
@@ -934,7 +959,9 @@ def build_client(
         max_idle_age=max_idle_age,
         watcher=instruments,
     )
-    table = NodeTable(empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name))
+    table = NodeTable(
+        empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name), None if selector.matches_all else selector
+    )
     if instruments is not None:
         table.set_lag_observer(instruments.observe_lag)
     cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None

@@ -30,10 +30,12 @@ from .._version import __version__
 from ..errors import InvalidArgument
 from ..node import Node, validate_appkey
 from ..registry import ConsumerRegistration, Registry
-from .balancer import Balancer, WeightedRandom
+from .balancer import Balancer, Picker, WeightedRandom
 from .health import OutlierDetector
 from .pool import ConnectionPool
+from .selector import Selector
 from .table import NodeTable
+from .tiers import warmup_factor
 from .wire import advertised, wire_of
 
 __all__ = ["DEFAULT_CALLER", "Explanation", "InFlight", "NodeReport", "Presence", "check_caller", "explain"]
@@ -216,9 +218,10 @@ class NodeReport:
     weight: int
     valid: bool
     state: str
-    """``valid`` (takes calls), ``disabled`` (switched off, weight 0, or a wire this consumer does
-    not speak), ``ejected`` (failing: skipped while others are left), ``held`` (the registry
-    lists no node; kept through the empty-list grace period, still takes calls)."""
+    """``valid`` (takes calls), ``unmatched`` (not of the client's version, group or tags),
+    ``disabled`` (switched off, weight 0, or a wire this consumer does not speak), ``ejected``
+    (failing: skipped while others are left), ``held`` (the registry lists no node; kept through
+    the empty-list grace period, still takes calls)."""
     ejected_for: Optional[float]
     """Seconds the ejection still lasts; 0 once over and awaiting (or in) its probe; None if not ejected."""
     held_for: Optional[float]
@@ -326,7 +329,7 @@ def explain(
     outliers: OutlierDetector,
     pool: ConnectionPool,
     flights: InFlight,
-    balancer: Balancer,
+    balancer: Picker,
 ) -> Explanation:
     """Build the explanation of one client's table (see ``Explanation``)."""
     snapshot = table.snapshot
@@ -338,8 +341,13 @@ def explain(
     panic = bool(available) and not eligible
     pool_of = eligible if eligible else available
     total = sum(node.weight for node in snapshot.available if node.address in pool_of)
+    shares: Optional[Dict[Address, float]] = None
+    if isinstance(balancer, Balancer):  # tiers and warm-up: the plan's shares
+        shares = balancer.shares(snapshot, frozenset() if panic else outliers.excluded())
     custom = "" if isinstance(balancer, WeightedRandom) else " by weight (the client's balancer, %s, may differ)" \
         % type(balancer).__name__
+    selector = table._selector if isinstance(table._selector, Selector) else None
+    now = time.time()
     names = {node.address: name for name, node in table.named().items()}
     reports = []
     for node in sorted(snapshot.all_nodes, key=lambda n: n.address):
@@ -347,8 +355,16 @@ def explain(
         name = names.get(address, node.znode_name(service))
         ejection = ejections.get(address)
         held_for = held.get(name)
-        share = node.weight / total if total and address in pool_of else 0.0
-        state, why = _why(node, address in available, ejection, held_for, share, total, panic, custom)
+        if shares is not None:
+            share = shares.get(address, 0.0)
+        else:
+            share = node.weight / total if total and address in pool_of else 0.0
+        if selector is not None and not selector(node):
+            state, why = "unmatched", "not selected by this client: %s" % selector.why_not(node)
+        else:
+            state, why = _why(node, address in available, ejection, held_for, share, total, panic, custom)
+            if state in ("valid", "held") and shares is not None:
+                why += _tier_note(node, now)
         reports.append(NodeReport(
             name=name, host=node.host, port=node.port, weight=node.weight, valid=node.valid, state=state,
             ejected_for=None if ejection is None else ejection[1], held_for=held_for,
@@ -359,6 +375,15 @@ def explain(
         registered_as=presence.path if presence is not None and presence.registered() else None,
         attached=attached, panic=panic, nodes=reports,
     )
+
+
+def _tier_note(node: Node, now: float) -> str:
+    """What priority and warm-up add to a node's line in ``explain()``."""
+    note = "; priority %d" % node.priority if node.priority else ""
+    factor, _ = warmup_factor(node, now)
+    if factor < 1.0:
+        note += "; warming up: %d%% of its weight (if a warm node of its tier is left)" % round(factor * 100)
+    return note
 
 
 def _why(

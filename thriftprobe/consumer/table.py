@@ -7,6 +7,9 @@ may take calls and their cumulative weights, so a weighted pick is one bisect, a
 consumer does not speak takes no calls; the table logs one warning for it (again only if it
 changes what it advertises), never one per call.
 
+A ``selector`` (the client's version, group and tags: see ``selector.Selector``) decides which
+nodes the snapshot offers for calls; the others stay in the table (and in ``explain()``).
+
 Empty-list protection: a removal that would leave the table with no node at all is held for
 ``empty_grace`` seconds instead of applied. A registry glitch (a session expiry, a restarted
 ensemble, providers re-registering) therefore never empties a consumer's table: calls keep going
@@ -34,15 +37,25 @@ log = logging.getLogger(__name__)
 
 
 class Snapshot:
-    """An immutable view of the table: ``available`` nodes (valid, weight > 0, speaking a known
-    wire), ``cumulative`` weights aligned with them, and their ``total``; ``wires``: the wire of
-    every node that speaks a known one, by address; ``unspoken``: the nodes that do not;
-    ``held``: the addresses of the nodes kept through the empty-list grace period. Built in O(n)
-    on every change."""
+    """An immutable view of the table: ``matched``: the nodes the client's selector takes
+    (version, group, tags) that speak a known wire; ``available``: those of them that may take
+    calls (valid, weight > 0); ``cumulative`` weights aligned with ``available``, and their
+    ``total``; ``unmatched``: the nodes the selector leaves out; ``wires``: the wire of every node
+    that speaks a known one, by address; ``unspoken``: the nodes that do not; ``held``: the
+    addresses of the nodes kept through the empty-list grace period. Built in O(n) on every
+    change."""
 
-    __slots__ = ("addresses", "all_nodes", "available", "cumulative", "held", "total", "unspoken", "wires")
+    __slots__ = (
+        "addresses", "all_nodes", "available", "cumulative", "held", "matched", "total", "unmatched", "unspoken",
+        "wires",
+    )
 
-    def __init__(self, nodes: Dict[str, Node], held: FrozenSet[Tuple[str, int]] = frozenset()) -> None:
+    def __init__(
+        self,
+        nodes: Dict[str, Node],
+        held: FrozenSet[Tuple[str, int]] = frozenset(),
+        selector: Optional[Callable[[Node], bool]] = None,
+    ) -> None:
         self.held = held
         self.all_nodes: Tuple[Node, ...] = tuple(nodes.values())
         self.addresses: FrozenSet[Tuple[str, int]] = frozenset(n.address for n in self.all_nodes)
@@ -56,7 +69,13 @@ class Snapshot:
                 wires[node.address] = wire
         self.wires = wires
         self.unspoken: Tuple[Node, ...] = tuple(unspoken)
-        self.available: Tuple[Node, ...] = tuple(n for n in self.all_nodes if n.available and n.address in wires)
+        if selector is None:
+            self.unmatched: Tuple[Node, ...] = ()
+            self.matched: Tuple[Node, ...] = tuple(n for n in self.all_nodes if n.address in wires)
+        else:
+            self.unmatched = tuple(n for n in self.all_nodes if not selector(n))
+            self.matched = tuple(n for n in self.all_nodes if n.address in wires and selector(n))
+        self.available: Tuple[Node, ...] = tuple(n for n in self.matched if n.available)
         self.cumulative: Tuple[int, ...] = tuple(itertools.accumulate(n.weight for n in self.available))
         self.total: int = self.cumulative[-1] if self.cumulative else 0
 
@@ -70,7 +89,10 @@ class NodeTable:
     """Thread-safe: any number of readers and writers. After ``fork()`` the owner calls
     ``reinit_after_fork()`` in the child before anything else touches the table."""
 
-    def __init__(self, empty_grace: float = 0.0, label: str = "") -> None:
+    def __init__(
+        self, empty_grace: float = 0.0, label: str = "", selector: Optional[Callable[[Node], bool]] = None
+    ) -> None:
+        self._selector = selector
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._nodes: Dict[str, Node] = {}
@@ -226,21 +248,21 @@ class NodeTable:
 
     def copy_for_child(self) -> "NodeTable":
         """A new table with this one's nodes, for a child process after fork (locks are fresh)."""
-        table = NodeTable(self._empty_grace, self._label)
+        table = NodeTable(self._empty_grace, self._label, self._selector)
         table._lag_observer = self._lag_observer
         # Change listeners (the cache file) carry over; removal listeners are the caller's to add.
         table._change_listeners = list(self._change_listeners)
         table._nodes = dict(self._nodes)
         table._held = {}
         table._nodes.update({k: v for k, v in self._held.items() if k not in table._nodes})
-        table.snapshot = Snapshot(table._nodes)
+        table.snapshot = Snapshot(table._nodes, selector=self._selector)
         return table
 
     def _publish(self) -> None:
         merged = dict(self._held)
         merged.update(self._nodes)
         held = frozenset(node.address for name, node in self._held.items() if name not in self._nodes)
-        snapshot = self.snapshot = Snapshot(merged, held)
+        snapshot = self.snapshot = Snapshot(merged, held, self._selector)
         if snapshot.unspoken or self._warned:
             self._warn_unspoken(snapshot)
         self._changed.notify_all()

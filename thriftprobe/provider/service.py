@@ -17,14 +17,14 @@ import socket
 import threading
 import time
 import types
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 from .. import config as config_mod
 from .. import metrics as metrics_mod
 from .._version import __version__
 from ..errors import ConfigError, InvalidArgument, ThriftProbeError
 from ..idl import IdlSource, load_service
-from ..node import Node, validate_host, validate_names
+from ..node import Node, validate_host, validate_names, validate_traffic
 from ..registry import Registration, Registry, open_registry
 from ..stores import audit
 from ..stores.appkeys import check_appkey
@@ -39,6 +39,7 @@ __all__ = ["RunningService", "start_service"]
 log = logging.getLogger(__name__)
 
 _WILDCARDS = ("", "0.0.0.0", "::")
+DEFAULT_WARMUP = 600.0  # Dubbo's ten minutes
 
 
 class RunningService:
@@ -289,6 +290,11 @@ def start_service(
     io_timeout: Optional[int] = None,
     metrics: Any = None,
     metrics_port: Optional[int] = None,
+    version: str = "",
+    group: str = "",
+    tags: Optional[Mapping[str, str]] = None,
+    priority: int = 0,
+    warmup: Optional[float] = None,
 ) -> RunningService:
     """Serve ``handler`` as ``service_name`` of ``appkey`` and register it for discovery.
 
@@ -325,6 +331,12 @@ def start_service(
     ``bind_host`` and advertises it in the znode as the serverset endpoint ``metrics``; providers
     of one process share one endpoint (it shows them all; ``port=0`` joins it), closed with the
     last of them.
+    Traffic control (README "Traffic control"), written in the znode for consumers to select and
+    weigh by: ``version`` (exact, e.g. ``"1.4.2"``), ``group`` (e.g. ``"blue"``; "" = none),
+    ``tags`` (free names and values, e.g. ``{"zone": "eu-1"}``), ``priority`` (0 = primary tier;
+    consumers spill to higher numbers as a tier's healthy share drops), ``warmup`` (seconds over
+    which consumers ramp this node's weight from 2% to full after it starts; default 600, or
+    ``provider.<env>.warmup`` of the config file; 0 = none).
     Stopping (``stop()``, SIGTERM, SIGINT) deregisters first, keeps serving for ``drain`` seconds
     while consumers drop the node, then stops accepting and gives in-flight calls up to
     ``stop_timeout`` seconds to finish.
@@ -362,6 +374,9 @@ def start_service(
         except InvalidArgument as err:
             raise InvalidArgument("%s: %s" % (label, err)) from None
     cfg = config_mod.resolve(config, env)
+    if warmup is None:
+        warmup = cfg.provider.warmup if cfg.provider.warmup is not None else DEFAULT_WARMUP
+    traffic = validate_traffic(version, group, tags, priority, warmup)
     options = _server_options(
         cfg,
         workers=workers,
@@ -401,6 +416,7 @@ def start_service(
             "serviceEndpoint": {"host": host, "port": bound_port},
             "status": "ALIVE",
         }
+        extras.update(traffic)
         if metrics_port is not None:
             registry_ = recorder.registry if recorder is not None else None
             try:

@@ -13,11 +13,12 @@ import textwrap
 import threading
 import time
 import uuid
-from typing import AbstractSet, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import pytest
 import thriftpy2
 from conftest import IDL, ROOT, TEST_ENV, spawn_provider, wait_until
+from in_order import InOrder
 from prometheus_client import CollectorRegistry
 from thriftpy2.rpc import make_client
 from thriftpy2.thrift import TApplicationException
@@ -164,16 +165,6 @@ def test_a_shedding_provider_is_overloaded(providers, cfg, appkey, metrics):
         assert metrics.value("thriftprobe_client_connections", appkey=appkey, rpc_service="Calculator",
                              node=node, state="idle") == 2
 
-
-class InOrder:
-    """A balancer that picks the first node of ``ports`` not excluded: deterministic."""
-
-    def __init__(self, *ports: int) -> None:
-        self.ports = ports
-
-    def pick(self, snapshot: Any, exclude: AbstractSet[Tuple[str, int]] = frozenset()) -> Any:
-        by_port = {node.port: node for node in snapshot.available if node.address not in exclude}
-        return next((by_port[p] for p in self.ports if p in by_port), None)
 
 
 @pytest.mark.parametrize("budget", ["generous", "empty"])

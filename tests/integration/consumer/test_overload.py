@@ -8,11 +8,12 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import AbstractSet, Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List
 
 import pytest
 import thriftpy2
 from conftest import IDL, Handler, wait_until
+from in_order import InOrder
 from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
 from wire_servers import WireServer, register
@@ -26,9 +27,7 @@ from thriftprobe import (
     build_client,
     start_service,
 )
-from thriftprobe.consumer.table import Snapshot
 from thriftprobe.errors import LOADSHEDDING
-from thriftprobe.node import Node
 
 demo = thriftpy2.load(IDL, module_name="demo_thrift")
 
@@ -71,16 +70,6 @@ class Recording(Handler):
             self.seen.append(text)
         return super().echo(text)
 
-
-class InOrder:
-    """A balancer that always picks the first node of ``ports`` not excluded: deterministic."""
-
-    def __init__(self, *ports: int) -> None:
-        self.ports = ports
-
-    def pick(self, snapshot: Snapshot, exclude: AbstractSet[Tuple[str, int]] = frozenset()) -> Optional[Node]:
-        by_port = {node.port: node for node in snapshot.available if node.address not in exclude}
-        return next((by_port[p] for p in self.ports if p in by_port), None)
 
 
 @pytest.fixture
