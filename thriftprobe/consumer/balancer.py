@@ -240,8 +240,9 @@ class RoundRobin(Balancer):
     """Smooth weighted round robin (see the module): node i's k-th turn (k = 0, 1, ...) is due
     at ``(k + 1/2) / weight_i``; the earliest due node takes the call, ties by a random rank per
     plan. Over any run of calls from the start of a schedule, no node's count strays by 1.5 or
-    more from its weight's share (nginx's sequence has the same property). The schedule starts again when the plan changes (a node joins, leaves, is ejected,
-    changes weight, or a warm-up step)."""
+    more from its weight's share (nginx's sequence has the same property). The schedule starts
+    again when the plan changes (a node joins, leaves, is ejected, changes weight, or a warm-up
+    step)."""
 
     def _prepare(self, tier: Tier) -> None:
         ranks = list(range(len(tier.nodes)))

@@ -67,10 +67,7 @@ def test_every_strategy_follows_weights_within_5_percent(name: str) -> None:
     s = snap(*(node(i, w) for i, w in enumerate(weights)))
     balancer = STRATEGIES[name](11)
     n = 20_000
-    if name == "LeastLoaded":
-        counts = _closed_loop(balancer, s, n, in_flight=16)
-    else:
-        counts = picks(balancer, s, n)
+    counts = _closed_loop(balancer, s, n, in_flight=16) if name == "LeastLoaded" else picks(balancer, s, n)
     for i, weight in enumerate(weights):
         expected = n * weight / sum(weights)
         bound = {"LeastLoaded": 0.12, "ConsistentHash": 0.2}.get(name, 0.05)
@@ -235,7 +232,7 @@ def test_round_robin_is_nginx_smooth_and_exact_per_cycle() -> None:
         counts: Dict[int, int] = collections.Counter()
         for t in range(1, 3 * total + 1):
             counts[balancer.pick(s).port - 9000] += 1  # type: ignore[union-attr]
-            worst = max(worst, max(abs(counts[i] - t * w / total) for i, w in enumerate(weights)))
+            worst = max(worst, *(abs(counts[i] - t * w / total) for i, w in enumerate(weights)))
         assert [counts[i] for i in range(len(weights))] == [3 * w for w in weights]
     assert worst < 1.5
 
@@ -372,7 +369,7 @@ def test_every_strategy_is_thread_safe_while_the_table_changes(name: str) -> Non
                 if balancer.tracks_load:
                     balancer.begin(chosen.address)
                     balancer.end(chosen.address, 0.001, True)
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:  # reported below
             errors.append(err)
 
     threads = [threading.Thread(target=picker, args=(k * 1000,)) for k in range(8)]
