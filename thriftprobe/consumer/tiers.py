@@ -122,9 +122,9 @@ class Plan:
         return found
 
 
-def build_plan(snapshot: Snapshot, ejected: AbstractSet[Address], now: Optional[float] = None) -> Optional[Plan]:
-    """The plan for ``snapshot`` with ``ejected`` nodes unhealthy; None when no node is healthy.
-    O(n). ``now`` (``time.time()``) is for tests."""
+def build_plan(snapshot: Snapshot, ejected: AbstractSet[Address], now: Optional[float] = None) -> Plan:
+    """The plan for ``snapshot`` with ``ejected`` nodes unhealthy; without tiers when no node is
+    healthy. O(n). ``now`` (``time.time()``) is for tests."""
     wall = time.time() if now is None else now
     by_priority: Dict[int, List[Node]] = {}
     for node in snapshot.matched:
@@ -148,7 +148,7 @@ def build_plan(snapshot: Snapshot, ejected: AbstractSet[Address], now: Optional[
         tiers.append(Tier(priority, healthy, weights))
         health.append(min(1.0, OVERPROVISIONING * len(healthy) / len(members)))
     if not tiers:
-        return None
+        return Plan(snapshot, ejected, (), (), (), _NEVER)
     scale = min(1.0, sum(health))
     left = 1.0
     loads = []
