@@ -111,6 +111,15 @@ def _uptime(seconds: Optional[float]) -> str:
     return "%dm%02ds" % (minutes, secs)
 
 
+def _traffic(traffic: Dict[str, Any]) -> str:
+    """What ``ls`` adds to a node's line: ``  version 1.4.2 group blue priority 1 zone=eu warming 40%``."""
+    parts = ["%s %s" % (key, traffic[key]) for key in ("version", "group", "priority") if key in traffic]
+    parts.extend("%s=%s" % pair for pair in sorted(traffic.get("tags", {}).items()))
+    if "warming" in traffic:
+        parts.append("warming %d%%" % round(traffic["warming"] * 100))
+    return "  " + " ".join(parts) if parts else ""
+
+
 def cmd_ls(args: argparse.Namespace, out: Output) -> int:
     with Governance(_cfg(args)) as gov:
         nodes = gov.fleet(args.appkey, args.service)
@@ -135,7 +144,8 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
         if n.problem is not None:
             out.line("      %-21s %s CORRUPT znode: %s" % (address, settings, n.problem))
         else:
-            out.line("      %-21s %s %-7s up %s" % (address, settings, n.state, _uptime(n.uptime)))
+            line = "      %-21s %s %-7s up %s" % (address, settings, n.state, _uptime(n.uptime))
+            out.line(line + _traffic(n.traffic))
     if not nodes:
         out.line("  (no nodes)")
     return EXIT_OK

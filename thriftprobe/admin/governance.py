@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..config import Config
+from ..consumer.tiers import warmup_factor
 from ..errors import BackendError, InvalidArgument, SettingsError
 from ..node import MAX_WEIGHT, Node, validate_appkey, validate_host, validate_names
 from ..registry import Watch, open_registry
@@ -61,6 +62,9 @@ class NodeView:
     uptime: Optional[float]
     rev: int
     problem: Optional[str] = None
+    traffic: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What a live node declares for traffic control: version, group, tags, priority (the
+    ones it set), and ``warming`` (the share of its weight clients give it now) while it warms."""
 
     @property
     def state(self) -> str:
@@ -81,7 +85,25 @@ class NodeView:
         }
         if self.problem is not None:
             data["problem"] = self.problem
+        data.update(self.traffic)
         return data
+
+
+def _traffic(node: Node, now: float) -> Dict[str, Any]:
+    """The traffic-control keys a live node declares (see ``NodeView.traffic``)."""
+    found: Dict[str, Any] = {}
+    if node.version:
+        found["version"] = node.version
+    if node.group:
+        found["group"] = node.group
+    if node.tags:
+        found["tags"] = dict(node.tags)
+    if node.priority:
+        found["priority"] = node.priority
+    share, _ = warmup_factor(node, now)
+    if share < 1.0:
+        found["warming"] = share
+    return found
 
 
 def _uptime(now: float, started: object) -> Optional[float]:
@@ -288,7 +310,8 @@ class Governance:
                     continue
                 uptime = _uptime(now, node.extras.get("start_time"))
                 views[where] = NodeView(
-                    self.env, key, entry.service, node.host, node.port, node.weight, node.valid, True, uptime, node.rev
+                    self.env, key, entry.service, node.host, node.port, node.weight, node.valid, True, uptime, node.rev,
+                    traffic=_traffic(node, now),
                 )
         for key, svc, node in self._store.scan(appkey):
             if service and svc != service:

@@ -38,7 +38,7 @@ def _wait_nodes(client, n: int) -> None:  # type: ignore[no-untyped-def]
     wait_until(lambda: len(client.table.snapshot.available) == n, what="%d selectable nodes" % n)
 
 
-def test_version_group_and_tags_choose_the_nodes_a_client_calls(providers, cfg, appkey):
+def test_version_group_and_tags_choose_the_nodes_a_client_calls(providers, cfg, appkey, run):
     providers("v1-eu", version="1.2.0", tags={"zone": "eu"})
     providers("v2-us", version="2.0.1", tags={"zone": "us"})
     providers("canary", version="2.0.1", group="canary")
@@ -60,6 +60,8 @@ def test_version_group_and_tags_choose_the_nodes_a_client_calls(providers, cfg, 
             assert set(_tally(client, 8 * len(tags))) == tags, selection
             states = {r.name.split("_")[-1]: r.state for r in client.explain().nodes}
             assert sum(state == "unmatched" for state in states.values()) == 4 - len(tags)
+    listed = run("ls", appkey)  # operators see what each node declares
+    assert "version 1.2.0 zone=eu" in listed and "version 2.0.1 group canary" in listed, listed
 
 
 def test_blue_green_moves_traffic_between_two_groups_by_weight(providers, cfg, appkey, gov):
