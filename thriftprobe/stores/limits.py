@@ -75,10 +75,22 @@ class LimitsStore:
         return self._parse(self._read(fieldname), fieldname)
 
     def update(
-        self, appkey: str, service: str, method: str, limit: Optional[MethodLimit], expected_rev: int
+        self,
+        appkey: str,
+        service: str,
+        method: str,
+        limit: Optional[MethodLimit],
+        expected_rev: int,
+        *,
+        base: Optional[ServiceLimits] = None,
     ) -> ServiceLimits:
         """Replace ``method``'s limits (None or an empty limit: remove them) and return the
         service's limits as now stored, at revision ``expected_rev + 1``.
+
+        ``base`` is what the providers were last pushed, if known: when it carries a higher
+        revision than the record (Redis lost the field: a failover with asynchronous
+        replication, a restart without persistence), the change starts from it, at
+        ``base.rev + 1``, or running providers would ignore it as older than what they hold.
 
         Compare-and-set: raises ConcurrentChange when the stored revision is not
         ``expected_rev``, or changes while this writes (nothing is written then: read again and
@@ -94,7 +106,12 @@ class LimitsStore:
                 "the limits in %s are at rev %d, not %d: changed meanwhile" % (self._where(fieldname), current.rev,
                                                                                expected_rev)
             )
-        new = current.with_method(method, limit, current.rev + 1)
+        start = current
+        if base is not None and base.rev > current.rev:
+            log.warning("stored limits of %s (rev %d) are behind the pushed ones (rev %d); the change starts "
+                        "from those", fieldname, current.rev, base.rev)
+            start = base
+        new = start.with_method(method, limit, start.rev + 1)
         try:
             done, now = self._client.eval(_CAS_SCRIPT, 1, self._key, fieldname, raw or b"", new.to_json())
         except _REDIS_ERRORS as err:
