@@ -255,7 +255,7 @@ def _limit_line(change: LimitChange) -> str:
 
 
 def cmd_limit_set(args: argparse.Namespace, out: Output) -> int:
-    if args.qps is None and args.concurrency is None:
+    if args.qps is None and args.burst is None and args.concurrency is None:
         raise InvalidArgument("nothing to set: give --qps and/or --concurrency ('thriftprobe limit clear' removes)")
     with Governance(_cfg(args)) as gov:
         change = gov.set_limit(args.appkey, args.service, args.method, qps=args.qps, burst=args.burst,
