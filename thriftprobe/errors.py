@@ -11,6 +11,7 @@ __all__ = [
     "LOADSHEDDING",
     "AppkeyNotRegistered",
     "BackendError",
+    "ConcurrentChange",
     "ConfigError",
     "IdlError",
     "InvalidArgument",
@@ -43,6 +44,11 @@ class AppkeyNotRegistered(ThriftProbeError):
 
 class BackendError(ThriftProbeError):
     """MySQL, Redis or ZooKeeper could not be reached or refused an operation."""
+
+
+class ConcurrentChange(ThriftProbeError):
+    """A compare-and-set found the stored value changed since it was read (another operator's
+    change landed in between): nothing was written; read it again and make the change on top."""
 
 
 class SettingsError(ThriftProbeError):

@@ -20,8 +20,10 @@ from thriftpy2.transport import TTransportException
 from .. import config as config_mod
 from .._version import __version__
 from ..errors import InvalidArgument, ThriftProbeError
+from ..limits import MAX_CONCURRENCY, MAX_QPS
 from ..stores import appkeys, audit, mysql
-from .governance import Governance, check_weight
+from ..stores.limits_audit import describe_limit
+from .governance import Governance, LimitChange, check_weight
 
 __all__ = ["main"]
 
@@ -255,6 +257,81 @@ def cmd_node_forget(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _limit_line(change: LimitChange) -> str:
+    return "%s/%s %s: %s -> %s (rev %d)" % (
+        change.appkey, change.service, change.method, describe_limit(change.old), describe_limit(change.new),
+        change.limits.rev,
+    )
+
+
+def cmd_limit_set(args: argparse.Namespace, out: Output) -> int:
+    if args.qps is None and args.burst is None and args.concurrency is None:
+        raise InvalidArgument("nothing to set: give --qps and/or --concurrency ('thriftprobe limit clear' removes)")
+    with Governance(_cfg(args)) as gov:
+        change = gov.set_limit(args.appkey, args.service, args.method, qps=args.qps, burst=args.burst,
+                               concurrency=args.concurrency, actor=args.actor)
+    out.data(change.to_dict())
+    out.line(_limit_line(change))
+    out.line("stored, audited and pushed to the running providers (per provider node; each applies it within a "
+             "second)")
+    return EXIT_OK
+
+
+def cmd_limit_clear(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        change = gov.clear_limit(args.appkey, args.service, args.method, actor=args.actor)
+    out.data(None if change is None else change.to_dict())
+    if change is None:
+        out.line("%s/%s %s has no limits: nothing to clear" % (args.appkey, args.service, args.method))
+        return EXIT_FAILED
+    out.line(_limit_line(change))
+    out.line("stored, audited and pushed to the running providers")
+    return EXIT_OK
+
+
+def cmd_limit_show(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        views = gov.limits(args.appkey, args.service)
+        env = gov.env
+    out.data({"env": env, "services": [v.to_dict() for v in views]})
+    out.line("env %s (limits are per provider node)" % env)
+    for v in views:
+        if v.limits is None:
+            out.line("  %s/%s CORRUPT limits: %s" % (v.appkey, v.service, v.problem))
+            continue
+        pushed = ("" if v.in_step else "  NOT PUSHED (pushed: %s; providers read it at their next audit)"
+                  % ("none" if v.pushed_rev is None else "rev %d" % v.pushed_rev))
+        out.line("  %s/%s  rev %d%s" % (v.appkey, v.service, v.limits.rev, pushed))
+        for method, limit in v.limits.methods.items():
+            out.line("    %-24s %s" % (method, describe_limit(limit)))
+        if not v.limits.methods:
+            out.line("    (no limits)")
+    if not views:
+        out.line("  (no limits set)")
+    return EXIT_OK
+
+
+def cmd_limit_history(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        entries = gov.limits_history(args.appkey, args.service, args.limit)
+    out.data([e.to_dict() for e in entries])
+    for e in entries:
+        out.line(e.describe())
+    if not entries:
+        out.line("no changes of limits recorded")
+    return EXIT_OK
+
+
+def _qps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_QPS):
+        raise argparse.ArgumentTypeError("--qps must be a number above 0 and at most %d, got %r" % (MAX_QPS, text))
+    return int(value) if value.is_integer() else value
+
+
 def cmd_callers(args: argparse.Namespace, out: Output) -> int:
     with Governance(_cfg(args)) as gov:
         deps = gov.callers(args.appkey, args.service)
@@ -449,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dbp = sub.add_parser("db", help="the MySQL schema", description="the MySQL schema", parents=[common])
     dbsub = dbp.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
-    command("init", cmd_db_init, "create or upgrade the MySQL schema (serviceapp, settings_audit)", dbsub)
+    command("init", cmd_db_init, "create or upgrade the MySQL schema (serviceapp, settings_audit, limits_audit)",
+            dbsub)
 
     ap = sub.add_parser("appkey", help="register appkeys", description="register appkeys", parents=[common])
     asub = ap.add_subparsers(dest="appkey_command", metavar="COMMAND", required=True)
@@ -506,6 +584,35 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--disable", action="store_true", help="switch the node off (valid = 0)")
     what.add_argument("--enable", action="store_true", help="switch the node on (valid = 1)")
     p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+
+    lp = sub.add_parser("limit", help="request limits per service and method (per provider node)",
+                        description="request limits per service and method, per provider node: set live, "
+                        "persisted in Redis, audited, pushed to running providers", parents=[common])
+    lsub = lp.add_subparsers(dest="limit_command", metavar="COMMAND", required=True)
+    p = command("set", cmd_limit_set, "set a method's limits (METHOD '*': the service as a whole), replacing "
+                "those it had", lsub)
+    p.add_argument("appkey")
+    p.add_argument("service")
+    p.add_argument("method", metavar="METHOD", help="a method of the service, or '*' for all of them together")
+    p.add_argument("--qps", type=_qps, default=None, help="requests per second (a token bucket)")
+    p.add_argument("--burst", type=_int_in(1, MAX_CONCURRENCY, "--burst"), default=None,
+                   help="the bucket's size (needs --qps; default a tenth of a second's worth)")
+    p.add_argument("--concurrency", type=_int_in(1, MAX_CONCURRENCY, "--concurrency"), default=None,
+                   help="requests admitted and not yet answered")
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+    p = command("clear", cmd_limit_clear, "remove a method's limits (METHOD '*': the service-wide ones)", lsub)
+    p.add_argument("appkey")
+    p.add_argument("service")
+    p.add_argument("method", metavar="METHOD")
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+    p = command("show", cmd_limit_show, "show the limits set (and whether they were pushed)", lsub)
+    p.add_argument("appkey", nargs="?")
+    p.add_argument("service", nargs="?")
+    p = command("history", cmd_limit_history, "show recorded changes of limits, newest first", lsub)
+    p.add_argument("appkey", nargs="?")
+    p.add_argument("service", nargs="?")
+    p.add_argument("--limit", type=_int_in(1, HISTORY_MAX, "--limit"), default=50,
+                   help="how many (1..%d, default 50)" % HISTORY_MAX)
 
     p = command("callers", cmd_callers, "show who calls whom: each service's callers (appkey, hosts, clients), "
                 "and what each caller calls")

@@ -3,8 +3,9 @@
 A small Flask application (``pip install thriftprobe[console]``) served by werkzeug's threaded
 server, on 127.0.0.1 by default. Every page and API call needs a login with the credentials of
 ``console.<env>`` in the config file; state-changing calls also need the session's CSRF token,
-so another site cannot drive a logged-in browser. Changes go through ``Governance.set_node``:
-the same rules, persistence and audit as the CLI, with the console user as the actor.
+so another site cannot drive a logged-in browser. Changes go through ``Governance.set_node`` and
+``Governance.set_limit`` / ``clear_limit``: the same rules, persistence, push and audit as the
+CLI, with the console user as the actor.
 """
 
 from __future__ import annotations
@@ -122,6 +123,44 @@ def create_app(gov: Governance, console: ConsoleConfig, prometheus: Optional[str
             return jsonify(error="login required"), 401
         history.start()
         return jsonify(env=gov.env, **history.snapshot())
+
+    @app.get("/api/limits")
+    def api_limits() -> Any:
+        if not logged_in():
+            return jsonify(error="login required"), 401
+        try:
+            return jsonify(env=gov.env, services=[v.to_dict() for v in gov.limits()],
+                           history=[e.to_dict() for e in gov.limits_history(limit=20)])
+        except ThriftProbeError as err:
+            return jsonify(error="%s: %s" % (type(err).__name__, err)), 502
+
+    @app.post("/api/limit")
+    def api_limit() -> Any:
+        if not logged_in():
+            return jsonify(error="login required"), 401
+        if not check_csrf():
+            return jsonify(error="missing or wrong CSRF token"), 403
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return jsonify(error="expected a JSON object"), 400
+        names = [body.get(k) for k in ("appkey", "service", "method")]
+        actor = "console:" + session["user"]
+        try:
+            if not all(isinstance(n, str) for n in names):
+                raise InvalidArgument("appkey, service and method must be strings")
+            appkey, service, method = (str(n) for n in names)
+            if body.get("clear") is True:
+                change = gov.clear_limit(appkey, service, method, actor=actor)
+                if change is None:
+                    return jsonify(error="%s/%s %s has no limits: nothing to clear" % (appkey, service, method)), 404
+            else:
+                change = gov.set_limit(appkey, service, method, qps=body.get("qps"), burst=body.get("burst"),
+                                       concurrency=body.get("concurrency"), actor=actor)
+        except InvalidArgument as err:
+            return jsonify(error=str(err)), 400
+        except ThriftProbeError as err:
+            return jsonify(error="%s: %s" % (type(err).__name__, err)), 502
+        return jsonify(change=change.to_dict())
 
     @app.post("/api/node")
     def api_node() -> Any:
@@ -262,9 +301,21 @@ _MAIN_PAGE = (
 <div id="status"></div>
 <table id="fleet"><thead><tr><th>appkey</th><th>service</th><th>node</th><th>weight</th><th>switch</th>
 <th>state</th><th>uptime</th><th>change</th></tr></thead><tbody></tbody></table>
+<h3>Request limits <small>(per provider node; method * = the service as a whole)</small></h3>
+<table id="limits"><thead><tr><th>appkey</th><th>service</th><th>method</th><th>limits</th><th>rev</th><th>pushed</th>
+<th>change</th></tr></thead><tbody></tbody></table>
+<form id="limit-form"><input id="limit-appkey" placeholder="appkey" required>
+<input id="limit-service" placeholder="service" required> <input id="limit-method" placeholder="method or *" required>
+qps <input id="limit-qps" type="number" min="0" step="any"> burst <input id="limit-burst" type="number" min="1">
+concurrency <input id="limit-concurrency" type="number" min="1">
+<button type="submit" id="limit-set">Set limits</button> <button type="button" id="limit-clear">Clear limits</button>
+</form>
 <h3>Recent changes</h3>
 <table id="history"><thead><tr><th>when</th><th>who</th><th>node</th><th>old</th><th>new</th><th>live</th></tr>
 </thead><tbody></tbody></table>
+<h3>Recent changes of limits</h3>
+<table id="limits-history"><thead><tr><th>when</th><th>who</th><th>method</th><th>old</th><th>new</th><th>rev</th>
+<th>pushed</th></tr></thead><tbody></tbody></table>
 </main>
 <script>
 const csrf = document.querySelector('meta[name=csrf-token]').content;
@@ -311,10 +362,52 @@ function renderHistory(entries) {
     <td>${e.new_weight === null ? esc(e.action) : e.new_weight + ' ' + onoff(e.new_valid)}</td>
     <td>${e.live ? 'yes' : 'no'}</td></tr>`).join('');
 }
+const describeLimit = l => !l ? 'none' : [l.qps !== undefined ? `qps ${l.qps}` : '',
+  l.burst !== undefined ? `burst ${l.burst}` : '', l.concurrency !== undefined ? `concurrency ${l.concurrency}` : '']
+  .filter(Boolean).join(' ');
+function renderLimits(data) {
+  document.querySelector('#limits tbody').innerHTML = data.services.flatMap(v => v.methods === null
+    ? [`<tr><td>${esc(v.appkey)}</td><td>${esc(v.service)}</td><td colspan="5" class="corrupt">corrupt:
+        ${esc(v.problem)}</td></tr>`]
+    : Object.entries(v.methods).map(([m, l]) => `<tr data-limit="${esc(v.appkey)}/${esc(v.service)}/${esc(m)}">
+      <td>${esc(v.appkey)}</td><td>${esc(v.service)}</td><td>${esc(m)}</td>
+      <td class="limit">${esc(describeLimit(l))}</td>
+      <td>${v.rev}</td><td class="${v.in_step ? 'on' : 'off'}">${v.in_step ? 'yes' : 'NOT PUSHED'}</td>
+      <td><button class="clear-limit">Clear</button></td></tr>`)).join('')
+    || '<tr><td colspan="7">no limits set</td></tr>';
+  document.querySelector('#limits-history tbody').innerHTML = data.history.map(e => `<tr><td>${esc(e.changed_at)}</td>
+    <td>${esc(e.actor)}</td><td>${esc(e.appkey)}/${esc(e.service)} ${esc(e.method)}</td>
+    <td>${esc(describeLimit(e.old))}</td><td>${esc(describeLimit(e.new))}</td><td>${e.rev}</td>
+    <td>${e.pushed ? 'yes' : 'no'}</td></tr>`).join('');
+}
+async function changeLimit(body, what) {
+  if (!confirm(`${what}?`)) return;
+  try {
+    const r = await api('/api/limit', body);
+    status(`${what}: stored (rev ${r.change.rev}) and pushed to the running providers`, false);
+  } catch (e) { status(`${what} failed: ${e.message}`, true); }
+  refresh();
+}
+const num = id => { const v = document.getElementById(id).value; return v === '' ? null : Number(v); };
+const limitTarget = () => ({appkey: document.getElementById('limit-appkey').value,
+  service: document.getElementById('limit-service').value, method: document.getElementById('limit-method').value});
+document.getElementById('limit-form').addEventListener('submit', ev => {
+  ev.preventDefault(); const t = limitTarget();
+  changeLimit({...t, qps: num('limit-qps'), burst: num('limit-burst'), concurrency: num('limit-concurrency')},
+              `Set the limits of ${t.appkey}/${t.service} ${t.method}`);
+});
+document.getElementById('limit-clear').addEventListener('click', () => {
+  const t = limitTarget(); changeLimit({...t, clear: true}, `Clear the limits of ${t.appkey}/${t.service} ${t.method}`);
+});
+document.querySelector('#limits').addEventListener('click', ev => {
+  const row = ev.target.closest('tr[data-limit]'); if (!row || !ev.target.matches('button.clear-limit')) return;
+  const parts = row.dataset.limit.split('/'); const [appkey, service] = parts; const method = parts.slice(2).join('/');
+  changeLimit({appkey, service, method, clear: true}, `Clear the limits of ${appkey}/${service} ${method}`);
+});
 async function refresh() {
   try {
-    const [fleet, hist] = await Promise.all([api('/api/fleet'), api('/api/history')]);
-    renderFleet(fleet.nodes); renderHistory(hist.entries);
+    const [fleet, hist, lim] = await Promise.all([api('/api/fleet'), api('/api/history'), api('/api/limits')]);
+    renderFleet(fleet.nodes); renderHistory(hist.entries); renderLimits(lim);
     document.getElementById('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
   } catch (e) { status('Refresh failed: ' + e.message, true); }
 }

@@ -10,6 +10,13 @@ A change is applied in this order:
    when the admin tool exits;
 4. the change is appended to the audit table.
 Running consumers watch the znode and see the change within milliseconds.
+
+Request limits (``set_limit``, ``clear_limit``) go the same way: the appkey is checked; the
+service's limits are changed in Redis with compare-and-set (the commit point; a change that
+lost a race with another operator's is made again on top of it); pushed to the providers
+through the registry (only a higher revision replaces what is there); audited in
+``limits_audit``. A push that fails is reported, never passed off as applied: the providers read
+the record from Redis at their next audit, reconnection or restart.
 """
 
 from __future__ import annotations
@@ -25,14 +32,20 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..config import Config
 from ..consumer.tiers import warmup_factor
-from ..errors import BackendError, InvalidArgument, SettingsError
+from ..errors import BackendError, ConcurrentChange, InvalidArgument, SettingsError
+from ..limits import MethodLimit, ServiceLimits, check_method
 from ..node import MAX_WEIGHT, Node, validate_appkey, validate_host, validate_names
 from ..registry import Watch, open_registry
-from ..stores import audit
+from ..stores import audit, limits_audit
 from ..stores.appkeys import check_appkey
+from ..stores.limits import LimitsStore
 from ..stores.settings import NodeSettingsStore
 
-__all__ = ["Change", "Dependencies", "FleetEvent", "Governance", "NodeView", "current_user"]
+__all__ = [
+    "Change", "Dependencies", "FleetEvent", "Governance", "LimitChange", "LimitsView", "NodeView", "current_user",
+]  # fmt: skip
+
+_LIMIT_ATTEMPTS = 50
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +150,69 @@ class Change:
             "rev": self.new.rev,
             "live": self.live,
         }
+
+
+@dataclass(frozen=True)
+class LimitChange:
+    """What ``set_limit`` / ``clear_limit`` did to one method's limits (``"*"``: the service as a
+    whole). ``old`` / ``new`` are None when there were none / there are none now; ``limits``
+    are the service's limits as stored after the change; ``pushed`` says whether they reached
+    the registry the providers watch."""
+
+    env: str
+    appkey: str
+    service: str
+    method: str
+    old: Optional[MethodLimit]
+    new: Optional[MethodLimit]
+    limits: ServiceLimits
+    pushed: bool
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "env": self.env,
+            "appkey": self.appkey,
+            "service": self.service,
+            "method": self.method,
+            "old": None if self.old is None else self.old.to_dict(),
+            "new": None if self.new is None else self.new.to_dict(),
+            "rev": self.limits.rev,
+            "limits": self.limits.to_dict(),
+            "pushed": self.pushed,
+        }
+
+
+@dataclass(frozen=True)
+class LimitsView:
+    """One service's limits as an operator sees them: the record in Redis (``limits``; None and
+    ``problem`` when it is corrupt), and the revision pushed to its providers (``pushed_rev``:
+    None when nothing was pushed, or the registry could not be read)."""
+
+    env: str
+    appkey: str
+    service: str
+    limits: Optional[ServiceLimits]
+    pushed_rev: Optional[int]
+    problem: Optional[str] = None
+
+    @property
+    def in_step(self) -> bool:
+        """Whether the providers were pushed the stored revision (or a newer one)."""
+        return self.limits is not None and (self.limits.rev == 0 or (self.pushed_rev or 0) >= self.limits.rev)
+
+    def to_dict(self) -> Dict[str, Any]:
+        data: Dict[str, Any] = {
+            "env": self.env,
+            "appkey": self.appkey,
+            "service": self.service,
+            "rev": None if self.limits is None else self.limits.rev,
+            "methods": None if self.limits is None else self.limits.to_dict()["methods"],
+            "pushed_rev": self.pushed_rev,
+            "in_step": self.in_step,
+        }
+        if self.problem is not None:
+            data["problem"] = self.problem
+        return data
 
 
 @dataclass(frozen=True)
@@ -265,6 +341,14 @@ def _check_filter(appkey: Optional[str], service: Optional[str]) -> None:
         validate_names("x", service)
 
 
+def _check_actor(actor: Optional[str]) -> str:
+    actor = actor or current_user()
+    if not isinstance(actor, str) or not actor.isprintable():
+        # A newline in the actor would forge a line of 'thriftprobe history'.
+        raise InvalidArgument("actor %r is invalid: it must be printable text" % (actor,))
+    return actor
+
+
 def check_weight(weight: object) -> int:
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
         raise InvalidArgument("weight must be an integer 0..%d (0 = no traffic), got %r" % (MAX_WEIGHT, weight))
@@ -284,9 +368,15 @@ class Governance:
         self._source = source
         self._store = NodeSettingsStore(cfg.redis, cfg.env)
         try:
+            self._limits_store = LimitsStore(cfg.redis, cfg.env)
+        except BaseException:
+            self._store.close()
+            raise
+        try:
             self._registry = open_registry(cfg)
         except BaseException:
             self._store.close()
+            self._limits_store.close()
             raise
 
     # -- looking ---------------------------------------------------------------------------------
@@ -373,10 +463,7 @@ class Governance:
         validate_host(host)
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise InvalidArgument("port must be an integer 1..65535, got %r" % (port,))
-        actor = actor or current_user()
-        if not isinstance(actor, str) or not actor.isprintable():
-            # A newline in the actor would forge a line of 'thriftprobe history'.
-            raise InvalidArgument("actor %r is invalid: it must be printable text" % (actor,))
+        actor = _check_actor(actor)
         check_appkey(self.cfg.mysql, self.env, appkey)
         return actor
 
@@ -597,6 +684,138 @@ class Governance:
             return False
         return stored is not None and stored.rev >= live.rev
 
+    # -- request limits -------------------------------------------------------------------------
+
+    def set_limit(
+        self,
+        appkey: str,
+        service: str,
+        method: str,
+        *,
+        qps: Optional[float] = None,
+        burst: Optional[int] = None,
+        concurrency: Optional[int] = None,
+        actor: Optional[str] = None,
+    ) -> LimitChange:
+        """Set the limits of one method of a service (``"*"``: of the service as a whole), per
+        provider node, replacing those it had; see the module docstring for the steps.
+
+        ``qps`` (requests per second, a token bucket of ``burst`` tokens: by default a tenth of
+        a second's worth) and/or ``concurrency`` (requests admitted and not yet answered).
+        The method is not checked against the IDL (governance does not know it): any Thrift
+        identifier, or ``"*"``. Raises InvalidArgument (bad names or values; nothing to set),
+        AppkeyNotRegistered, SettingsError (corrupt stored limits, left alone), BackendError
+        (also when the change is stored and audited but could not be pushed: said so).
+        """
+        limit = MethodLimit(qps, burst, concurrency)
+        if limit.empty:
+            raise InvalidArgument("nothing to set: give qps and/or concurrency (clearing a method's limits is "
+                                  "clear_limit / 'thriftprobe limit clear')")
+        change = self._change_limit(appkey, service, method, limit, actor)
+        assert change is not None  # a limit that is set always changes the record
+        return change
+
+    def clear_limit(
+        self, appkey: str, service: str, method: str, *, actor: Optional[str] = None
+    ) -> Optional[LimitChange]:
+        """Remove the limits of one method (``"*"``: the service-wide ones). Returns None, and
+        changes and audits nothing, when the method had none. Raises as ``set_limit``."""
+        return self._change_limit(appkey, service, method, None, actor)
+
+    def _change_limit(
+        self, appkey: str, service: str, method: str, limit: Optional[MethodLimit], actor: Optional[str]
+    ) -> Optional[LimitChange]:
+        validate_names(appkey, service)
+        check_method(method)
+        actor = _check_actor(actor)
+        check_appkey(self.cfg.mysql, self.env, appkey)
+        entry = limits_audit.LimitsAuditEntry(
+            "", actor, self._source, self.env, appkey, service, method, None, limit, 0, False
+        )
+        # Fail before changing anything: a change the audit table cannot record is never made.
+        limits_audit.check_ready(self.cfg.mysql, entry)
+        # Revisions never go backwards: when Redis lost the record, the change starts from what
+        # the providers were pushed, or they would ignore it.
+        try:
+            pushed_before = self._registry.live_limits(self.env, appkey, service)
+        except BackendError as err:  # the push below says what happened
+            log.warning("cannot read the pushed limits of %s/%s: %s", appkey, service, err)
+            pushed_before = None
+        for _ in range(_LIMIT_ATTEMPTS):
+            current = self._limits_store.load(appkey, service)
+            behind = pushed_before is not None and pushed_before.rev > current.rev
+            old = (pushed_before if behind and pushed_before is not None else current).get(method)
+            if limit is None and old is None:
+                return None
+            try:
+                stored = self._limits_store.update(appkey, service, method, limit, current.rev, base=pushed_before)
+                break
+            except ConcurrentChange:
+                log.debug("concurrent change of the limits of %s/%s; retrying on top of it", appkey, service)
+        else:
+            raise BackendError("gave up changing the limits of %s/%s after %d concurrent changes"
+                               % (appkey, service, _LIMIT_ATTEMPTS))
+        # Stored: from here on the change is real (providers read it at their next audit), so
+        # it is audited whatever happens to the push.
+        push_error: Optional[BackendError] = None
+        try:
+            now = self._registry.publish_limits(self.env, appkey, service, stored)
+            pushed = now.rev >= stored.rev
+        except BackendError as err:
+            pushed, push_error = False, err
+        change = LimitChange(self.env, appkey, service, method, old, stored.get(method), stored, pushed)
+        try:
+            limits_audit.record(
+                self.cfg.mysql, dataclasses.replace(entry, old=old, new=change.new, rev=stored.rev, pushed=pushed)
+            )
+        except BackendError as err:
+            raise BackendError(
+                "the limits change (rev %d) is stored%s, but its audit record failed: %s"
+                % (stored.rev, " and pushed" if pushed else "", err)
+            ) from err
+        if push_error is not None:
+            raise BackendError(
+                "the limits change (rev %d) is stored and audited, but was not pushed to the running providers (%s); "
+                "each reads it from Redis at its next audit (every 30 s by default), when it reconnects to the "
+                "registry, or when it restarts" % (stored.rev, push_error)
+            ) from push_error
+        log.info("%s %s the limits of %s/%s/%s %s: %s (rev %d)", actor, "set" if limit else "cleared", self.env,
+                 appkey, service, method, change.to_dict()["new"], stored.rev)
+        return change
+
+    def limits(self, appkey: Optional[str] = None, service: Optional[str] = None) -> List[LimitsView]:
+        """The stored limits of every service of the environment that has any (of one appkey; of
+        one service of it, shown even without limits), each with the revision its providers were
+        pushed. Raises InvalidArgument for a malformed appkey or service, BackendError."""
+        _check_filter(appkey, service)
+        if service is not None and appkey is None:
+            raise InvalidArgument("a service needs its appkey")
+        found: List[Tuple[str, str, Optional[ServiceLimits], Optional[str]]] = []
+        if appkey is not None and service is not None:
+            try:
+                found.append((appkey, service, self._limits_store.load(appkey, service), None))
+            except SettingsError as err:
+                found.append((appkey, service, None, str(err)))
+        else:
+            found.extend(self._limits_store.scan(appkey))
+        views = []
+        for key, svc, stored, problem in sorted(found, key=lambda f: (f[0], f[1])):
+            try:
+                live = self._registry.live_limits(self.env, key, svc)
+                pushed_rev = None if live is None else live.rev
+            except BackendError as err:
+                log.warning("cannot read the pushed limits of %s/%s: %s", key, svc, err)
+                pushed_rev = None
+            views.append(LimitsView(self.env, key, svc, stored, pushed_rev, problem))
+        return views
+
+    def limits_history(
+        self, appkey: Optional[str] = None, service: Optional[str] = None, limit: int = 50
+    ) -> List[limits_audit.LimitsAuditEntry]:
+        """The newest ``limit`` changes of request limits (of one appkey / service), newest first."""
+        _check_filter(appkey, service)
+        return limits_audit.history(self.cfg.mysql, self.env, appkey, service, limit)
+
     # -- following ------------------------------------------------------------------------------
 
     def watch(
@@ -644,6 +863,7 @@ class Governance:
     def close(self) -> None:
         self._registry.close()
         self._store.close()
+        self._limits_store.close()
 
     def __enter__(self) -> "Governance":
         return self

@@ -2,10 +2,12 @@
 
 Start order (nothing is left behind when a step fails: no znode, no bound port, no thread):
 validate -> config -> appkey in MySQL -> IDL -> bind -> stamp the node as running -> node
-settings from Redis (from the audit trail in MySQL if Redis lost them) -> ephemeral znode ->
-accept connections. Stop order: delete the znode, drain, stop accepting, let in-flight calls
-finish, release ZooKeeper and Redis; on a thread of its own, so that ``stop()`` returns in time
-whatever the backends do, and works from any thread. The server itself is ``server.py``.
+settings from Redis (from the audit trail in MySQL if Redis lost them) -> request limits from
+Redis, applied -> ephemeral znode -> accept connections -> follow the limits (pushed through
+ZooKeeper, re-read from Redis: ``limits_follower.py``). Stop order: delete the znode, drain,
+stop accepting, let in-flight calls finish, release ZooKeeper and Redis; on a thread of its
+own, so that ``stop()`` returns in time whatever the backends do, and works from any thread.
+The server itself is ``server.py``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from .. import metrics as metrics_mod
 from .._version import __version__
 from ..errors import ConfigError, InvalidArgument, ThriftProbeError
 from ..idl import IdlSource, load_service
+from ..limits import ServiceLimits
 from ..node import Node, validate_host, validate_names, validate_traffic
 from ..registry import Registration, Registry, open_registry
 from ..stores import audit
 from ..stores.appkeys import check_appkey
+from ..stores.limits import LimitsStore
 from ..stores.settings import NodeSettingsStore
 from .dispatch import Dispatcher
 from .hooks import ServerHooks
+from .limits_follower import LimitsFollower
 from .monitor import ProviderMonitor, chain
 from .server import Server, ServerOptions, protocol_factory
 
@@ -65,6 +70,8 @@ class RunningService:
         label: str,
         monitor: Optional[ProviderMonitor] = None,
         endpoint: Optional[metrics_mod.SharedEndpoint] = None,
+        limits_store: Optional[LimitsStore] = None,
+        limits: Optional[ServiceLimits] = None,
     ) -> None:
         self.config = cfg
         self.env = cfg.env
@@ -85,6 +92,9 @@ class RunningService:
         self._label = label
         self._monitor = monitor
         self._endpoint = endpoint
+        self._limits_store = limits_store
+        self._limits = limits if limits is not None else ServiceLimits()
+        self._follower: Optional[LimitsFollower] = None
         self.metrics_port: Optional[int] = None if endpoint is None else endpoint.port
         """The port of the ``/metrics`` endpoint this service advertises; None without one."""
         # The server core names its worker threads thriftprobe-worker-<label>-<n> (see the README).
@@ -98,6 +108,21 @@ class RunningService:
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    @property
+    def limits(self) -> ServiceLimits:
+        """The request limits in force (those operators set, as last applied; no limits at rev 0
+        when none are set)."""
+        return self._limits
+
+    def set_limits(self, limits: ServiceLimits) -> None:
+        """Put ``limits`` in force now. Called by the limits follower with each newer revision
+        operators set (thread-safe: one reference is replaced). Interim: the server core's
+        enforcement (``Server.set_limits``) receives them once it has it."""
+        self._limits = limits
+        apply = getattr(self._server, "set_limits", None)
+        if apply is not None:
+            apply(limits)
 
     def stop(self, timeout: Optional[float] = None, drain: Optional[float] = None) -> None:
         """Deregister, keep serving for ``drain`` seconds while consumers drop the node, stop
@@ -153,7 +178,12 @@ class RunningService:
         if drain > 0:
             log.info("draining %s on port %d for %.1f s", self.service_name, self.port, drain)
             threading.Event().wait(drain)
-        steps: List[Callable[[], None]] = [self._stop_server(left), self._registry.close, self._store.close]
+        steps: List[Callable[[], None]] = []
+        if self._follower is not None:
+            steps.append(self._follower.close)
+        steps += [self._stop_server(left), self._registry.close, self._store.close]
+        if self._limits_store is not None:
+            steps.append(self._limits_store.close)
         if self._monitor is not None:
             steps.append(self._monitor.close)
         if self._endpoint is not None:
@@ -342,6 +372,10 @@ def start_service(
     ``stop_timeout`` seconds to finish.
     Every ``audit_interval`` seconds, and whenever a lost ZooKeeper session is replaced, the
     node is checked and repaired: re-created if missing, with the settings now in Redis.
+    The request limits operators set (``thriftprobe limit``) are read from Redis before the
+    first request and followed while it runs: pushed through ZooKeeper within milliseconds,
+    and re-read from Redis after every reconnection and every ``audit_interval`` seconds
+    (``RunningService.limits`` shows those in force).
 
     Raises InvalidArgument, ConfigError, AppkeyNotRegistered, IdlError, BackendError,
     SettingsError, or ThriftProbeError when the port (or the metrics port) cannot be bound. On any error nothing is
@@ -401,6 +435,7 @@ def start_service(
 
     listener = _bind(bind_host, port)
     store: Optional[NodeSettingsStore] = None
+    limits_store: Optional[LimitsStore] = None
     endpoint: Optional[metrics_mod.SharedEndpoint] = None
     monitor: Optional[ProviderMonitor] = None
     try:
@@ -434,6 +469,13 @@ def start_service(
             return None if found is None else Node(host, bound_port, found[0], found[1], rev=found[2])
 
         node = store.load_or_init(appkey, service_name, Node(host, bound_port, extras=extras), recover)
+        # The limits operators set, in force before the first request (Redis down, or corrupt
+        # limits: no start, as for the node settings; never serving without the limits set).
+        limits_store = LimitsStore(cfg.redis, cfg.env)
+        limits = limits_store.load(appkey, service_name)
+        if limits.methods:
+            log.info("limits of %s/%s/%s: rev %d %s", cfg.env, appkey, service_name, limits.rev,
+                     limits.to_dict()["methods"])
         label = "%s-%d" % (service_name, bound_port)
         proto_factory = protocol_factory(options.protocol)
         dispatcher = Dispatcher(service, handler, proto_factory, label=label, expose_errors=expose_errors)
@@ -443,10 +485,15 @@ def start_service(
         server = Server(dispatcher, listener, label, options, chain(monitor, hooks))
         if monitor is not None:
             monitor.watch_queue(lambda: server.stats()["queued"])
+        apply_limits = getattr(server, "set_limits", None)
+        if apply_limits is not None:
+            apply_limits(limits)
     except BaseException:
         listener.close()
         if store is not None:
             store.close()
+        if limits_store is not None:
+            limits_store.close()
         if monitor is not None:
             monitor.close()
         if endpoint is not None:
@@ -476,6 +523,7 @@ def start_service(
             registry.deregister(registration)
         server.close_unstarted()
         store.close()
+        limits_store.close()
         if registry is not None:
             registry.close()
         if monitor is not None:
@@ -496,7 +544,19 @@ def start_service(
         label=label,
         monitor=monitor,
         endpoint=endpoint,
+        limits_store=limits_store,
+        limits=limits,
     )
+    follower = LimitsFollower(
+        limits_store, registry, cfg.env, appkey, service_name, limits, running.set_limits,
+        interval=audit_interval, label=label,
+    )
+    running._follower = follower
+    try:
+        follower.start()
+    except BaseException:
+        running.stop(timeout=stop_timeout, drain=0)
+        raise
     log.info("serving %s/%s/%s on %s:%d", cfg.env, appkey, service_name, host, bound_port)
     if block:
         running.serve_forever()

@@ -12,6 +12,10 @@ another (an etcd v3 one is planned) fits behind ``open_registry`` without the wi
 Consumers make themselves known too (who calls whom): ``register_consumer`` publishes one entry
 per client, kept (re-published after a lost session) until the registration is closed, and
 ``consumers`` reads them back for operators.
+
+Request limits (``thriftprobe.limits``) are pushed through the registry too: operators
+``publish_limits`` (only a higher revision replaces what is there) and each provider
+``watch_limits`` of its service.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Set, Tuple
 
 from ..config import Config
+from ..limits import ServiceLimits
 from ..node import Node
 
 __all__ = [
     "ConsumerEntry",
     "ConsumerRegistration",
+    "LimitsCallback",
+    "LimitsWatch",
     "NodeEntry",
     "NodeListener",
     "Refresh",
@@ -121,6 +128,17 @@ class Retainer(Protocol):
     """A listener that can also drop every node but the named ones (see ``Watch.retain_only_watched``)."""
 
     def retain(self, names: Set[str]) -> None: ...
+
+
+LimitsCallback = Callable[[Optional[ServiceLimits]], None]
+"""``callback(limits)`` gets a service's pushed limits (None: none pushed, or unreadable)."""
+
+
+class LimitsWatch(Protocol):
+    """A running watch of one service's pushed limits."""
+
+    def close(self) -> None:
+        """Stop calling the callback; nothing of the watch stays on the session. Idempotent."""
 
 
 class Registration(Protocol):
@@ -220,6 +238,25 @@ class Registry(abc.ABC):
     def consumers(self, env: str, appkey: Optional[str] = None, service: Optional[str] = None) -> List[ConsumerEntry]:
         """The consumers registered in ``env`` (of one appkey, of one service of it), read once.
         Raises BackendError."""
+
+    @abc.abstractmethod
+    def publish_limits(self, env: str, appkey: str, service: str, limits: ServiceLimits) -> ServiceLimits:
+        """Push a service's limits to its running providers: written only if ``limits.rev`` is
+        higher than what is published (compare-and-set), so concurrent pushes converge on the
+        newest. Returns what is published now: ``limits``, or a newer revision already there.
+        Raises BackendError."""
+
+    @abc.abstractmethod
+    def live_limits(self, env: str, appkey: str, service: str) -> Optional[ServiceLimits]:
+        """The limits published for a service now, read once; None when none are (or they are
+        unreadable). Raises BackendError."""
+
+    @abc.abstractmethod
+    def watch_limits(self, env: str, appkey: str, service: str, callback: LimitsCallback) -> LimitsWatch:
+        """Call ``callback`` with the service's published limits now (on the caller's thread),
+        after every change, and after every reconnection to the backend (a new session too),
+        changed or not, so that a watcher can also re-read the record it missed changes of. It
+        runs on the registry's threads: it must return quickly and never block. Raises BackendError."""
 
     @abc.abstractmethod
     def close(self) -> None:

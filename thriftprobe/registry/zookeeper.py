@@ -11,7 +11,10 @@ the ensemble answering again.
 Layout: one ephemeral znode per node, ``/services/<env>/<appkey>/<service>_<ip>_<port>``,
 holding the node's JSON (see ``thriftprobe.node``); and one ephemeral znode per consumer (a
 client), ``/consumers/<env>/<appkey>/<service>/<name>``, holding what the consumer published
-about itself (its caller appkey, host, pid...): who calls whom.
+about itself (its caller appkey, host, pid...): who calls whom. Request limits are one
+persistent znode per service, ``/limits/<env>/<appkey>/<service>``, holding the limits' JSON
+(see ``thriftprobe.limits``): outside ``/services``, whose children consumers and Prometheus'
+serverset discovery take for nodes.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ from kazoo.protocol.states import KazooState, KeeperState
 from kazoo.retry import KazooRetry
 
 from ..config import TlsConfig, ZooKeeperConfig
-from ..errors import BackendError, ThriftProbeError
+from ..errors import BackendError, InvalidArgument, ThriftProbeError
+from ..limits import ServiceLimits
 from ..node import Node, parse_znode_name, service_path
-from . import ConsumerEntry, NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
+from . import ConsumerEntry, LimitsCallback, NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
 
 __all__ = [
     "RECONNECT_MAX_DELAY",
+    "ServiceLimitsWatch",
     "ServiceWatch",
     "ZooKeeperConsumerRegistration",
     "ZooKeeperRegistration",
@@ -55,6 +60,7 @@ __all__ = [
     "apply_settings",
     "consumer_path",
     "kazoo_client",
+    "limits_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -339,6 +345,49 @@ class ZooKeeperRegistry(Registry):
     def consumers(self, env: str, appkey: Optional[str] = None, service: Optional[str] = None) -> List[ConsumerEntry]:
         """Every consumer znode under ``/consumers/<env>`` (of one appkey, of one service), read once."""
         return _read_consumers(self.client, self._cfg, env, appkey, service)
+
+    def publish_limits(self, env: str, appkey: str, service: str, limits: ServiceLimits) -> ServiceLimits:
+        """Write the limits into ``/limits/<env>/<appkey>/<service>`` (created if missing) with a
+        versioned set, only over a lower revision (or unreadable data); return what is there now."""
+        path = limits_path(env, appkey, service)
+        zk = self.client
+        data = limits.to_json()
+        try:
+            while True:
+                try:
+                    raw, stat = zk.get(path)
+                except NoNodeError:
+                    zk.ensure_path(path.rsplit("/", 1)[0])
+                    try:
+                        zk.create(path, data)
+                    except NodeExistsError:
+                        continue  # another operator's push came first: compare with it
+                    return limits
+                there = _parse_limits(path, raw)
+                if there is not None and there.rev >= limits.rev:
+                    return there
+                try:
+                    zk.set(path, data, version=stat.version)
+                except (BadVersionError, NoNodeError):
+                    continue  # changed or deleted since read: look again
+                return limits
+        except KazooException as err:
+            raise BackendError("cannot publish %s in %s: %s" % (path, self._cfg.describe(), err)) from err
+
+    def live_limits(self, env: str, appkey: str, service: str) -> Optional[ServiceLimits]:
+        """The limits in ``/limits/<env>/<appkey>/<service>`` now; None if none (or unreadable)."""
+        path = limits_path(env, appkey, service)
+        try:
+            raw, _ = self.client.get(path)
+        except NoNodeError:
+            return None
+        except KazooException as err:
+            raise BackendError("cannot read %s in %s: %s" % (path, self._cfg.describe(), err)) from err
+        return _parse_limits(path, raw)
+
+    def watch_limits(self, env: str, appkey: str, service: str, callback: LimitsCallback) -> "ServiceLimitsWatch":
+        """Follow ``/limits/<env>/<appkey>/<service>`` (see ServiceLimitsWatch)."""
+        return ServiceLimitsWatch(self.client, self._cfg, limits_path(env, appkey, service), callback)
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -1010,6 +1059,134 @@ class ServiceWatch:
             for token in self._tokens.values():
                 token.cancelled = True
             self._tokens.clear()
+        self._client.remove_listener(self._on_state)
+        _forget_watchers_when_settled(self._client, self, self._path)
+
+
+# -- request limits ---------------------------------------------------------------------------------
+
+
+def limits_path(env: str, appkey: str, service: str) -> str:
+    """The persistent znode that holds one service's pushed limits."""
+    return "/limits/%s/%s/%s" % (env, appkey, service)
+
+
+def _parse_limits(path: str, raw: Optional[bytes]) -> Optional[ServiceLimits]:
+    try:
+        return ServiceLimits.from_json(raw or b"")
+    except InvalidArgument as err:
+        log.warning("znode %s holds bad limits (%s); treating it as none", path, err)
+        return None
+
+
+class ServiceLimitsWatch:
+    """Follows one service's limits znode into a callback, also while the znode does not exist.
+
+    ``callback(limits)`` runs with the znode's limits (None: no znode, or unreadable data) once
+    on the caller's thread at the start, then on kazoo's threads after every change and after
+    every reconnection, a new session's included (kazoo drops watches with a lost session; the
+    state listener reads again, which also re-arms the watch). A reply older than one already
+    given is dropped; calls never overlap. The callback must not block. Thread-safe; ``close()``
+    leaves no watcher or listener of this watch on the shared session.
+    """
+
+    def __init__(self, client: KazooClient, cfg: ZooKeeperConfig, path: str, callback: LimitsCallback) -> None:
+        self._client = client
+        self._path = path
+        self._callback = callback
+        # Reentrant: kazoo runs a reply's callbacks inline when its handler is stopped. Requests
+        # are sent under it, so that after close() nothing more is sent.
+        self._lock = threading.RLock()
+        self._closed = False
+        self._mzxid = -1  # the newest version given, so a late reply never wins over a newer one
+        client.add_listener(self._on_state)
+        try:
+            try:
+                raw, stat = client.get(path, watch=self._on_event)
+            except NoNodeError:
+                client.exists(path, watch=self._on_event)  # its creation fires the watch
+                self._give(None, None)
+            else:
+                self._give(raw, stat)
+        except KazooException as err:
+            self.close()
+            raise BackendError("cannot watch %s in %s: %s" % (path, cfg.describe(), err)) from err
+        except BaseException:
+            self.close()
+            raise
+
+    def _give(self, raw: Optional[bytes], stat: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if stat is not None:
+                if stat.mzxid < self._mzxid:
+                    return
+                self._mzxid = stat.mzxid
+            limits = None if stat is None else _parse_limits(self._path, raw)
+            try:
+                self._callback(limits)
+            except Exception:  # a callback's bug must not end the watch
+                log.exception("the limits callback of %s failed", self._path)
+
+    def _read(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                pending = self._client.get_async(self._path, watch=self._on_event)
+            except KazooException as err:  # the session is closed
+                log.debug("cannot read %s (%s)", self._path, err)
+                return
+            pending.rawlink(self._on_reply)
+
+    def _on_reply(self, pending: Any) -> None:
+        try:
+            raw, stat = pending.get()
+        except NoNodeError:
+            self._await_creation()
+            self._give(None, None)
+            return
+        except KazooException as err:  # connection loss: read again on reconnect
+            log.debug("reading %s failed (%s); read again on reconnect", self._path, err)
+            return
+        self._give(raw, stat)
+
+    def _await_creation(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                pending = self._client.exists_async(self._path, watch=self._on_event)
+            except KazooException as err:
+                log.debug("cannot watch for %s (%s)", self._path, err)
+                return
+            pending.rawlink(self._on_exists)
+
+    def _on_exists(self, pending: Any) -> None:
+        try:
+            stat = pending.get()
+        except KazooException as err:
+            log.debug("watching for %s failed (%s)", self._path, err)
+            return
+        if stat is not None:
+            self._read()  # created meanwhile; otherwise its creation fires the watch
+
+    def _on_event(self, event: Any) -> None:
+        if event.type != "NONE" and not self._closed:  # NONE: the connection dropped
+            self._read()
+
+    def _on_state(self, state: str) -> None:
+        # kazoo's connection thread: only schedule work, never block here.
+        if state == KazooState.CONNECTED and not self._closed:
+            self._client.handler.spawn(self._read)
+
+    def close(self) -> None:
+        """Stop calling the callback: none starts after this returns. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._client.remove_listener(self._on_state)
         _forget_watchers_when_settled(self._client, self, self._path)
 

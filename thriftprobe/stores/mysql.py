@@ -1,4 +1,5 @@
-"""MySQL: connections and the schema (``serviceapp`` for appkeys, ``settings_audit`` for changes).
+"""MySQL: connections and the schema (``serviceapp`` for appkeys, ``settings_audit`` for changes
+of node settings, ``limits_audit`` for changes of request limits).
 
 Connections are short-lived, one per operation, and always closed; nothing here is shared, so it
 is thread- and fork-safe. The only identifier spliced into SQL is the database name, which config
@@ -61,6 +62,26 @@ _TABLES_DDL: Tuple[Tuple[str, str], ...] = (
             live        TINYINT NOT NULL,
             KEY ix_settings_audit_node (env, appkey, service, changed_at),
             KEY ix_settings_audit_host (env, appkey, service, host, port, id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
+        """,
+    ),
+    (
+        "limits_audit",
+        """
+        CREATE TABLE IF NOT EXISTS limits_audit (
+            id          BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            changed_at  TIMESTAMP(3)    NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+            actor       VARCHAR(255)    NOT NULL,
+            source      VARCHAR(16)     NOT NULL,
+            env         VARCHAR(64)     NOT NULL,
+            appkey      VARCHAR(128)    NOT NULL,
+            service     VARCHAR(128)    NOT NULL,
+            method      VARCHAR(128)    NOT NULL,
+            old_limit   VARCHAR(255)    NULL,
+            new_limit   VARCHAR(255)    NULL,
+            rev         BIGINT UNSIGNED NOT NULL,
+            pushed      TINYINT         NOT NULL,
+            KEY ix_limits_audit_service (env, appkey, service, id)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4
         """,
     ),

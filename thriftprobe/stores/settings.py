@@ -21,7 +21,7 @@ from ..config import RedisConfig
 from ..errors import BackendError, SettingsError
 from ..node import DEFAULT_WEIGHT, Node, settings_field
 
-__all__ = ["NodeSettingsStore", "hash_key"]
+__all__ = ["NodeSettingsStore", "hash_key", "redis_client"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,35 @@ def seen_key(env: str) -> str:
     return "{%s}_seen" % hash_key(env)
 
 
+def redis_client(cfg: RedisConfig) -> RedisClient:
+    """A redis-py client for ``cfg`` (standalone or Cluster, TLS as configured); thread-safe (a
+    connection pool). Raises BackendError when a Cluster cannot be reached."""
+    common: Dict[str, Any] = {
+        "password": cfg.password,
+        "socket_timeout": cfg.socket_timeout,
+        "socket_connect_timeout": cfg.socket_timeout,
+        # One immediate retry (a dropped idle connection), not redis-py's default of three
+        # with backoff: that made a Redis that is down take 4-15 s to report at start.
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if cfg.tls.enabled:  # like rediss://; redis-py never falls back to plaintext
+        common.update(
+            ssl=True,
+            ssl_cert_reqs="required" if cfg.tls.verify_cert else "none",
+            ssl_check_hostname=cfg.tls.check_hostname,
+            ssl_ca_certs=cfg.tls.ca,
+            ssl_certfile=cfg.tls.cert,
+            ssl_keyfile=cfg.tls.key,
+            ssl_password=cfg.tls.key_password,
+        )
+    try:
+        if cfg.cluster:
+            return RedisCluster(host=cfg.host, port=cfg.port, **common)
+        return redis.Redis(host=cfg.host, port=cfg.port, **common)
+    except _REDIS_ERRORS as err:  # RedisCluster contacts the cluster in its constructor
+        raise BackendError("cannot connect to %s: %s" % (cfg.describe(), err)) from err
+
+
 class NodeSettingsStore:
     """Load, initialise and save node settings in one environment's Redis hash."""
 
@@ -99,30 +128,7 @@ class NodeSettingsStore:
 
     @staticmethod
     def _make_client(cfg: RedisConfig) -> RedisClient:
-        common: Dict[str, Any] = {
-            "password": cfg.password,
-            "socket_timeout": cfg.socket_timeout,
-            "socket_connect_timeout": cfg.socket_timeout,
-            # One immediate retry (a dropped idle connection), not redis-py's default of three
-            # with backoff: that made a Redis that is down take 4-15 s to report at start.
-            "retry": Retry(NoBackoff(), 1),
-        }
-        if cfg.tls.enabled:  # like rediss://; redis-py never falls back to plaintext
-            common.update(
-                ssl=True,
-                ssl_cert_reqs="required" if cfg.tls.verify_cert else "none",
-                ssl_check_hostname=cfg.tls.check_hostname,
-                ssl_ca_certs=cfg.tls.ca,
-                ssl_certfile=cfg.tls.cert,
-                ssl_keyfile=cfg.tls.key,
-                ssl_password=cfg.tls.key_password,
-            )
-        try:
-            if cfg.cluster:
-                return RedisCluster(host=cfg.host, port=cfg.port, **common)
-            return redis.Redis(host=cfg.host, port=cfg.port, **common)
-        except _REDIS_ERRORS as err:  # RedisCluster contacts the cluster in its constructor
-            raise BackendError("cannot connect to %s: %s" % (cfg.describe(), err)) from err
+        return redis_client(cfg)
 
     def _where(self, fieldname: str) -> str:
         return "field %r of hash %s in %s" % (fieldname, self._key, self._cfg.describe())

@@ -1,0 +1,65 @@
+"""``thriftprobe limit ...``: what operators type and see, exit codes and messages for bad input."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+SERVICE = "Calculator"
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["compute"], "nothing to set"),
+        (["compute", "--qps", "0"], "--qps"),
+        (["compute", "--qps", "abc"], "--qps"),
+        (["compute", "--qps", "nan"], "--qps"),
+        (["compute", "--qps", "5", "--burst", "0"], "--burst"),
+        (["compute", "--concurrency", "1.5"], "--concurrency"),
+        (["compute", "--burst", "5"], "burst needs qps"),
+        (["a-b", "--qps", "5"], "method 'a-b' is invalid"),
+        (["compute", "--qps", "5", "--actor", "x\ny"], "actor"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_bad_input_to_limit_set_exits_2_with_a_message_and_changes_nothing(run, capsys, appkey, args, named):
+    run("limit", "set", appkey, SERVICE, *args, expect=2)
+    assert named in capsys.readouterr().err
+    assert json.loads(run("limit", "show", appkey, SERVICE, "--json"))["services"][0]["rev"] == 0
+
+
+def test_an_unknown_appkey_exits_1_naming_it(run, capsys):
+    key = "t.never-%s" % uuid.uuid4().hex[:8]
+    run("limit", "set", key, SERVICE, "compute", "--qps", "5", expect=1)
+    err = capsys.readouterr().err
+    assert "AppkeyNotRegistered" in err and key in err
+
+
+def test_set_show_clear_and_history(run, appkey):
+    out = run("limit", "set", appkey, SERVICE, "compute", "--qps", "200", "--burst", "20", "--actor", "alice")
+    assert "%s/%s compute: none -> qps 200 burst 20 (rev 1)" % (appkey, SERVICE) in out
+    run("limit", "set", appkey, SERVICE, "*", "--concurrency", "64")
+    shown = run("limit", "show", appkey)
+    assert "%s/%s  rev 2" % (appkey, SERVICE) in shown
+    assert "compute" in shown and "concurrency 64" in shown and "NOT PUSHED" not in shown
+    data = json.loads(run("limit", "show", appkey, "--json"))
+    assert data["services"] == [{
+        "env": "test", "appkey": appkey, "service": SERVICE, "rev": 2, "pushed_rev": 2, "in_step": True,
+        "methods": {"*": {"concurrency": 64}, "compute": {"burst": 20, "qps": 200}},
+    }]
+    out = run("limit", "clear", appkey, SERVICE, "compute")
+    assert "qps 200 burst 20 -> none (rev 3)" in out
+    run("limit", "clear", appkey, SERVICE, "compute", expect=1)  # nothing to clear
+    history = run("limit", "history", appkey, SERVICE).splitlines()
+    assert len(history) == 3 and "alice (cli)" in history[-1] and "-> none (rev 3)" in history[0]
+    rows = json.loads(run("limit", "history", appkey, "--json", "--limit", "1"))
+    assert [(r["method"], r["old"], r["new"], r["rev"], r["pushed"]) for r in rows] == [
+        ("compute", {"qps": 200, "burst": 20}, None, 3, True)]
+
+
+def test_limit_without_a_subcommand_is_a_usage_error(run):
+    run("limit", expect=2)
+    run("limit", "show", "t.x", "bad/service", expect=2)

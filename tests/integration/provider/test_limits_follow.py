@@ -1,0 +1,96 @@
+"""A running provider follows the request limits operators set: pushed through ZooKeeper,
+re-read from Redis after a lost session, loaded before serving after a restart."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import wait_until
+from kazoo.client import KazooClient
+
+from thriftprobe import config
+from thriftprobe.limits import MethodLimit
+from thriftprobe.registry.zookeeper import limits_path
+from thriftprobe.stores.limits import LimitsStore
+
+SERVICE = "Calculator"
+
+
+def _limits_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("thriftprobe-limits-")]
+
+
+def _expire(svc) -> tuple:
+    """End the provider's ZooKeeper session for real: another client takes it over and closes it."""
+    session = svc._registry.client.client_id
+    thief = KazooClient(hosts=svc.config.zookeeper.hosts, client_id=session)
+    thief.start(5)
+    thief.stop()
+    thief.close()
+    return session
+
+
+def _own_session(cfg: config.Config, timeout: float) -> config.Config:
+    # A different session timeout keys a separate ZooKeeper session of the process.
+    return config.Config(cfg.path, cfg.env, cfg.mysql, cfg.redis, config.ZooKeeperConfig(cfg.zookeeper.hosts, timeout))
+
+
+def test_a_limit_set_with_the_cli_reaches_a_running_provider_in_seconds(providers, run, appkey):
+    svc = providers("a", audit_interval=60.0)  # so only the push can bring it within the wait
+    assert svc.limits.rev == 0 and not svc.limits.methods
+    out = run("limit", "set", appkey, SERVICE, "compute", "--qps", "50", "--concurrency", "4")
+    assert "pushed" in out
+    wait_until(lambda: svc.limits.get("compute") == MethodLimit(qps=50, concurrency=4), 5, "the pushed limit")
+    run("limit", "clear", appkey, SERVICE, "compute")
+    wait_until(lambda: svc.limits.get("compute") is None and svc.limits.rev == 2, 5, "the cleared limit")
+
+
+def test_a_restarted_provider_comes_back_with_its_limits_before_serving(providers, gov, appkey):
+    gov.set_limit(appkey, SERVICE, "*", concurrency=8)
+    svc = providers("a")
+    assert svc.limits.get("*") == MethodLimit(concurrency=8)  # at once: loaded before the first request
+    gov.set_limit(appkey, SERVICE, "echo", qps=100, burst=5)
+    wait_until(lambda: svc.limits.rev == 2, 5, "the second change")
+    port = svc.port
+    svc.stop(timeout=2.0, drain=0)
+    again = providers("b", port=port)
+    assert again.limits.rev == 2 and again.limits.get("echo") == MethodLimit(qps=100, burst=5)
+
+
+@pytest.mark.slow
+def test_changes_made_while_the_providers_session_expired_arrive(providers, gov, zk, cfg, appkey):
+    svc = providers("a", config=_own_session(cfg, 2.2), audit_interval=60.0)
+    session = _expire(svc)
+    wait_until(lambda: zk.exists(svc.znode_path) is None or zk.exists(svc.znode_path).ephemeralOwner != session[0],
+               10, "the expired session's node to go")
+    gov.set_limit(appkey, SERVICE, "add", qps=11)  # pushed while the provider has no session
+    wait_until(lambda: svc.limits.get("add") == MethodLimit(qps=11), 10, "the change after the new session")
+    assert svc._registry.client.client_id[0] != session[0]
+
+    # A change that only reached the record (its push failed) arrives with the next new session.
+    session = _expire(svc)
+    with LimitsStore(cfg.redis, cfg.env) as store:
+        rev = store.load(appkey, SERVICE).rev
+        store.update(appkey, SERVICE, "echo", MethodLimit(concurrency=2), expected_rev=rev)
+    wait_until(lambda: svc.limits.get("echo") == MethodLimit(concurrency=2), 10, "the record re-read after expiry")
+    assert zk.get(limits_path(cfg.env, appkey, SERVICE))[0].count(b"echo") == 0  # it never was pushed
+
+
+def test_a_stopped_provider_leaves_no_limits_thread_or_watcher(providers, gov, appkey):
+    before = _limits_threads()
+    svc = providers("a")
+    label = "thriftprobe-limits-%s-%d" % (SERVICE, svc.port)
+    assert label in _limits_threads()
+    watch = svc._follower._watch
+    client = svc._registry.client
+    path = limits_path(svc.env, appkey, SERVICE)
+    svc.stop(timeout=2.0, drain=0)
+    assert _limits_threads() == before
+
+    def watchers():
+        return [w for w in client._data_watchers.get(path, set()) if getattr(w, "__self__", None) is watch]
+
+    wait_until(lambda: watchers() == [], 5, "the watch's watchers to go")
+    gov.set_limit(appkey, SERVICE, "add", qps=1)  # a change after the stop reaches nothing
+    assert svc.limits.rev == 0

@@ -1,0 +1,191 @@
+"""MySQL: the audit trail of operators' changes to request limits (table ``limits_audit``).
+
+One row per change of one method's limits (``"*"``: the service as a whole): who, from where
+(``cli``, ``console``), the method's limits before and after as JSON (NULL: none), the service's
+revision after the change, and whether it was pushed to the running providers. Connections are
+short-lived (see ``stores.mysql``): thread- and fork-safe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import pymysql
+
+from ..config import MysqlConfig
+from ..errors import BackendError, InvalidArgument
+from ..limits import MethodLimit
+from .mysql import columns, connect
+
+__all__ = ["LimitsAuditEntry", "check_ready", "history", "record"]
+
+TABLE = "limits_audit"
+_TEXT_FIELDS = ("actor", "source", "env", "appkey", "service", "method")
+_INSERT_COLUMNS = (
+    "actor", "source", "env", "appkey", "service", "method", "old_limit", "new_limit", "rev", "pushed",
+)  # fmt: skip
+_INSERT = "INSERT INTO limits_audit (%s) VALUES (%s)" % (
+    ", ".join(_INSERT_COLUMNS),
+    ", ".join(["%s"] * len(_INSERT_COLUMNS)),
+)
+
+
+@dataclass(frozen=True)
+class LimitsAuditEntry:
+    """One recorded change of one method's limits. ``old`` / ``new``: None when there were none
+    (a first limit, a cleared one)."""
+
+    changed_at: str
+    actor: str
+    source: str
+    env: str
+    appkey: str
+    service: str
+    method: str
+    old: Optional[MethodLimit]
+    new: Optional[MethodLimit]
+    rev: int
+    pushed: bool
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["old"] = None if self.old is None else self.old.to_dict()
+        data["new"] = None if self.new is None else self.new.to_dict()
+        return data
+
+    def describe(self) -> str:
+        return "%s %s (%s) %s/%s %s: %s -> %s (rev %d%s)" % (
+            self.changed_at,
+            self.actor,
+            self.source,
+            self.appkey,
+            self.service,
+            self.method,
+            describe_limit(self.old),
+            describe_limit(self.new),
+            self.rev,
+            "" if self.pushed else ", not pushed",
+        )
+
+
+def describe_limit(limit: Optional[MethodLimit]) -> str:
+    """``qps 200 burst 20 concurrency 8``, or ``none``."""
+    if limit is None or limit.empty:
+        return "none"
+    parts = []
+    if limit.qps is not None:
+        parts.append("qps %g" % limit.qps)
+        parts.append("burst %d%s" % (limit.bucket or 0, "" if limit.burst is not None else " (default)"))
+    if limit.concurrency is not None:
+        parts.append("concurrency %d" % limit.concurrency)
+    return " ".join(parts)
+
+
+def _json(limit: Optional[MethodLimit]) -> Optional[str]:
+    if limit is None or limit.empty:
+        return None
+    return json.dumps(limit.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _row(entry: LimitsAuditEntry) -> Tuple[Any, ...]:
+    return (
+        entry.actor, entry.source, entry.env, entry.appkey, entry.service, entry.method,
+        _json(entry.old), _json(entry.new), entry.rev, int(entry.pushed),
+    )  # fmt: skip
+
+
+def check_ready(cfg: MysqlConfig, entry: LimitsAuditEntry) -> None:
+    """Raise unless ``entry``, a change about to be made, can be recorded; called before anything
+    changes, so that no change is made that cannot be audited.
+
+    BackendError when the table lacks a column (run ``thriftprobe db init``) or this MySQL user
+    cannot INSERT into it (a trial insert, rolled back); InvalidArgument naming the field when a
+    text is longer than its column.
+    """
+    with connect(cfg) as conn:
+        with conn.cursor() as cur:
+            present = columns(cur, cfg.database, TABLE)
+        missing = [c for c in _INSERT_COLUMNS if c not in present]
+        if missing:
+            raise BackendError(
+                "table %s of %s %s: run 'thriftprobe db init'"
+                % (TABLE, cfg.describe(), "is missing" if not present else "lacks column " + ", ".join(missing))
+            )
+        for name in _TEXT_FIELDS:
+            value: str = getattr(entry, name)
+            width = present[name].width
+            if width is not None and len(value) > width:
+                raise InvalidArgument(
+                    "%s %r is %d characters long; column %s.%s of %s holds %d"
+                    % (name, value if len(value) <= 80 else value[:77] + "...", len(value), TABLE, name,
+                       cfg.describe(), width)
+                )
+        try:
+            conn.begin()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(_INSERT, _row(entry))
+            finally:
+                conn.rollback()
+        except pymysql.MySQLError as err:
+            raise BackendError(
+                "cannot write the audit table %s of %s as %r, so nothing was changed: %s"
+                % (TABLE, cfg.describe(), cfg.username, err)
+            ) from err
+
+
+def record(cfg: MysqlConfig, entry: LimitsAuditEntry) -> None:
+    """Append one change; ``entry.changed_at`` is ignored (the database clock stamps it).
+    Raises BackendError."""
+    with connect(cfg) as conn, conn.cursor() as cur:
+        cur.execute(_INSERT, _row(entry))
+
+
+def _limit(raw: Optional[str]) -> Optional[MethodLimit]:
+    if raw is None:
+        return None
+    try:
+        return MethodLimit.from_dict(json.loads(raw))
+    except (ValueError, TypeError):
+        return None  # a row edited by hand: shown as none rather than failing the whole history
+
+
+def history(
+    cfg: MysqlConfig, env: str, appkey: Optional[str] = None, service: Optional[str] = None, limit: int = 50
+) -> List[LimitsAuditEntry]:
+    """The newest ``limit`` (>= 1) changes of limits in an environment (or of one appkey /
+    service), newest first. Raises InvalidArgument for a limit below 1, BackendError."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidArgument("limit must be an integer >= 1, got %r" % (limit,))
+    where, params = ["env = %s"], [env]
+    if appkey:
+        where.append("appkey = %s")
+        params.append(appkey)
+    if service:
+        where.append("service = %s")
+        params.append(service)
+    with connect(cfg) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT changed_at, actor, source, env, appkey, service, method, old_limit, new_limit, rev, pushed"
+            " FROM limits_audit WHERE " + " AND ".join(where) + " ORDER BY id DESC LIMIT %s",
+            (*params, limit),
+        )
+        rows = cur.fetchall()
+    return [
+        LimitsAuditEntry(
+            changed_at=row[0].isoformat(sep=" ", timespec="milliseconds"),
+            actor=row[1],
+            source=row[2],
+            env=row[3],
+            appkey=row[4],
+            service=row[5],
+            method=row[6],
+            old=_limit(row[7]),
+            new=_limit(row[8]),
+            rev=int(row[9]),
+            pushed=bool(row[10]),
+        )
+        for row in rows
+    ]
