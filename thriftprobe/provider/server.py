@@ -521,7 +521,9 @@ class Server:
             self._after_request(conn, close)
             return
         if refusal is not None:
-            text = "%s is over its %s for %s; not executed" % (self._label, refusal.describe(), name)
+            text = "%s is over its %s; %snot executed" % (
+                self._label, refusal.describe(), "" if refusal.scope == name else name + " ",
+            )
         else:
             text = {
                 OVERLOADED: "%s is overloaded: every worker is busy and the queue is full; not executed" % self._label,
