@@ -792,8 +792,7 @@ class Server:
                 self._serve_conn(conn, inbuf, proto)
             except BaseException:  # even SystemExit from a handler: the worker must live on
                 log.exception("%s: serving a connection from %s:%d failed", self._label, *conn.peer)
-                self._release(conn)  # if it failed before its request ran
-                if not conn.handed_back:
+                if not conn.handed_back:  # (giving it back releases its request, if admitted)
                     conn.close_after = "error"
                     conn.out = None
                     self._give_back(conn)
@@ -822,12 +821,10 @@ class Server:
             name = conn.reader.name or ""
             conn.reader.reset()
             inbuf.setvalue(data)
-            try:
-                if not self._run(conn, name, proto):
-                    return
-            finally:
-                if conn.admitted is not None:
-                    self._release(conn)
+            if not self._run(conn, name, proto):
+                return  # handed back (and released by _give_back)
+            if conn.admitted is not None:  # answered, and the connection is still this worker's
+                self._release(conn)
             if self._pending or self._stopping:
                 break
             if not conn.inbuf:
@@ -937,7 +934,11 @@ class Server:
 
     def _give_back(self, conn: _Conn) -> None:
         """From a worker, once per request it was handed: give the connection back to the I/O
-        thread (or close it, if that ended). The worker counts as idle from here on."""
+        thread (or close it, if that ended). The worker counts as idle from here on. A request
+        the limiter admitted is released first: once given back, the connection may carry the
+        next request's admission."""
+        if conn.admitted is not None:
+            self._release(conn)
         conn.handed_back = True
         if conn.blocking:
             conn.blocking = False

@@ -348,4 +348,6 @@ def test_a_qps_limit_holds_within_ten_percent_over_ten_seconds(gated):
     assert not errors
     expected = qps * window + burst
     assert sum(refused) > sum(admitted)  # driven well past the limit
+    print("qps limit %d, burst %d, %.0f s: %d admitted (expected %d), %d refused"
+          % (qps, burst, window, sum(admitted), expected, sum(refused)))
     assert abs(sum(admitted) - expected) <= 0.1 * expected, (sum(admitted), expected, sum(refused))
