@@ -90,6 +90,11 @@ class Dispatcher:
         self._label = label
         self._expose_errors = expose_errors
 
+    @property
+    def methods(self) -> Tuple[str, ...]:
+        """The names of the service's methods, as the IDL declares them."""
+        return tuple(self._methods)
+
     def handle(self, proto: Any) -> Tuple[Optional[bytes], str, str]:
         """Read one message from ``proto`` (over the request's bytes), run it, and return
         ``(reply, method name, outcome)``: the reply's bytes (None for a oneway call) and one of

@@ -20,9 +20,10 @@ Peer = Tuple[str, int]
 OVERLOADED = "overloaded"
 """Outcome of a request answered "not executed" (LOADSHEDDING) without running its handler."""
 
-REJECT_REASONS = ("overloaded", "max_connections", "stopping", "too_large")
+REJECT_REASONS = ("overloaded", "max_connections", "stopping", "too_large", "qps", "concurrency")
 """Why a request was answered without running (``request_rejected``): every worker busy and the
-queue full; over ``max_connections``; the server is stopping; bigger than ``max_message_size``."""
+queue full; over ``max_connections``; the server is stopping; bigger than ``max_message_size``;
+over a request limit (``thriftprobe.limits``) on requests per second, or on requests at once."""
 
 CLOSE_REASONS = (
     "peer_closed", "idle_timeout", "read_timeout", "write_timeout", "evicted", "max_connections", "too_large",

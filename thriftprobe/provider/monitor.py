@@ -31,6 +31,8 @@ _REJECTED_OUTCOME = {
     OVERLOADED: OVERLOADED,
     "max_connections": OVERLOADED,
     "stopping": OVERLOADED,
+    "qps": OVERLOADED,
+    "concurrency": OVERLOADED,
     "too_large": "protocol_error",
 }
 

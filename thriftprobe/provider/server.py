@@ -12,6 +12,9 @@ thread: at low concurrency a call costs what it costs on a thread-per-connection
 Limits, and what a client sees when one is hit:
 - every worker busy and ``queue_size`` requests waiting: the request is answered at once, without
   running, with ``TApplicationException(LOADSHEDDING)`` ("not executed", safe to retry elsewhere);
+- over a request limit (``set_limits``: requests per second or at once, per method and for the
+  service; ``limiter.py`` decides): answered the same way, naming the limit; the connection stays
+  open. A request is admitted before it is queued or run, and counts until its reply is sent;
 - ``max_connections`` reached: the longest-idle connection is closed to make room (its client's
   pool replaces it before use); if none is idle, the new connection's first request is answered
   LOADSHEDDING and the connection closed;
@@ -50,9 +53,11 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
 
 from ..errors import LOADSHEDDING, InvalidArgument
+from ..limits import ServiceLimits
 from .dispatch import Dispatcher
 from .framing import BINARY, PROTOCOLS, TRANSPORTS, MessageError, MessageReader
 from .hooks import OVERLOADED, Peer, ServerHooks
+from .limiter import Limiter, Refusal
 
 __all__ = ["Server", "ServerOptions", "default_max_connections", "protocol_factory"]
 
@@ -144,8 +149,8 @@ class _Conn:
     """One client connection. Owned by the I/O thread, except while BUSY: then by one worker."""
 
     __slots__ = (
-        "blocking", "close_after", "fd", "handed_back", "inbuf", "out", "out_deadline", "peer", "read_start",
-        "reader", "rejecting", "since", "sock", "state", "whole_at",
+        "admitted", "blocking", "close_after", "fd", "handed_back", "inbuf", "out", "out_deadline", "peer",
+        "read_start", "reader", "rejecting", "since", "sock", "state", "whole_at",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer: Peer, reader: MessageReader, now: float) -> None:
@@ -164,6 +169,7 @@ class _Conn:
         self.handed_back = False  # set by the worker that gave it back to the I/O thread
         self.blocking = False  # a worker put the socket in blocking mode to linger on it
         self.whole_at = 0.0  # time.time() when the request being served was whole (for hooks)
+        self.admitted: Optional[str] = None  # the method the limiter admitted this request as, until released
 
 
 class Server:
@@ -186,6 +192,7 @@ class Server:
         self._label = label
         self._opts = options
         self._hooks = hooks
+        self._limiter = Limiter(dispatcher.methods)
         self._framed = options.transport == "framed"
         # Requests are read leniently, like Apache Thrift servers: old non-strict binary messages too.
         self._in_factory: Any = (
@@ -281,6 +288,25 @@ class Server:
         self._sel.close()
         for sock in (self._wake_r, self._wake_w):
             sock.close()
+
+    # -- request limits --------------------------------------------------------------------------
+
+    def set_limits(self, limits: ServiceLimits) -> None:
+        """Apply ``limits`` (``thriftprobe.limits``) from the next request on; from any thread.
+        The caller decides which revision wins: this applies whatever it is given."""
+        self._limiter.set(limits)
+
+    @property
+    def limits(self) -> ServiceLimits:
+        """The request limits applied now (none set: an empty ``ServiceLimits``)."""
+        return self._limiter.limits
+
+    def _release(self, conn: _Conn) -> None:
+        """The request the limiter admitted on ``conn`` was answered, or will never run."""
+        method = conn.admitted
+        if method is not None:
+            conn.admitted = None
+            self._limiter.release(method)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
@@ -466,27 +492,44 @@ class Server:
             conn.whole_at = time.time()
         reason = conn.rejecting or ("stopping" if self._stopping else None)
         if reason is None:
+            if self._limiter.enabled:
+                name = conn.reader.name or ""
+                refusal = self._limiter.admit(name)
+                if refusal is not None:
+                    self._shed(conn, found, refusal.reason, refusal)
+                    return
+                conn.admitted = name
             if self._submit(conn):
                 return
+            if conn.admitted is not None:  # it never runs: as if the limiter had not admitted it
+                self._limiter.cancel(conn.admitted)
+                conn.admitted = None
             reason = OVERLOADED
         self._shed(conn, found, reason)
 
-    def _shed(self, conn: _Conn, found: Tuple[int, int], reason: str) -> None:
-        """Answer the whole request at the head of ``conn.inbuf`` LOADSHEDDING, without running it."""
+    def _shed(self, conn: _Conn, found: Tuple[int, int], reason: str, refusal: Optional[Refusal] = None) -> None:
+        """Answer the whole request at the head of ``conn.inbuf`` LOADSHEDDING, without running it
+        (over a request limit: ``refusal`` says which). Overloaded or over a request limit, the
+        connection stays open; otherwise it is closed after the reply."""
         reader = conn.reader
         name, seqid, oneway = reader.name or "", reader.seqid or 0, reader.mtype == TMessageType.ONEWAY
         del conn.inbuf[: found[1]]
         reader.reset()
         self._hook_rejected(name, conn.peer, reason)
-        close = None if reason == OVERLOADED else reason
+        close = None if reason == OVERLOADED or refusal is not None else reason
         if oneway:
             self._after_request(conn, close)
             return
-        text = {
-            OVERLOADED: "%s is overloaded: every worker is busy and the queue is full; not executed" % self._label,
-            "max_connections": "%s has too many connections; not executed" % self._label,
-            "stopping": "%s is stopping; not executed" % self._label,
-        }[reason]
+        if refusal is not None:
+            text = "%s is over its %s; %snot executed" % (
+                self._label, refusal.describe(), "" if refusal.scope == name else name + " ",
+            )
+        else:
+            text = {
+                OVERLOADED: "%s is overloaded: every worker is busy and the queue is full; not executed" % self._label,
+                "max_connections": "%s has too many connections; not executed" % self._label,
+                "stopping": "%s is stopping; not executed" % self._label,
+            }[reason]
         reply = self._dispatcher.exception_reply(name, seqid, TApplicationException(LOADSHEDDING, text))
         self._send_from_io(conn, self._frame(reply), close)
 
@@ -749,7 +792,7 @@ class Server:
                 self._serve_conn(conn, inbuf, proto)
             except BaseException:  # even SystemExit from a handler: the worker must live on
                 log.exception("%s: serving a connection from %s:%d failed", self._label, *conn.peer)
-                if not conn.handed_back:
+                if not conn.handed_back:  # (giving it back releases its request, if admitted)
                     conn.close_after = "error"
                     conn.out = None
                     self._give_back(conn)
@@ -759,7 +802,13 @@ class Server:
         connection's next requests while they come quickly and nothing else waits."""
         found = conn.reader.feed(conn.inbuf)  # a worker is only handed a whole request
         served = 0
+        limiter = self._limiter
         while found is not None and served < _MAX_STICKY:
+            if served and limiter.enabled:  # read here, not by the I/O thread: admit it here
+                method = conn.reader.name or ""
+                if limiter.admit(method) is not None:
+                    break  # the I/O thread admits it again, or answers it unrun
+                conn.admitted = method
             served += 1
             start, end = found
             buf = conn.inbuf
@@ -773,7 +822,9 @@ class Server:
             conn.reader.reset()
             inbuf.setvalue(data)
             if not self._run(conn, name, proto):
-                return
+                return  # handed back (and released by _give_back)
+            if conn.admitted is not None:  # answered, and the connection is still this worker's
+                self._release(conn)
             if self._pending or self._stopping:
                 break
             if not conn.inbuf:
@@ -883,7 +934,11 @@ class Server:
 
     def _give_back(self, conn: _Conn) -> None:
         """From a worker, once per request it was handed: give the connection back to the I/O
-        thread (or close it, if that ended). The worker counts as idle from here on."""
+        thread (or close it, if that ended). The worker counts as idle from here on. A request
+        the limiter admitted is released first: once given back, the connection may carry the
+        next request's admission."""
+        if conn.admitted is not None:
+            self._release(conn)
         conn.handed_back = True
         if conn.blocking:
             conn.blocking = False
@@ -905,6 +960,7 @@ class Server:
     def _shed_unrun(self, conn: _Conn) -> None:
         """A queued request that will never run (the stop deadline passed): answer it "not
         executed" if the socket takes the reply at once, then close the connection."""
+        self._release(conn)
         reader = conn.reader
         if reader.name is not None and reader.mtype == TMessageType.CALL:
             error = TApplicationException(LOADSHEDDING, "%s is stopping; not executed" % self._label)
