@@ -116,13 +116,11 @@ class RunningService:
         return self._limits
 
     def set_limits(self, limits: ServiceLimits) -> None:
-        """Put ``limits`` in force now. Called by the limits follower with each newer revision
-        operators set (thread-safe: one reference is replaced). Interim: the server core's
-        enforcement (``Server.set_limits``) receives them once it has it."""
+        """Put ``limits`` in force from the next request (``Server.set_limits``). Called by the
+        limits follower with each newer revision operators set; thread-safe. Limits set here
+        directly last until the next revision operators store."""
+        self._server.set_limits(limits)
         self._limits = limits
-        apply = getattr(self._server, "set_limits", None)
-        if apply is not None:
-            apply(limits)
 
     def stop(self, timeout: Optional[float] = None, drain: Optional[float] = None) -> None:
         """Deregister, keep serving for ``drain`` seconds while consumers drop the node, stop
@@ -485,9 +483,7 @@ def start_service(
         server = Server(dispatcher, listener, label, options, chain(monitor, hooks))
         if monitor is not None:
             monitor.watch_queue(lambda: server.stats()["queued"])
-        apply_limits = getattr(server, "set_limits", None)
-        if apply_limits is not None:
-            apply_limits(limits)
+        server.set_limits(limits)
     except BaseException:
         listener.close()
         if store is not None:
