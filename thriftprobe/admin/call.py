@@ -12,7 +12,7 @@ import binascii
 import json
 import math
 import os
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from thriftpy2.protocol.json import json_value, struct_to_json
 from thriftpy2.thrift import TApplicationException, TException, TType
@@ -159,8 +159,12 @@ def call_method(
     *,
     config: Config,
     timeout_ms: int = 3000,
+    version: str = "*",
+    group: str = "",
+    tags: Optional[Dict[str, str]] = None,
 ) -> Tuple[str, Dict[str, Any]]:
     """Call ``method`` and return ("ok", {"result": ...}) or ("exception", {"exception": ...}).
+    ``version``, ``group`` and ``tags`` select the nodes as ``build_client``'s do.
 
     Raises InvalidArgument for an unknown method or arguments that do not fit the IDL, and the
     usual build_client / call errors (NoAvailableNode, BackendError, TTransportException...).
@@ -172,7 +176,10 @@ def call_method(
             % (service_name, method, ", ".join(sorted(service.thrift_services)))
         )
     kwargs = _convert_args(service, method, json_args)
-    with build_client(service, appkey, service_name, socket_timeout=timeout_ms, config=config) as client:
+    with build_client(
+        service, appkey, service_name, socket_timeout=timeout_ms, config=config, version=version, group=group,
+        tags=tags or None,
+    ) as client:
         try:
             # Through with_timeout: it holds the IDL's methods only, so a method named like the
             # client's own (close, with_timeout) is the remote one.

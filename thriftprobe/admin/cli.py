@@ -449,6 +449,13 @@ def cmd_watch(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _tag(text: str) -> Tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("--tag must be NAME=VALUE, got %r" % text)
+    return name, value
+
+
 def cmd_call(args: argparse.Namespace, out: Output) -> int:
     from .call import call_method
 
@@ -460,6 +467,9 @@ def cmd_call(args: argparse.Namespace, out: Output) -> int:
         args.json_args,
         config=_cfg(args),
         timeout_ms=args.timeout,
+        version=args.version,
+        group=args.group,
+        tags=dict(args.tag),
     )
     print(json.dumps(payload, indent=None if args.compact else 2, sort_keys=True), file=out.stream, flush=True)
     return EXIT_OK if status == "ok" else EXIT_REMOTE
@@ -665,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_int_in(1, None, "--timeout"), default=3000, help="socket timeout in ms (default 3000)"
     )
     p.add_argument("--compact", action="store_true", help="one-line JSON")
+    p.add_argument("--version", default="*",
+                   help="only nodes of this version: exact, '1.*' or '>=1.2,<2' (default: any)")
+    p.add_argument("--group", default="",
+                   help="only nodes of this group, '*' for any (default: nodes without a group)")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="NAME=VALUE",
+                   help="only nodes with this tag (repeatable; VALUE '*' for any value)")
 
     command("doctor", cmd_doctor, "check config, ZooKeeper, Redis and MySQL (reachability and schema)")
 

@@ -7,6 +7,7 @@ Every provider's handler answers ``ping`` with its tag, so a test counts where c
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from typing import Any, Callable, Dict
@@ -62,6 +63,10 @@ def test_version_group_and_tags_choose_the_nodes_a_client_calls(providers, cfg, 
             assert sum(state == "unmatched" for state in states.values()) == 4 - len(tags)
     listed = run("ls", appkey)  # operators see what each node declares
     assert "version 1.2.0 zone=eu" in listed and "version 2.0.1 group canary" in listed, listed
+    called = run("call", IDL, appkey, "Calculator", "ping", "--group", "canary", "--version", "2.*", "--compact")
+    assert json.loads(called) == {"result": "canary"}
+    called = run("call", IDL, appkey, "Calculator", "ping", "--tag", "zone=eu", "--compact")
+    assert json.loads(called) == {"result": "v1-eu"}
 
 
 def test_blue_green_moves_traffic_between_two_groups_by_weight(providers, cfg, appkey, gov):
