@@ -187,6 +187,12 @@ class Balancer:
         """Each node's share of the calls by weight now (see ``Plan.shares``); {} with none."""
         return self.plan(snapshot, exclude).shares()
 
+    def reinit_after_fork(self) -> None:
+        """In a child process right after ``fork()``: fresh locks (a thread of the parent may
+        have held one) and no plan; strategies drop what described the parent's calls."""
+        self._plans = [None, None]
+        self._build_lock = threading.Lock()
+
     # Load reports, for strategies with ``tracks_load``.
     def begin(self, address: Address) -> None:
         """A call was sent to ``address``."""
@@ -376,6 +382,11 @@ class LeastLoaded(Balancer):
         cost_a = self._cost(tier.nodes[a].address, now) / tier.weights[a]
         cost_b = self._cost(tier.nodes[b].address, now) / tier.weights[b]
         return tier.nodes[a] if cost_a <= cost_b else tier.nodes[b]
+
+    def reinit_after_fork(self) -> None:
+        super().reinit_after_fork()
+        self._lock = threading.Lock()
+        self._loads = {}  # the parent's calls in flight are not the child's
 
     def begin(self, address: Address) -> None:
         with self._lock:

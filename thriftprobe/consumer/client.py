@@ -493,6 +493,9 @@ class _Core:
             self.table.on_remove(self._node_left)
             self._outliers.reinit_after_fork()
             self._budget.reinit_after_fork()
+            reinit = getattr(self._balancer, "reinit_after_fork", None)
+            if reinit is not None:
+                reinit()
             self._close_lock = threading.Lock()
             self._registry = self._watch = None  # the parent's
             self._attach_stop = threading.Event()

@@ -8,7 +8,9 @@ a wrong share (uniform instead of weighted, a tier that never spills) does.
 from __future__ import annotations
 
 import collections
+import os
 import random
+import signal
 import threading
 import time
 from typing import Dict, List
@@ -447,3 +449,33 @@ def test_malformed_traffic_keys_in_a_znode_read_as_the_defaults() -> None:
         "version": 3, "group": None, "tags": ["x"], "priority": -2, "warmup": "long", "start_time": "now",
     })
     assert (odd.version, odd.group, odd.tags, odd.priority, odd.warmup, odd.start_time) == ("", "", {}, 0, 0.0, None)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_a_forked_child_picks_although_a_parent_thread_held_the_locks(name: str) -> None:
+    """A parent thread inside a pick at fork() time holds the strategy's locks forever in the
+    child; after ``reinit_after_fork`` (which the client calls first in a child) picks go on."""
+    s = snap(node(0), node(1))
+    balancer = STRATEGIES[name](1)
+    balancer.pick(s, call=keyed(1))
+    held = [balancer._build_lock]
+    state = balancer.plan(s).tiers[0].state
+    if hasattr(state, "lock"):  # RoundRobin's schedule
+        held.append(state.lock)
+    if hasattr(balancer, "_lock"):
+        held.append(balancer._lock)
+    for lock in held:
+        lock.acquire()
+    pid = os.fork()
+    if pid == 0:  # the child: a hang is ended by the alarm, and fails the test
+        signal.alarm(5)
+        balancer.reinit_after_fork()
+        chosen = balancer.pick(snap(node(0), node(1), node(2)), call=keyed(2))
+        if balancer.tracks_load:
+            balancer.begin(chosen.address)
+            balancer.end(chosen.address, 0.001, True)
+        os._exit(0 if chosen is not None else 1)
+    for lock in held:
+        lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
