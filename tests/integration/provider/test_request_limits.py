@@ -10,11 +10,12 @@ import contextlib
 import socket
 import threading
 import time
-from typing import AbstractSet, List, Optional, Tuple
+from typing import List
 
 import pytest
 import thriftpy2
 from conftest import IDL, Handler, wait_until
+from in_order import InOrder
 from prometheus_client import CollectorRegistry
 from thriftpy2.protocol import TBinaryProtocol
 from thriftpy2.rpc import make_client
@@ -22,11 +23,9 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer, TTransportException
 
 from thriftprobe import Overloaded, Retry, RetryBudget, build_client, start_service
-from thriftprobe.consumer.table import Snapshot
 from thriftprobe.errors import LOADSHEDDING
 from thriftprobe.limits import MethodLimit, ServiceLimits
 from thriftprobe.metrics import Recorder
-from thriftprobe.node import Node
 
 calc = thriftpy2.load(IDL, module_name="demo_thrift")
 
@@ -67,16 +66,6 @@ def gated(cfg, appkey):  # type: ignore[no-untyped-def]
         svc._server._dispatcher.handler.go.set()
         svc.stop(timeout=2.0, drain=0)
 
-
-class InOrder:
-    """Always the first node of ``ports`` not excluded: a deterministic balancer."""
-
-    def __init__(self, *ports: int) -> None:
-        self.ports = ports
-
-    def pick(self, snapshot: Snapshot, exclude: AbstractSet[Tuple[str, int]] = frozenset()) -> Optional[Node]:
-        by_port = {node.port: node for node in snapshot.available if node.address not in exclude}
-        return next((by_port[p] for p in self.ports if p in by_port), None)
 
 
 def client(svc, timeout: int = 10000):  # type: ignore[no-untyped-def]
