@@ -10,7 +10,7 @@ Traffic control keys a provider may declare ride in ``extras`` too, read through
 ``version``, ``group``, ``tags``, ``priority``, ``warmup`` and ``start_time``. A node written
 without them (by an older provider) reads as version ``""``, group ``""``, no tags, priority 0
 and no warm-up; so does a node whose value is malformed (it is not refused: the rest of the node
-is good).
+is good), except a malformed priority, which reads as the last tier (100).
 
 ``rev`` is the settings revision: every operator change stores weight and valid with the next
 revision, and a live znode is only ever overwritten by settings of a higher revision, so
@@ -87,9 +87,11 @@ class Node:
 
     @property
     def priority(self) -> int:
-        """The node's tier: 0 is the primary, 1 the first fallback, and so on."""
+        """The node's tier: 0 is the primary, 1 the first fallback, and so on. A value that is
+        not an integer 0..100 reads as 100, the last tier: a node that says its tier wrongly
+        is never taken for a primary."""
         value = self.extras.get("priority", 0)
-        return value if _is_int(value) and 0 <= value <= MAX_PRIORITY else 0
+        return value if _is_int(value) and 0 <= value <= MAX_PRIORITY else MAX_PRIORITY
 
     @property
     def warmup(self) -> float:

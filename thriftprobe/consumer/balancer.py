@@ -20,8 +20,8 @@ within the tier a call falls to:
   and its arguments by name; calls with equal keys go to the same node while it stays, and when
   one of N nodes leaves only its ~1/N of the keys move. A key of None: a random node.
 
-Thread-safe: a balancer may serve any number of threads. Give each client its own balancer:
-one shared by two clients works, but rebuilds its plan whenever the calls switch clients.
+Thread-safe: a balancer may serve any number of threads, but only one client: its plans are of
+that client's table. ``build_client`` refuses a balancer that another open client uses.
 
 A balancer of your own: subclass ``Balancer`` and implement ``_choose`` (and ``_prepare`` if it
 keeps state per tier), or implement ``pick`` with the signature below from scratch.
@@ -37,6 +37,7 @@ import math
 import random
 import threading
 import time
+import weakref
 from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from ..errors import InvalidArgument
@@ -59,6 +60,7 @@ Call = Tuple[str, Mapping[str, Any]]
 """(method name, arguments by name) of the call a node is picked for."""
 
 _NO_SKIP: AbstractSet[Address] = frozenset()
+_MAX_PENALTY = 60.0
 
 
 class Picker(Protocol):
@@ -93,6 +95,25 @@ class Balancer:
         # alternating between the two does not rebuild on every call.
         self._plans: List[Optional[Plan]] = [None, None]
         self._build_lock = threading.Lock()
+        self._claim: Optional["weakref.ReferenceType[Any]"] = None
+
+    def claim(self, owner: Any) -> None:
+        """Bind the balancer to ``owner`` (a client's claim object, kept as long as the client
+        is open). Raises InvalidArgument while another owner holds it."""
+        with self._build_lock:
+            held = self._claim() if self._claim is not None else None
+            if held is not None and held is not owner:
+                raise InvalidArgument(
+                    "this %r already serves another client (%s); give each client its own balancer"
+                    % (self, getattr(held, "label", "?"))
+                )
+            self._claim = weakref.ref(owner)
+
+    def release(self, owner: Any) -> None:
+        """Unbind the balancer from ``owner`` (the client closed)."""
+        with self._build_lock:
+            if self._claim is not None and self._claim() is owner:
+                self._claim = None
 
     # -- what strategies implement -------------------------------------------------------------
 
@@ -242,43 +263,74 @@ class WeightedRandom(Balancer):
 
 
 class _Schedule:
-    """A tier's round-robin schedule: a heap of (deadline, rank, index) under a lock."""
+    """A tier's round-robin schedule: a heap of (deadline, rank, index) under a lock; ``now``
+    is the deadline of the last turn taken."""
 
-    __slots__ = ("heap", "lock", "steps")
+    __slots__ = ("heap", "lock", "now", "steps", "tier")
 
-    def __init__(self, heap: List[Tuple[float, int, int]], steps: Tuple[float, ...]) -> None:
+    def __init__(self, tier: Tier, heap: List[Tuple[float, int, int]], steps: Tuple[float, ...]) -> None:
+        self.tier = tier
         self.heap = heap
         self.steps = steps
+        self.now = 0.0
         self.lock = threading.Lock()
+
+    def standing(self) -> Dict[Address, Tuple[float, int, float]]:
+        """Each node's place: (time until its turn, rank, weight), for the next schedule."""
+        with self.lock:
+            now = self.now
+            nodes, weights = self.tier.nodes, self.tier.weights
+            return {nodes[i].address: (due - now, rank, weights[i]) for due, rank, i in self.heap}
 
 
 class RoundRobin(Balancer):
     """Smooth weighted round robin (see the module): node i's k-th turn (k = 0, 1, ...) is due
     at ``(k + 1/2) / weight_i``; the earliest due node takes the call, ties by a random rank per
     plan. Over any run of calls from the start of a schedule, no node's count strays by 1.5 or
-    more from its weight's share (nginx's sequence has the same property). The schedule starts
-    again when the plan changes (a node joins, leaves, is ejected, changes weight, or a warm-up
-    step)."""
+    more from its weight's share (nginx's sequence has the same property).
+
+    When the plan changes (a node joins, leaves, is ejected, changes weight, or a warm-up step)
+    the schedule goes on: each node keeps its place, the time to its turn scaled by its old
+    weight over its new one, and a node that joins takes its first turn after half its step.
+    (Starting the schedule again would give the heaviest nodes the first turns after every
+    change, and starve light and warming nodes while plans change often.)"""
+
+    def __init__(self, rng: Optional[random.Random] = None) -> None:
+        super().__init__(rng)
+        self._schedules: Dict[int, _Schedule] = {}  # the newest schedule of each priority
 
     def _prepare(self, tier: Tier) -> None:
-        ranks = list(range(len(tier.nodes)))
-        self._shuffle(ranks)
-        steps = tuple(1.0 / w for w in tier.weights)
-        heap = [(0.5 * step, rank, i) for i, (step, rank) in enumerate(zip(steps, ranks))]
-        heapq.heapify(heap)
-        tier.state = _Schedule(heap, steps)
-
-    def _shuffle(self, items: List[int]) -> None:
+        previous = self._schedules.get(tier.priority)
+        standing = previous.standing() if previous is not None else {}
         draw = self._random
-        for i in range(len(items) - 1, 0, -1):
-            j = int(draw() * (i + 1))
-            items[i], items[j] = items[j], items[i]
+        steps = tuple(1.0 / w for w in tier.weights)
+        heap = []
+        for i, (node, step) in enumerate(zip(tier.nodes, steps)):
+            found = standing.get(node.address)
+            if found is None:
+                heap.append((0.5 * step, int(draw() * (1 << 30)), i))
+            else:
+                left, rank, weight = found
+                heap.append((max(0.0, left) * weight * step, rank, i))  # left x old weight / new weight
+        heapq.heapify(heap)
+        schedule = tier.state = _Schedule(tier, heap, steps)
+        self._schedules[tier.priority] = schedule
+
+    def _adopt(self, plans: List[Plan]) -> None:
+        priorities = {tier.priority for plan in plans for tier in plan.tiers}
+        for priority in [p for p in self._schedules if p not in priorities]:
+            del self._schedules[priority]
+
+    def reinit_after_fork(self) -> None:
+        super().reinit_after_fork()
+        self._schedules = {}
 
     def _choose(self, tier: Tier, point: Any) -> Node:
         schedule: _Schedule = tier.state
         heap = schedule.heap
         with schedule.lock:
             due, rank, i = heap[0]
+            schedule.now = due
             heapq.heapreplace(heap, (due + schedule.steps[i], rank, i))
         return tier.nodes[i]
 
@@ -296,6 +348,7 @@ class RoundRobin(Balancer):
                     held.append((due, rank, i))
                     continue
                 found = i
+                schedule.now = max(schedule.now, due)
                 heapq.heappush(heap, (due + schedule.steps[i], rank, i))
                 break
             for entry in held:
@@ -315,13 +368,26 @@ class _Load:
 
 
 class LeastLoaded(Balancer):
-    """Power of two choices on (in flight + 1) x latency / weight (see the module).
+    """Power of two choices by load (see the module).
+
+    Two nodes of the tier are drawn at random in proportion to their weights; the one with the
+    lower cost takes the call, the first drawn on a tie, where
+
+        cost = latency x (calls in flight / weight + 1 / the tier's mean weight)
+
+    so that calls in flight count against a node in proportion to its capacity (its weight),
+    and idle nodes of equal latency cost the same: at low concurrency the shares follow the
+    weights (a canary of weight 1 beside two of 30 gets 1/61 of the calls), under load the
+    node with the fewest calls in flight for its weight and the fastest answers wins.
 
     ``decay``: seconds over which a node's latency average forgets (Finagle's default, 10 s): a
     node's average moves towards each new answer's latency with weight ``1 - exp(-dt/decay)``
     (``dt`` the time since its previous answer), at once to a latency above it (a peak), and
-    towards the mean of all nodes while it gets no answers. A failed call never lowers a node's
-    latency. A node that has not answered yet counts at the mean.
+    towards the mean of all nodes while it gets no answers, so that a node that was slow is
+    tried again in time. A node that has not answered yet counts at the mean. A call that got
+    no answer (a failure, or "not executed": the node shed it) doubles the node's latency (from
+    at least the mean or 1 ms, at most 60 s), so that a node that fails or sheds fast never
+    looks fast.
     """
 
     tracks_load = True
@@ -335,39 +401,53 @@ class LeastLoaded(Balancer):
         self._lock = threading.Lock()
         self._mean = 0.0  # a moving average of every answer's latency (seconds)
 
-    def _cost(self, address: Address, now: float) -> float:
-        load = self._loads.get(address)
+    def _latency(self, load: Optional[_Load], now: float) -> float:
         mean = self._mean
-        if load is None:
+        if load is None or load.latency < 0:
             return mean
         latency = load.latency
-        if latency < 0:
-            latency = mean
-        else:
-            idle = now - load.stamp
-            if idle > 0:
-                latency = mean + (latency - mean) * math.exp(-idle / self._decay)
-        return latency * (load.in_flight + 1)
+        idle = now - load.stamp
+        if idle > 0:
+            latency = mean + (latency - mean) * math.exp(-idle / self._decay)
+        return latency
+
+    def _pair(self, tier: Tier, among: Optional[List[int]]) -> Tuple[int, int]:
+        """Two distinct indexes of the tier (of ``among``, if given), drawn by weight."""
+        draw = self._random
+        if among is None:
+            cumulative, total, n = tier.cumulative, tier.total, len(tier.nodes)
+            a = min(bisect.bisect_right(cumulative, draw() * total), n - 1)
+            b = min(bisect.bisect_right(cumulative, draw() * total), n - 1)
+            if b == a:  # the heavy one twice: the other of the pair at random
+                b = int(draw() * (n - 1))
+                if b >= a:
+                    b = min(b + 1, n - 1)
+            return a, b
+        weights = tier.weights
+        running = list(itertools.accumulate(weights[i] for i in among))
+        a = among[min(bisect.bisect_right(running, draw() * running[-1]), len(among) - 1)]
+        b = among[min(bisect.bisect_right(running, draw() * running[-1]), len(among) - 1)]
+        if b == a:
+            others = [i for i in among if i != a]
+            b = others[int(draw() * len(others)) % len(others)]
+        return a, b
+
+    def _better(self, tier: Tier, a: int, b: int) -> Node:
+        nodes, weights = tier.nodes, tier.weights
+        base = len(nodes) / tier.total  # 1 / the tier's mean weight
+        loads = self._loads
+        now = time.monotonic()
+        load_a = loads.get(nodes[a].address)
+        load_b = loads.get(nodes[b].address)
+        cost_a = self._latency(load_a, now) * ((load_a.in_flight if load_a else 0) / weights[a] + base)
+        cost_b = self._latency(load_b, now) * ((load_b.in_flight if load_b else 0) / weights[b] + base)
+        return nodes[b] if cost_b < cost_a else nodes[a]
 
     def _choose(self, tier: Tier, point: Any) -> Node:
-        nodes = tier.nodes
-        n = len(nodes)
-        if n == 1:
-            return nodes[0]
-        draw = self._random
-        a = int(draw() * n)
-        b = int(draw() * (n - 1))
-        if b >= a:
-            b += 1
-        if a >= n or b >= n:  # float rounding at the top
-            a, b = min(a, n - 1), min(b, n - 1)
-        now = time.monotonic()
-        weights = tier.weights
-        cost_a = self._cost(nodes[a].address, now) / weights[a]
-        cost_b = self._cost(nodes[b].address, now) / weights[b]
-        if cost_a == cost_b:
-            return nodes[a] if weights[a] >= weights[b] else nodes[b]
-        return nodes[a] if cost_a < cost_b else nodes[b]
+        if len(tier.nodes) == 1:
+            return tier.nodes[0]
+        a, b = self._pair(tier, None)
+        return self._better(tier, a, b)
 
     def _choose_skipping(self, tier: Tier, skip: AbstractSet[Address], point: Any) -> Optional[Node]:
         left = [i for i, node in enumerate(tier.nodes) if node.address not in skip]
@@ -375,13 +455,8 @@ class LeastLoaded(Balancer):
             return None
         if len(left) == 1:
             return tier.nodes[left[0]]
-        draw = self._random
-        a = left[int(draw() * len(left)) % len(left)]
-        b = left[int(draw() * len(left)) % len(left)]
-        now = time.monotonic()
-        cost_a = self._cost(tier.nodes[a].address, now) / tier.weights[a]
-        cost_b = self._cost(tier.nodes[b].address, now) / tier.weights[b]
-        return tier.nodes[a] if cost_a <= cost_b else tier.nodes[b]
+        a, b = self._pair(tier, left)
+        return self._better(tier, a, b)
 
     def reinit_after_fork(self) -> None:
         super().reinit_after_fork()
@@ -404,8 +479,8 @@ class LeastLoaded(Balancer):
             if load.in_flight > 0:
                 load.in_flight -= 1
             latency = load.latency
-            if not ok:
-                seconds = max(seconds, latency)
+            if not ok:  # no answer: never faster for that (see the class)
+                seconds = min(_MAX_PENALTY, 2.0 * max(seconds, latency, self._mean, 0.001))
             if latency < 0 or seconds >= latency:
                 load.latency = seconds  # the first answer, or a peak: at once
             else:
@@ -426,37 +501,54 @@ class LeastLoaded(Balancer):
 
 
 class _Ring:
-    """A tier's hash ring: sorted 32-bit points and the index (in the tier) of each one's node."""
+    """A tier's hash ring: sorted 32-bit points, the index (in the tier) of each one's node, and
+    each node's salt (for its warm-up draw)."""
 
-    __slots__ = ("owners", "points")
+    __slots__ = ("owners", "points", "salts")
 
-    def __init__(self, points: List[int], owners: List[int]) -> None:
+    def __init__(self, points: List[int], owners: List[int], salts: Tuple[int, ...]) -> None:
         self.points = points
         self.owners = owners
+        self.salts = salts
 
 
 _MASK32 = (1 << 32) - 1
+_MASK64 = (1 << 64) - 1
 _TWO32 = float(1 << 32)
 _TWO64 = float(1 << 64)
+_MAX_WALK = 256  # ring points a warming key looks at before it settles for the first candidate
 
 
 def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.md5(data, usedforsecurity=False).digest(), "big")
 
 
+def _mix(value: int) -> float:
+    """A number in [0, 1) from 64 bits (a key's MD5 bits xor a node's salt): one multiply and
+    an xor-shift, enough to make two nodes' numbers for one key independent."""
+    z = (value * 0xBF58476D1CE4E5B9) & _MASK64
+    return (z ^ (z >> 29)) / _TWO64
+
+
 class ConsistentHash(Balancer):
     """A ketama-style hash ring (see the module). ``key(method, args)`` returns the call's key
-    (str, bytes or int; None for no affinity); ``replicas`` points per node of the tier's
-    average weight (a node of twice that weight gets twice as many).
+    (str, bytes or int; None for no affinity).
 
-    A key's MD5 gives its place on the ring (the first node clockwise takes it), which tier it
-    falls to, and a number in [0, 1) that decides whether a warming node takes it: a node at
-    30% of its weight takes the keys whose number is below 0.3, and the next node clockwise the
-    others. As it warms, keys only move onto it, and each key still has one node at a time.
+    Points per node: ``replicas x weight / R`` (at least 1), where R is the tier's median weight
+    rounded to a power of two: a node that joins, leaves or changes weight moves only its own
+    points, so only the keys it gains or loses move (unless it moves the median across a power
+    of two, which moves every node's count a little).
 
-    A tier's ring is built when the tier's nodes or weights change (a node joins, leaves, is
-    ejected, changes weight), not for warm-up steps: about 0.1 s for 1,000 nodes, on the calling
-    thread; calls on other threads meanwhile use the previous plan.
+    A key's MD5 gives its place on the ring (the first node clockwise takes it) and which tier it
+    falls to. A warming node at a share f of its weight takes a key only if a number drawn from
+    the key and the node together is below f; otherwise the key goes on clockwise. Each node
+    draws its own number for a key, so a warming node's refused keys spread over the nodes after
+    it as its share would have it, and as f grows keys only move onto it. A key that meets only
+    warming nodes for 256 points settles for the first node it met.
+
+    A tier's ring is built when its nodes or their weights change (a node joins, leaves, is
+    ejected, changes weight), not for warm-up steps; about 0.1 s for 1,000 nodes of equal weight,
+    on the calling thread, while calls on other threads go on with the previous plan.
     """
 
     def __init__(
@@ -467,13 +559,13 @@ class ConsistentHash(Balancer):
     ) -> None:
         if not callable(key):
             raise InvalidArgument("key must be a function of (method, args), got %r" % (key,))
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 10_000:
-            raise InvalidArgument("replicas must be an integer 1..10000, got %r" % (replicas,))
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 1000:
+            raise InvalidArgument("replicas must be an integer 1..1000, got %r" % (replicas,))
         super().__init__(rng)
         self._key = key
         self._replicas = replicas
         self._node_points: Dict[Address, List[int]] = {}
-        self._rings: Dict[Tuple[Any, ...], _Ring] = {}  # the current plan's rings, by tier make-up
+        self._rings: Dict[Tuple[Any, ...], _Ring] = {}  # the rings of the plans in use, by tier make-up
 
     def _points_of(self, address: Address, count: int) -> List[int]:
         """The first ``count`` ring points of a node (32-bit, four per MD5 of "host:port-k")."""
@@ -492,15 +584,18 @@ class ConsistentHash(Balancer):
         makeup = (tuple(node.address for node in tier.nodes), tier.full_weights)
         ring = self._rings.get(makeup)
         if ring is None:
-            mean = sum(tier.full_weights) / len(tier.full_weights)
+            ordered = sorted(tier.full_weights)
+            median = ordered[len(ordered) // 2]
+            reference = 2.0 ** round(math.log2(median))
             shift = max(1, (len(tier.nodes) - 1).bit_length())
             merged: List[int] = []
             for i, (node, weight) in enumerate(zip(tier.nodes, tier.full_weights)):
-                count = max(1, round(self._replicas * weight / mean))
-                merged.extend((p << shift) | i for p in self._points_of(node.address, count))
-            merged.sort()
+                count = min(self._replicas * 64, max(1, round(self._replicas * weight / reference)))
+                merged.extend(sorted((p << shift) | i for p in self._points_of(node.address, count)))
+            merged.sort()  # sorted runs, one per node: timsort merges them
             mask = (1 << shift) - 1
-            ring = _Ring([m >> shift for m in merged], [m & mask for m in merged])
+            salts = tuple(_digest(("%s:%d" % node.address).encode("utf-8")) & _MASK64 for node in tier.nodes)
+            ring = _Ring([m >> shift for m in merged], [m & mask for m in merged], salts)
         tier.state = (makeup, ring)
 
     def _adopt(self, plans: List[Plan]) -> None:
@@ -509,6 +604,10 @@ class ConsistentHash(Balancer):
         addresses = frozenset().union(*(plan.snapshot.addresses for plan in plans))
         for address in [a for a in self._node_points if a not in addresses]:
             del self._node_points[address]
+
+    def reinit_after_fork(self) -> None:
+        super().reinit_after_fork()
+        self._rings = {}
 
     def _point(self, call: Optional[Call]) -> Any:
         if call is None:
@@ -537,7 +636,7 @@ class ConsistentHash(Balancer):
     def _tier_point(self, point: Any) -> float:
         if point is None:
             return self._random()
-        return float(point & ((1 << 64) - 1)) / _TWO64  # the digest's low 64 bits
+        return float(point & _MASK64) / _TWO64  # the digest's low 64 bits
 
     def _choose(self, tier: Tier, point: Any) -> Node:
         found = self._walk(tier, point, _NO_SKIP)
@@ -549,33 +648,37 @@ class ConsistentHash(Balancer):
 
     def _walk(self, tier: Tier, point: Any, skip: AbstractSet[Address]) -> Optional[Node]:
         """The first node clockwise from the key's place that is not skipped and takes the key
-        (see the class: a warming node takes a key whose number is below its warm-up share)."""
+        (see the class: a warming node takes a key by its own draw)."""
         ring: _Ring = tier.state[1]
         points, owners, nodes = ring.points, ring.owners, tier.nodes
         if point is None:
-            place, share = int(self._random() * _TWO32), self._random()
-        else:
-            place, share = point >> 96, float((point >> 64) & _MASK32) / _TWO32
+            point = int(self._random() * _TWO64) << 64 | int(self._random() * _TWO64)
         size = len(points)
-        j = bisect.bisect_left(points, place)
+        j = bisect.bisect_left(points, point >> 96)
         if j == size:
             j = 0
         weights, full = tier.weights, tier.full_weights
         owner = owners[j]
-        node = nodes[owner]
-        if not skip and weights[owner] == full[owner]:
-            return node  # the common case: a warm node, nothing skipped
+        if not skip and weights[owner] >= full[owner]:
+            return nodes[owner]  # the common case: a warm node, nothing skipped
+        key_bits = (point >> 32) & _MASK64
         fallback: Optional[Node] = None
+        refused = -1
         for step in range(size):
             owner = owners[(j + step) % size]
+            if owner == refused:
+                continue
             node = nodes[owner]
             if node.address in skip:
                 continue
-            if weights[owner] >= full[owner] or share < weights[owner] / full[owner]:
+            if weights[owner] >= full[owner] or _mix(key_bits ^ ring.salts[owner]) < weights[owner] / full[owner]:
                 return node
+            refused = owner
             if fallback is None:
                 fallback = node
-        return fallback  # every node left is warming and none takes the key: the first of them
+            elif step >= _MAX_WALK:
+                break
+        return fallback  # only warming nodes that refuse the key, or all skipped: None
 
     def __repr__(self) -> str:
         return "ConsistentHash(key=%r, replicas=%d)" % (self._key, self._replicas)

@@ -108,7 +108,9 @@ class _Core:
         cache_writer: Optional[CacheWriter] = None,
         presence: Optional[Presence] = None,
         instruments: Optional[ClientInstruments] = None,
+        claim: Optional["_Claim"] = None,
     ) -> None:
+        self._claim = claim  # holds the balancer for this client while it is open
         self._service = service
         self.env = cfg.env
         self.appkey = appkey
@@ -575,6 +577,9 @@ class _Core:
                 return
             self._closed = True
         _live_clients.discard(self)
+        release = getattr(self._balancer, "release", None)
+        if release is not None and self._claim is not None:
+            release(self._claim)  # the balancer may serve another client now
         if self._instruments is not None:
             self._instruments.close()
             self._outliers.remove_ejection_listener(self._instruments.ejected)
@@ -754,6 +759,17 @@ class _TimeoutView:
 
 
 _live_clients: "weakref.WeakSet[_Core]" = weakref.WeakSet()
+
+
+class _Claim:
+    """What a client holds its balancer by (see ``Balancer.claim``): the balancer keeps only a
+    weak reference, so a client that was never built (an error in ``build_client``) or was
+    garbage-collected frees it."""
+
+    __slots__ = ("__weakref__", "label")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
 
 
 def _mark_clients_forked() -> None:
@@ -952,6 +968,11 @@ def build_client(
     selector = Selector(version, group, tags)
     if balancer is not None and not callable(getattr(balancer, "pick", None)):
         raise InvalidArgument("balancer must have a pick method (e.g. thriftprobe.RoundRobin()), got %r" % (balancer,))
+    balancer = balancer or WeightedRandom()
+    claim = _Claim("%s/%s" % (appkey, service_name))
+    claim_balancer = getattr(balancer, "claim", None)
+    if claim_balancer is not None:
+        claim_balancer(claim)  # one client per balancer: its plans are of one table
     service = load_service(thrift_path, service_name)
     instruments = ClientInstruments(recorder, appkey, service_name) if recorder is not None else None
     outliers = outlier_detection or OutlierDetector()
@@ -1008,7 +1029,8 @@ def build_client(
         table=table,
         watch=watch,
         pool=pool,
-        balancer=balancer or WeightedRandom(),
+        balancer=balancer,
+        claim=claim,
         retry=retry,
         outliers=outliers,
         health_check_interval=health_check_interval,

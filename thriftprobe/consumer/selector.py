@@ -6,8 +6,9 @@
   ``"1.4.2"`` only exactly that; ``"1.*"`` / ``"1.4.*"`` any version whose dotted parts begin so
   (``"1.*"`` takes ``1``, ``1.0`` and ``1.9.3``, not ``10.1``); a range of comparisons joined by
   commas, each one of ``>= > <= < == !=`` and a version: ``">=1.2,<2"``. A range compares the
-  dotted parts as numbers where both are digits and as text otherwise, shorter versions first
-  (``1.2 < 1.2.0 < 1.10``); a node without a version (``""``) matches no range.
+  dotted parts as numbers where both are digits and as text otherwise, missing parts as 0
+  (``1.2 == 1.2.0 < 1.10``, so ``"<=2"`` takes ``2.0``); a node without a version (``""``)
+  matches no range.
 - ``group``: ``""`` (the default) matches only nodes that declare no group, as in Dubbo, so a
   group is a partition that consumers opt into; ``"blue"`` only that group; ``"*"`` any; a
   list or tuple: any of its groups (``("blue", "green")`` for blue/green, where weights move
@@ -42,8 +43,11 @@ GroupSpec = Union[str, Sequence[str]]
 
 def _version_key(version: str) -> Tuple[Tuple[int, Union[int, str]], ...]:
     """A sort key of a dotted version: numeric parts as numbers, the others as text (numbers
-    first), so that ``1.2 < 1.10`` and ``1.2 < 1.2.0``."""
-    return tuple((0, int(part)) if part.isdigit() and part.isascii() else (1, part) for part in version.split("."))
+    first), trailing zero parts dropped, so that ``1.2 < 1.10`` and ``2 == 2.0 == 2.0.0``."""
+    parts = [(0, int(part)) if part.isdigit() and part.isascii() else (1, part) for part in version.split(".")]
+    while len(parts) > 1 and parts[-1] == (0, 0):
+        parts.pop()
+    return tuple(parts)
 
 
 class Selector:

@@ -6,16 +6,21 @@ each strategy honours validity, weight, ejection, priority and warm-up the same 
 **Priority tiers** (Envoy's priority levels). Nodes declare a ``priority``; 0 is the primary tier,
 1 the first fallback, and so on. A node is *healthy* when it is valid, has a weight above 0 and
 is not ejected. A tier's health is ``min(1, 1.4 * healthy / nodes)`` over the tier's nodes that
-the client's selector takes (1.4 is Envoy's overprovisioning factor: a tier with 5 of 7 nodes
-healthy still takes all the traffic). Tiers take traffic in priority order, each as much as its
-health allows until the whole is given: a primary at 50% health (70% after the factor) keeps 70%
-of the calls and the next tier takes 30%. When the tiers' health adds up to less than 1, the
-shares are scaled up so that they still add up to 1. As the primary heals, its share returns.
+the client's selector takes and that have a weight above 0: a weight of 0 drains a node on
+purpose (blue/green), so it leaves its tier's count rather than counting as lost capacity, while
+a node switched off (valid 0) or ejected does count as lost. (1.4 is Envoy's overprovisioning
+factor: a tier with 5 of 7 nodes healthy still takes all the traffic.) Tiers take traffic in
+priority order, each as much as its health allows until the whole is given: a primary at 50%
+health (70% after the factor) keeps 70% of the calls and the next tier takes 30%. When the
+tiers' health adds up to less than 1, the shares are scaled up so that they still add up to 1.
+As the primary heals, its share returns.
 
 **Warm-up** (slow start, as Dubbo's). A node that declares ``warmup`` seconds gets, for that long
 after its ``start_time``, a weight that ramps linearly from 2% to 100% of its own, in steps of 2%
 (so plans are rebuilt at most 50 times per node's warm-up, never on every call). Consumers
-compute the ramp from the node's own start time; nothing is written while it ramps. The ramp
+compute the ramp from the node's own start time; nothing is written while it ramps. A start
+time more than ``MAX_CLOCK_AHEAD`` (5 s) ahead of this host's clock says the clocks disagree,
+not that the node is new: such a node gets no ramp rather than being held at 2%. The ramp
 applies only in a tier with at least one warm node: when every node of a tier is new (the whole
 fleet started together), there is no warm node to spare them, and ramping would only skew the
 shares by start order.
@@ -41,6 +46,7 @@ Address = Tuple[str, int]
 
 OVERPROVISIONING = 1.4
 WARMUP_STEPS = 50
+MAX_CLOCK_AHEAD = 5.0
 _NEVER = math.inf
 
 
@@ -52,7 +58,7 @@ def warmup_factor(node: Node, now: float) -> Tuple[float, float]:
     if warmup <= 0 or started is None:
         return 1.0, _NEVER
     up = now - started
-    if up >= warmup:
+    if up >= warmup or up < -MAX_CLOCK_AHEAD:
         return 1.0, _NEVER
     step = max(1, math.ceil(up / warmup * WARMUP_STEPS)) if up > 0 else 1
     if step >= WARMUP_STEPS:
@@ -128,7 +134,8 @@ def build_plan(snapshot: Snapshot, ejected: AbstractSet[Address], now: Optional[
     wall = time.time() if now is None else now
     by_priority: Dict[int, List[Node]] = {}
     for node in snapshot.matched:
-        by_priority.setdefault(node.priority, []).append(node)
+        if node.weight > 0:  # a weight of 0 drains a node: out of its tier's count
+            by_priority.setdefault(node.priority, []).append(node)
     tiers: List[Tier] = []
     health: List[float] = []
     next_change = _NEVER
