@@ -514,7 +514,7 @@ def test_consistent_hash_moves_only_the_changed_nodes_keys_with_unequal_weights(
     without = snap(*nodes[1:])  # the lightest leaves
     after = {i: balancer.pick(without, call=keyed(i)) for i in range(20_000)}
     assert all(before[i] == nodes[0] for i in before if before[i] != after[i])
-    heavier = snap(*([node(0, weight=20)] + nodes[1:]))  # one node's weight doubles
+    heavier = snap(node(0, weight=20), *nodes[1:])  # one node's weight doubles
     changed = {i: balancer.pick(heavier, call=keyed(i)) for i in range(20_000)}
     moved = [i for i in before if before[i] != changed[i]]
     assert moved and all(changed[i].port == 9000 for i in moved)  # keys only move onto it
