@@ -207,3 +207,39 @@ def test_a_new_node_warms_up_without_znode_writes(providers, cfg, appkey, zk):
         assert early["new"] / 300 < 0.2, early  # share <= 0.25*10 / (10 + 0.25*10) = 20%
         wait_until(lambda: abs(_tally(client, 400)["new"] / 400 - 0.5) < 0.1, timeout=12, what="the full share")
         assert zk.get(path)[1].version == version
+
+
+def test_least_loaded_keeps_away_from_a_node_that_sheds_every_call(providers, cfg, appkey):
+    """Three providers, one over a request limit that sheds nearly every call ("not executed"
+    replies come back fastest of all): LeastLoaded sends it few first attempts, and with the
+    default retry budget almost no call ends in Overloaded (the review saw 249 of 600)."""
+    from thriftprobe import Overloaded
+    from thriftprobe.limits import MethodLimit, ServiceLimits
+
+    providers("a")
+    providers("b")
+    shedder = providers("shedder")
+    shedder.set_limits(ServiceLimits({"*": MethodLimit(qps=0.001, burst=1)}, rev=1))
+    with _client(cfg, appkey, balancer=LeastLoaded()) as client:
+        _wait_nodes(client, 3)
+        overloaded = 0
+        answered: collections.Counter = collections.Counter()
+        for _ in range(600):
+            try:
+                answered[client.ping()] += 1
+            except Overloaded:
+                overloaded += 1
+        assert overloaded <= 6 and answered["shedder"] <= 1, (overloaded, answered)
+
+
+def test_one_balancer_cannot_serve_two_open_clients(providers, cfg, appkey):
+    from thriftprobe import InvalidArgument
+
+    providers("a")
+    shared = RoundRobin()
+    with _client(cfg, appkey, balancer=shared) as first:
+        _wait_nodes(first, 1)
+        with pytest.raises(InvalidArgument, match="give each client its own balancer"):
+            _client(cfg, appkey, balancer=shared)
+    with _client(cfg, appkey, balancer=shared) as second:  # free again once the first closed
+        assert second.ping() == "a"
