@@ -9,7 +9,8 @@ A request is admitted when it passes its method's limits and the service's ``"*"
 
 A refused request takes nothing (no token, no place). A method the IDL does not declare (a
 client may send any name) counts only against ``"*"``. The server admits a request before it is
-queued or run, and releases it once its reply is handed to the socket, or when it will never run.
+queued or run, and releases it once its reply is encoded (before it is written to the socket), or
+when it will never run.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Limits, and what a client sees when one is hit:
   running, with ``TApplicationException(LOADSHEDDING)`` ("not executed", safe to retry elsewhere);
 - over a request limit (``set_limits``: requests per second or at once, per method and for the
   service; ``limiter.py`` decides): answered the same way, naming the limit; the connection stays
-  open. A request is admitted before it is queued or run, and counts until its reply is sent;
+  open. A request is admitted before it is queued or run, and counts until its reply is encoded
+  (released before the reply is written to the socket);
 - ``max_connections`` reached: the longest-idle connection is closed to make room (its client's
   pool replaces it before use); if none is idle, the new connection's first request is answered
   LOADSHEDDING and the connection closed;
@@ -822,9 +823,7 @@ class Server:
             conn.reader.reset()
             inbuf.setvalue(data)
             if not self._run(conn, name, proto):
-                return  # handed back (and released by _give_back)
-            if conn.admitted is not None:  # answered, and the connection is still this worker's
-                self._release(conn)
+                return  # handed back (released by _run once answered, or by _give_back)
             if self._pending or self._stopping:
                 break
             if not conn.inbuf:
@@ -873,6 +872,10 @@ class Server:
             self._running.discard(me)
             raise
         self._running.discard(me)
+        if conn.admitted is not None:
+            # Answered: its place is free before the reply is handed to the socket, or a client that
+            # waits for the reply and then calls again (on any connection) could find it still taken.
+            self._release(conn)
         if reply is not None:
             if self._framed:
                 reply = _FRAME.pack(len(reply)) + reply
