@@ -264,6 +264,17 @@ def _limit_line(change: LimitChange) -> str:
     )
 
 
+def _limit_notes(change: LimitChange, out: Output) -> None:
+    """Say that a corrupt record was replaced, and what the operator should check."""
+    if change.replaced_corrupt is not None:
+        out.line("replaced the CORRUPT limits record %r (audited as such); the record now holds rev %d: %s"
+                 % (change.replaced_corrupt, change.limits.rev,
+                    ", ".join("%s %s" % (m, describe_limit(v)) for m, v in change.limits.methods.items())
+                    or "no limits"))
+    for warning in change.warnings:
+        out.line("WARNING: %s" % warning)
+
+
 def cmd_limit_set(args: argparse.Namespace, out: Output) -> int:
     if args.qps is None and args.burst is None and args.concurrency is None:
         raise InvalidArgument("nothing to set: give --qps and/or --concurrency ('thriftprobe limit clear' removes)")
@@ -274,6 +285,7 @@ def cmd_limit_set(args: argparse.Namespace, out: Output) -> int:
     out.line(_limit_line(change))
     out.line("stored, audited and pushed to the running providers (per provider node; each applies it within a "
              "second)")
+    _limit_notes(change, out)
     return EXIT_OK
 
 
@@ -286,6 +298,21 @@ def cmd_limit_clear(args: argparse.Namespace, out: Output) -> int:
         return EXIT_FAILED
     out.line(_limit_line(change))
     out.line("stored, audited and pushed to the running providers")
+    _limit_notes(change, out)
+    return EXIT_OK
+
+
+def cmd_limit_reset(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        change = gov.reset_limits(args.appkey, args.service, actor=args.actor)
+    out.data(None if change is None else change.to_dict())
+    if change is None:
+        out.line("%s/%s has no limits: nothing to reset" % (args.appkey, args.service))
+        return EXIT_FAILED
+    out.line("%s/%s: every limit dropped (%s) (rev %d)" % (
+        args.appkey, args.service, ", ".join(change.dropped or []) or "none were in force", change.limits.rev))
+    out.line("stored, audited and pushed to the running providers")
+    _limit_notes(change, out)
     return EXIT_OK
 
 
@@ -614,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("appkey")
     p.add_argument("service")
     p.add_argument("method", metavar="METHOD")
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+    p = command("reset", cmd_limit_reset, "drop every limit of a service (also replaces a corrupt record)", lsub)
+    p.add_argument("appkey")
+    p.add_argument("service")
     p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
     p = command("show", cmd_limit_show, "show the limits set (and whether they were pushed)", lsub)
     p.add_argument("appkey", nargs="?")

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from ..config import Config
 from ..consumer.tiers import warmup_factor
 from ..errors import BackendError, ConcurrentChange, InvalidArgument, SettingsError
-from ..limits import MethodLimit, ServiceLimits, check_method
+from ..limits import ALL_METHODS, MethodLimit, ServiceLimits, check_method
 from ..node import MAX_WEIGHT, Node, validate_appkey, validate_host, validate_names
 from ..registry import Watch, open_registry
 from ..stores import audit, limits_audit
@@ -167,9 +167,15 @@ class LimitChange:
     new: Optional[MethodLimit]
     limits: ServiceLimits
     pushed: bool
+    replaced_corrupt: Optional[str] = None
+    """The start of the corrupt record this change replaced (None: the record was sound)."""
+    dropped: Optional[List[str]] = None
+    """For ``reset_limits``: the methods whose limits were dropped (None for set / clear)."""
+    warnings: Tuple[str, ...] = ()
+    """What the operator should check: no live provider of the service, a method they do not have."""
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        data: Dict[str, Any] = {
             "env": self.env,
             "appkey": self.appkey,
             "service": self.service,
@@ -179,7 +185,12 @@ class LimitChange:
             "rev": self.limits.rev,
             "limits": self.limits.to_dict(),
             "pushed": self.pushed,
+            "replaced_corrupt": self.replaced_corrupt,
+            "warnings": list(self.warnings),
         }
+        if self.dropped is not None:
+            data["dropped"] = self.dropped
+        return data
 
 
 @dataclass(frozen=True)
@@ -703,9 +714,11 @@ class Governance:
         ``qps`` (requests per second, a token bucket of ``burst`` tokens: by default a tenth of
         a second's worth) and/or ``concurrency`` (requests admitted and not yet answered).
         The method is not checked against the IDL (governance does not know it): any Thrift
-        identifier, or ``"*"``. Raises InvalidArgument (bad names or values; nothing to set),
-        AppkeyNotRegistered, SettingsError (corrupt stored limits, left alone), BackendError
-        (also when the change is stored and audited but could not be pushed: said so).
+        identifier, or ``"*"``. A corrupt record is replaced (compare-and-set against its exact
+        bytes) by the limits the providers were pushed, changed, at a revision above both; the
+        change says so (``replaced_corrupt``) and so does its audit row. Raises InvalidArgument
+        (bad names or values; nothing to set), AppkeyNotRegistered, BackendError (also when the
+        change is stored and audited but could not be pushed: said so).
         """
         limit = MethodLimit(qps, burst, concurrency)
         if limit.empty:
@@ -719,11 +732,27 @@ class Governance:
         self, appkey: str, service: str, method: str, *, actor: Optional[str] = None
     ) -> Optional[LimitChange]:
         """Remove the limits of one method (``"*"``: the service-wide ones). Returns None, and
-        changes and audits nothing, when the method had none. Raises as ``set_limit``."""
+        changes and audits nothing, when the method had none and the record is not corrupt.
+        Raises as ``set_limit``."""
         return self._change_limit(appkey, service, method, None, actor)
 
+    def reset_limits(self, appkey: str, service: str, *, actor: Optional[str] = None) -> Optional[LimitChange]:
+        """Drop every limit of a service: the record becomes "no limits" at a revision above the
+        record's and the pushed ones, pushed and audited (one row per method dropped). It also
+        replaces a corrupt record, whatever it holds. Returns None, and changes nothing, when the
+        service has no limits stored or pushed and its record is not corrupt. Raises as
+        ``set_limit``."""
+        return self._change_limit(appkey, service, ALL_METHODS, None, actor, reset=True)
+
     def _change_limit(
-        self, appkey: str, service: str, method: str, limit: Optional[MethodLimit], actor: Optional[str]
+        self,
+        appkey: str,
+        service: str,
+        method: str,
+        limit: Optional[MethodLimit],
+        actor: Optional[str],
+        *,
+        reset: bool = False,
     ) -> Optional[LimitChange]:
         validate_names(appkey, service)
         check_method(method)
@@ -742,19 +771,30 @@ class Governance:
             log.warning("cannot read the pushed limits of %s/%s: %s", appkey, service, err)
             pushed_before = None
         for _ in range(_LIMIT_ATTEMPTS):
-            current = self._limits_store.load(appkey, service)
-            behind = pushed_before is not None and pushed_before.rev > current.rev
-            old = (pushed_before if behind and pushed_before is not None else current).get(method)
-            if limit is None and old is None:
-                return None
+            record = self._limits_store.read(appkey, service)
+            # What the providers follow: the higher revision of the record and the push. A corrupt
+            # record is replaced by what they were pushed (they never applied it), changed.
+            base = record.limits if record.limits is not None else ServiceLimits()
+            if pushed_before is not None and (record.corrupt or pushed_before.rev > base.rev):
+                base = pushed_before
+            old = base.get(method)
+            dropped: Dict[str, MethodLimit] = dict(base.methods) if reset else {}
+            if limit is None and not record.corrupt and not (dropped if reset else old):
+                return None  # nothing to clear (or to reset), and nothing to repair
+            rev = max(record.rev, base.rev) + 1
+            new_limits = ServiceLimits(rev=rev) if reset else base.with_method(method, limit, rev)
             try:
-                stored = self._limits_store.update(appkey, service, method, limit, current.rev, base=pushed_before)
+                stored = self._limits_store.replace(appkey, service, record, new_limits)
                 break
             except ConcurrentChange:
                 log.debug("concurrent change of the limits of %s/%s; retrying on top of it", appkey, service)
         else:
             raise BackendError("gave up changing the limits of %s/%s after %d concurrent changes"
                                % (appkey, service, _LIMIT_ATTEMPTS))
+        corrupt = limits_audit.excerpt(record.raw) if record.corrupt else None
+        if corrupt is not None:
+            log.warning("replaced the corrupt limits record of %s/%s/%s (%r) with rev %d", self.env, appkey, service,
+                        corrupt, stored.rev)
         # Stored: from here on the change is real (providers read it at their next audit), so
         # it is audited whatever happens to the push.
         push_error: Optional[BackendError] = None
@@ -763,11 +803,17 @@ class Governance:
             pushed = now.rev >= stored.rev
         except BackendError as err:
             pushed, push_error = False, err
-        change = LimitChange(self.env, appkey, service, method, old, stored.get(method), stored, pushed)
+        change = LimitChange(self.env, appkey, service, method, old, stored.get(method), stored, pushed,
+                             replaced_corrupt=corrupt, dropped=sorted(dropped) if reset else None)
+        rows: List[Tuple[str, Optional[MethodLimit]]] = sorted(dropped.items()) if reset else [(method, old)]
+        if not rows:
+            rows = [(ALL_METHODS, None)]  # a reset of a corrupt record when no valid limits were pushed
         try:
-            limits_audit.record(
-                self.cfg.mysql, dataclasses.replace(entry, old=old, new=change.new, rev=stored.rev, pushed=pushed)
-            )
+            for i, (name, before) in enumerate(rows):
+                limits_audit.record(self.cfg.mysql, dataclasses.replace(
+                    entry, method=name, old=before, new=stored.get(name), rev=stored.rev, pushed=pushed,
+                    corrupt=corrupt if i == 0 else None,
+                ))
         except BackendError as err:
             raise BackendError(
                 "the limits change (rev %d) is stored%s, but its audit record failed: %s"
@@ -779,8 +825,9 @@ class Governance:
                 "each reads it from Redis at its next audit (every 30 s by default), when it reconnects to the "
                 "registry, or when it restarts" % (stored.rev, push_error)
             ) from push_error
-        log.info("%s %s the limits of %s/%s/%s %s: %s (rev %d)", actor, "set" if limit else "cleared", self.env,
-                 appkey, service, method, change.to_dict()["new"], stored.rev)
+        log.info("%s %s the limits of %s/%s/%s %s: %s (rev %d)", actor,
+                 "reset" if reset else "set" if limit else "cleared", self.env, appkey, service, method,
+                 change.to_dict()["new"], stored.rev)
         return change
 
     def limits(self, appkey: Optional[str] = None, service: Optional[str] = None) -> List[LimitsView]:

@@ -6,6 +6,10 @@ import json
 import uuid
 
 import pytest
+from conftest import TEST_ENV
+
+from thriftprobe.limits import limits_field
+from thriftprobe.stores.limits import limits_key
 
 SERVICE = "Calculator"
 
@@ -63,3 +67,19 @@ def test_set_show_clear_and_history(run, appkey):
 def test_limit_without_a_subcommand_is_a_usage_error(run):
     run("limit", expect=2)
     run("limit", "show", "t.x", "bad/service", expect=2)
+
+
+def test_a_corrupt_record_is_replaced_by_limit_set_or_reset_and_the_cli_says_so(run, rds, appkey):
+    field = limits_field(appkey, TEST_ENV, SERVICE)
+    rds.hset(limits_key(TEST_ENV), field, b'{"rev": 3, "methods": {"echo": {"qps": 0}}}')
+    shown = run("limit", "show", appkey, SERVICE)
+    assert "CORRUPT" in shown and "thriftprobe limit reset %s %s" % (appkey, SERVICE) in shown
+    out = run("limit", "set", appkey, SERVICE, "echo", "--qps", "100")
+    assert "echo: none -> qps 100 burst 10 (default) (rev 4)" in out
+    assert "replaced the CORRUPT limits record" in out and '"qps": 0' in out
+    rds.hset(limits_key(TEST_ENV), field, b"garbage")
+    data = json.loads(run("--json", "limit", "reset", appkey, SERVICE))
+    assert data["replaced_corrupt"] == "garbage" and data["rev"] == 5 and data["limits"]["methods"] == {}
+    assert "nothing to reset" in run("limit", "reset", appkey, SERVICE, expect=1)
+    history = run("limit", "history", appkey, SERVICE).splitlines()
+    assert len(history) == 2 and all("replaced corrupt record" in line for line in history)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import wait_until
+from conftest import TEST_ENV, wait_until
 from kazoo.client import KazooClient
 
 from thriftprobe import config
-from thriftprobe.limits import MethodLimit
+from thriftprobe.errors import SettingsError
+from thriftprobe.limits import MethodLimit, limits_field
 from thriftprobe.registry.zookeeper import limits_path
-from thriftprobe.stores.limits import LimitsStore
+from thriftprobe.stores.limits import LimitsStore, limits_key
 
 SERVICE = "Calculator"
 
@@ -56,6 +57,21 @@ def test_a_restarted_provider_comes_back_with_its_limits_before_serving(provider
     svc.stop(timeout=2.0, drain=0)
     again = providers("b", port=port)
     assert again.limits.rev == 2 and again.limits.get("echo") == MethodLimit(qps=100, burst=5)
+
+
+def test_a_corrupt_record_stops_the_start_naming_the_repair_and_after_it_the_provider_starts(
+    providers, gov, rds, zk, appkey
+):
+    field = limits_field(appkey, TEST_ENV, SERVICE)
+    rds.hset(limits_key(TEST_ENV), field, b'{"rev": 2, "methods": {"echo": {"qps": 0}}}')
+    with pytest.raises(SettingsError) as err:
+        providers("a")
+    assert "thriftprobe limit reset %s %s" % (appkey, SERVICE) in str(err.value)  # the fix, named
+    nodes = "/services/%s/%s/%s" % (TEST_ENV, appkey, SERVICE)
+    assert not zk.exists(nodes) or not zk.get_children(nodes)  # never registered, never served
+    gov.set_limit(appkey, SERVICE, "echo", qps=30)
+    svc = providers("a")
+    assert svc.limits.rev == 3 and svc.limits.get("echo") == MethodLimit(qps=30)
 
 
 @pytest.mark.slow
