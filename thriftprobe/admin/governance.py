@@ -196,8 +196,11 @@ class LimitChange:
 @dataclass(frozen=True)
 class LimitsView:
     """One service's limits as an operator sees them: the record in Redis (``limits``; None and
-    ``problem`` when it is corrupt), and the revision pushed to its providers (``pushed_rev``:
-    None when nothing was pushed, or the registry could not be read)."""
+    ``problem`` when it is corrupt, or when there is none: ``recorded`` False) and what was pushed
+    to its providers (``pushed``: None when nothing was, or the registry could not be read).
+
+    Providers follow the higher revision of the two (a provider never goes back to a lower one):
+    ``follows`` says which, and ``in_step`` whether both say the same."""
 
     env: str
     appkey: str
@@ -205,11 +208,40 @@ class LimitsView:
     limits: Optional[ServiceLimits]
     pushed_rev: Optional[int]
     problem: Optional[str] = None
+    pushed: Optional[ServiceLimits] = None
+    recorded: bool = True
+    """False when Redis holds no record of the service (never set, or lost) and ``limits`` is None."""
 
     @property
     def in_step(self) -> bool:
-        """Whether the providers were pushed the stored revision (or a newer one)."""
-        return self.limits is not None and (self.limits.rev == 0 or (self.pushed_rev or 0) >= self.limits.rev)
+        """Whether the providers were pushed exactly the record (same revision, same limits), or
+        neither holds any limit."""
+        if self.limits is None:
+            return False
+        if self.pushed is None:
+            return self.limits.rev == 0 and not self.limits.methods
+        return self.pushed == self.limits
+
+    @property
+    def follows(self) -> str:
+        """What the providers follow: ``"record"`` (Redis; also when both agree), ``"pushed"``
+        (ZooKeeper: a higher revision than the record's, or the record is lost or corrupt), or
+        ``"either"`` (both at one revision, with different limits: each provider keeps the one it
+        saw first)."""
+        if self.pushed is None:
+            return "record"
+        if self.limits is None or self.pushed.rev > self.limits.rev:
+            return "pushed"
+        if self.pushed.rev == self.limits.rev and self.pushed != self.limits:
+            return "either"
+        return "record"
+
+    @property
+    def in_force(self) -> Optional[ServiceLimits]:
+        """The limits the providers follow (None: unknown, see ``follows`` and ``problem``)."""
+        if self.follows == "pushed":
+            return self.pushed
+        return self.limits if self.follows == "record" else None
 
     def to_dict(self) -> Dict[str, Any]:
         data: Dict[str, Any] = {
@@ -219,7 +251,10 @@ class LimitsView:
             "rev": None if self.limits is None else self.limits.rev,
             "methods": None if self.limits is None else self.limits.to_dict()["methods"],
             "pushed_rev": self.pushed_rev,
+            "pushed_methods": None if self.pushed is None else self.pushed.to_dict()["methods"],
             "in_step": self.in_step,
+            "follows": self.follows,
+            "recorded": self.recorded,
         }
         if self.problem is not None:
             data["problem"] = self.problem
@@ -831,29 +866,41 @@ class Governance:
         return change
 
     def limits(self, appkey: Optional[str] = None, service: Optional[str] = None) -> List[LimitsView]:
-        """The stored limits of every service of the environment that has any (of one appkey; of
-        one service of it, shown even without limits), each with the revision its providers were
-        pushed. Raises InvalidArgument for a malformed appkey or service, BackendError."""
+        """Every service of the environment with limits stored or pushed (of one appkey; of one
+        service of it, shown even without limits): the record and what its providers were pushed,
+        side by side (``LimitsView``). A service whose limits exist only in the registry (Redis lost
+        the record) is listed with ``recorded`` False. Raises InvalidArgument for a malformed appkey
+        or service, BackendError."""
         _check_filter(appkey, service)
         if service is not None and appkey is None:
             raise InvalidArgument("a service needs its appkey")
-        found: List[Tuple[str, str, Optional[ServiceLimits], Optional[str]]] = []
+        found: Dict[Tuple[str, str], Tuple[Optional[ServiceLimits], Optional[str], bool]] = {}
         if appkey is not None and service is not None:
-            try:
-                found.append((appkey, service, self._limits_store.load(appkey, service), None))
-            except SettingsError as err:
-                found.append((appkey, service, None, str(err)))
+            record = self._limits_store.read(appkey, service)
+            found[(appkey, service)] = (record.limits, record.problem, record.raw is not None)
+            names = [(appkey, service)]
         else:
-            found.extend(self._limits_store.scan(appkey))
+            for key, svc, stored, problem in self._limits_store.scan(appkey):
+                found[(key, svc)] = (stored, problem, True)
+            try:
+                names = sorted(set(found) | set(self._registry.limited_services(self.env, appkey)))
+            except BackendError as err:
+                log.warning("cannot list the pushed limits of %s: %s", self.env, err)
+                names = sorted(found)
         views = []
-        for key, svc, stored, problem in sorted(found, key=lambda f: (f[0], f[1])):
+        for key, svc in names:
+            stored, problem, recorded = found.get((key, svc), (None, None, False))
             try:
                 live = self._registry.live_limits(self.env, key, svc)
-                pushed_rev = None if live is None else live.rev
             except BackendError as err:
                 log.warning("cannot read the pushed limits of %s/%s: %s", key, svc, err)
-                pushed_rev = None
-            views.append(LimitsView(self.env, key, svc, stored, pushed_rev, problem))
+                live = None
+            if not recorded:
+                if live is None and service is None:
+                    continue  # listed, then gone
+                stored = None if live is not None else ServiceLimits()
+            views.append(LimitsView(self.env, key, svc, stored, None if live is None else live.rev, problem, live,
+                                    recorded))
         return views
 
     def limits_history(

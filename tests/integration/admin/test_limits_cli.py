@@ -9,6 +9,7 @@ import pytest
 from conftest import TEST_ENV
 
 from thriftprobe.limits import limits_field
+from thriftprobe.registry.zookeeper import limits_path
 from thriftprobe.stores.limits import limits_key
 
 SERVICE = "Calculator"
@@ -50,9 +51,10 @@ def test_set_show_clear_and_history(run, appkey):
     assert "%s/%s  rev 2" % (appkey, SERVICE) in shown
     assert "compute" in shown and "concurrency 64" in shown and "NOT PUSHED" not in shown
     data = json.loads(run("limit", "show", appkey, "--json"))
+    methods = {"*": {"concurrency": 64}, "compute": {"burst": 20, "qps": 200}}
     assert data["services"] == [{
         "env": "test", "appkey": appkey, "service": SERVICE, "rev": 2, "pushed_rev": 2, "in_step": True,
-        "methods": {"*": {"concurrency": 64}, "compute": {"burst": 20, "qps": 200}},
+        "methods": methods, "pushed_methods": methods, "follows": "record", "recorded": True,
     }]
     out = run("limit", "clear", appkey, SERVICE, "compute")
     assert "qps 200 burst 20 -> none (rev 3)" in out
@@ -83,3 +85,38 @@ def test_a_corrupt_record_is_replaced_by_limit_set_or_reset_and_the_cli_says_so(
     assert "nothing to reset" in run("limit", "reset", appkey, SERVICE, expect=1)
     history = run("limit", "history", appkey, SERVICE).splitlines()
     assert len(history) == 2 and all("replaced corrupt record" in line for line in history)
+
+
+def _push(zk, appkey: str, limits: dict) -> None:
+    """Write the pushed limits by hand (as a stray tool or a restore might)."""
+    zk.set(limits_path(TEST_ENV, appkey, SERVICE), json.dumps(limits).encode())
+
+
+def test_limit_show_says_the_providers_follow_a_higher_pushed_revision_with_other_limits(run, zk, appkey):
+    run("limit", "set", appkey, SERVICE, "echo", "--qps", "100")
+    _push(zk, appkey, {"rev": 50, "methods": {"echo": {"concurrency": 1}, "*": {"qps": 1}}})
+    shown = run("limit", "show", appkey, SERVICE)
+    assert "DIFFER; the providers follow the PUSHED limits (higher rev 50)" in shown
+    assert "pushed (ZooKeeper) rev 50  <- in force:" in shown and "concurrency 1" in shown
+    assert "record (Redis) rev 1:" in shown and "qps 100" in shown
+    [view] = json.loads(run("--json", "limit", "show", appkey))["services"]
+    assert (view["rev"], view["pushed_rev"], view["in_step"], view["follows"]) == (1, 50, False, "pushed")
+    assert view["pushed_methods"] == {"*": {"qps": 1}, "echo": {"concurrency": 1}}
+    # Same revision, other limits: neither is known to be in force everywhere.
+    _push(zk, appkey, {"rev": 1, "methods": {"echo": {"qps": 7}}})
+    assert json.loads(run("--json", "limit", "show", appkey))["services"][0]["follows"] == "either"
+    assert "DIFFERENT limits at the same rev 1" in run("limit", "show", appkey, SERVICE)
+    _push(zk, appkey, {"rev": 1, "methods": {"echo": {"qps": 100}}})  # the same again: in step
+    assert "DIFFER" not in run("limit", "show", appkey, SERVICE)
+
+
+def test_limit_show_lists_limits_that_exist_only_in_zookeeper(run, zk, rds, appkey):
+    run("limit", "set", appkey, SERVICE, "echo", "--concurrency", "2")
+    rds.hdel(limits_key(TEST_ENV), limits_field(appkey, TEST_ENV, SERVICE))  # Redis lost the record
+    for argv in ((appkey,), (appkey, SERVICE), ()):
+        shown = run("limit", "show", *argv)
+        assert "%s/%s  RECORD LOST" % (appkey, SERVICE) in shown and "concurrency 2" in shown, argv
+        assert "no limits set" not in shown
+    [view] = [v for v in json.loads(run("--json", "limit", "show"))["services"] if v["appkey"] == appkey]
+    assert (view["recorded"], view["methods"], view["follows"], view["pushed_rev"]) == (False, None, "pushed", 1)
+    assert view["pushed_methods"] == {"echo": {"concurrency": 2}}
