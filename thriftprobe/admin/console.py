@@ -401,7 +401,9 @@ async function changeLimit(body, what) {
   if (!confirm(`${what}?`)) return;
   try {
     const r = await api('/api/limit', body);
-    status(`${what}: stored (rev ${r.change.rev}) and pushed to the running providers`, false);
+    const warnings = (r.change.warnings || []).map(w => ' WARNING: ' + w).join('');
+    status(`${what}: stored (rev ${r.change.rev}) and pushed to the running providers.${warnings}`,
+           warnings !== '');
   } catch (e) { status(`${what} failed: ${e.message}`, true); }
   refresh();
 }

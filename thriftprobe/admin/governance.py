@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..config import Config
 from ..consumer.tiers import warmup_factor
@@ -748,8 +748,10 @@ class Governance:
 
         ``qps`` (requests per second, a token bucket of ``burst`` tokens: by default a tenth of
         a second's worth) and/or ``concurrency`` (requests admitted and not yet answered).
-        The method is not checked against the IDL (governance does not know it): any Thrift
-        identifier, or ``"*"``. A corrupt record is replaced (compare-and-set against its exact
+        The method is not refused for being unknown (governance does not load the IDL): any Thrift
+        identifier, or ``"*"``; but the change's ``warnings`` say when no live node of the service
+        runs, or when the live nodes (which list their methods in the registry) have no such
+        method. A corrupt record is replaced (compare-and-set against its exact
         bytes) by the limits the providers were pushed, changed, at a revision above both; the
         change says so (``replaced_corrupt``) and so does its audit row. Raises InvalidArgument
         (bad names or values; nothing to set), AppkeyNotRegistered, BackendError (also when the
@@ -761,7 +763,29 @@ class Governance:
                                   "clear_limit / 'thriftprobe limit clear')")
         change = self._change_limit(appkey, service, method, limit, actor)
         assert change is not None  # a limit that is set always changes the record
-        return change
+        return dataclasses.replace(change, warnings=self._limit_warnings(appkey, service, method))
+
+    def _limit_warnings(self, appkey: str, service: str, method: str) -> Tuple[str, ...]:
+        """What is odd about a limit just set, as far as the live nodes tell (their znodes list
+        their methods): no live node of the service, or none that has the method. Best effort:
+        nothing when the registry cannot be read."""
+        try:
+            nodes = [node for svc, node in self._registry.nodes(self.env, appkey) if svc == service]
+        except BackendError as err:
+            log.warning("cannot list the live nodes of %s/%s to check the limit: %s", appkey, service, err)
+            return ()
+        if not nodes:
+            return ("no live provider of %s/%s in env %s: the limit applies when one starts; check the service's "
+                    "name" % (appkey, service, self.env),)
+        advertised: Set[str] = set()
+        for node in nodes:
+            names = node.extras.get("methods")
+            if isinstance(names, list):
+                advertised.update(n for n in names if isinstance(n, str))
+        if method != ALL_METHODS and advertised and method not in advertised:
+            return ("the live providers of %s/%s have no method %r (they have: %s): this limit limits nothing; "
+                    "check the method's name" % (appkey, service, method, ", ".join(sorted(advertised))),)
+        return ()
 
     def clear_limit(
         self, appkey: str, service: str, method: str, *, actor: Optional[str] = None

@@ -54,7 +54,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
 
 from ..errors import LOADSHEDDING, InvalidArgument
-from ..limits import ServiceLimits
+from ..limits import ALL_METHODS, ServiceLimits
 from .dispatch import Dispatcher
 from .framing import BINARY, PROTOCOLS, TRANSPORTS, MessageError, MessageReader
 from .hooks import OVERLOADED, Peer, ServerHooks
@@ -194,6 +194,7 @@ class Server:
         self._opts = options
         self._hooks = hooks
         self._limiter = Limiter(dispatcher.methods)
+        self._warned_rev: Optional[int] = None  # the limits revision whose unknown methods were logged
         self._framed = options.transport == "framed"
         # Requests are read leniently, like Apache Thrift servers: old non-strict binary messages too.
         self._in_factory: Any = (
@@ -294,8 +295,20 @@ class Server:
 
     def set_limits(self, limits: ServiceLimits) -> None:
         """Apply ``limits`` (``thriftprobe.limits``) from the next request on; from any thread.
-        The caller decides which revision wins: this applies whatever it is given."""
+        The caller decides which revision wins: this applies whatever it is given. Limits of
+        methods the service does not have (an operator's typo) limit nothing: logged as a
+        WARNING once per revision."""
         self._limiter.set(limits)
+        declared = self._dispatcher.methods
+        unknown = [name for name in limits.methods if name != ALL_METHODS and name not in declared]
+        with self._lock:
+            if not unknown or self._warned_rev == limits.rev:
+                return
+            self._warned_rev = limits.rev
+        log.warning(
+            "%s: limits rev %d name method(s) this service does not have, which limit nothing: %s (its methods: %s)",
+            self._label, limits.rev, ", ".join(unknown), ", ".join(sorted(declared)),
+        )
 
     @property
     def limits(self) -> ServiceLimits:

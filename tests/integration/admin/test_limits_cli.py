@@ -120,3 +120,17 @@ def test_limit_show_lists_limits_that_exist_only_in_zookeeper(run, zk, rds, appk
     [view] = [v for v in json.loads(run("--json", "limit", "show"))["services"] if v["appkey"] == appkey]
     assert (view["recorded"], view["methods"], view["follows"], view["pushed_rev"]) == (False, None, "pushed", 1)
     assert view["pushed_methods"] == {"echo": {"concurrency": 2}}
+
+
+def test_limit_set_warns_when_no_provider_runs_or_the_providers_lack_the_method(run, providers, appkey):
+    out = run("limit", "set", appkey, "Calculater", "echo", "--qps", "5")  # a typo in the service
+    assert "WARNING: no live provider of %s/Calculater" % appkey in out
+    providers("a")
+    out = run("limit", "set", appkey, SERVICE, "Echo", "--qps", "5")  # a typo in the method: exit 0
+    assert "WARNING: the live providers of %s/%s have no method 'Echo' (they have: compute, echo, ping, " \
+           "record, sleep_ms)" % (appkey, SERVICE) in out
+    data = json.loads(run("--json", "limit", "set", appkey, SERVICE, "Echo", "--qps", "6"))
+    assert len(data["warnings"]) == 1 and "no method 'Echo'" in data["warnings"][0]
+    for method in ("echo", "*"):  # a method they have, and the service as a whole: nothing to warn of
+        assert "WARNING" not in run("limit", "set", appkey, SERVICE, method, "--qps", "7")
+        assert json.loads(run("--json", "limit", "set", appkey, SERVICE, method, "--qps", "8"))["warnings"] == []
