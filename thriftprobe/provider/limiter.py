@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Collection, Dict, Optional, Union
 
-from ..limits import ALL_METHODS, MethodLimit, ServiceLimits
+from ..limits import ALL_METHODS, MethodLimit, ServiceLimits, plain_number
 
 __all__ = ["CONCURRENCY", "QPS", "Limiter", "Refusal"]
 
@@ -56,7 +56,7 @@ class Refusal(str):
         """``qps limit for add (50 per second per node)``, for a reply's message."""
         scope = "every method together (*)" if self.scope == ALL_METHODS else self.scope
         if self == QPS:
-            return "qps limit for %s (%g per second per node)" % (scope, self.limit)
+            return "qps limit for %s (%s per second per node)" % (scope, plain_number(self.limit))
         return "concurrency limit for %s (%d at once per node)" % (scope, self.limit)
 
 

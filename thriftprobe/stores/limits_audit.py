@@ -19,7 +19,7 @@ import pymysql
 
 from ..config import MysqlConfig
 from ..errors import BackendError, InvalidArgument
-from ..limits import MethodLimit
+from ..limits import MethodLimit, plain_number
 from .mysql import columns, connect
 
 __all__ = ["CORRUPT_KEY", "LimitsAuditEntry", "check_ready", "excerpt", "history", "record"]
@@ -82,7 +82,7 @@ def describe_limit(limit: Optional[MethodLimit]) -> str:
         return "none"
     parts = []
     if limit.qps is not None:
-        parts.append("qps %g" % limit.qps)
+        parts.append("qps %s" % plain_number(limit.qps))
         parts.append("burst %d%s" % (limit.bucket or 0, "" if limit.burst is not None else " (default)"))
     if limit.concurrency is not None:
         parts.append("concurrency %d" % limit.concurrency)

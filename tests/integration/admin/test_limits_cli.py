@@ -134,3 +134,12 @@ def test_limit_set_warns_when_no_provider_runs_or_the_providers_lack_the_method(
     for method in ("echo", "*"):  # a method they have, and the service as a whole: nothing to warn of
         assert "WARNING" not in run("limit", "set", appkey, SERVICE, method, "--qps", "7")
         assert json.loads(run("--json", "limit", "set", appkey, SERVICE, method, "--qps", "8"))["warnings"] == []
+
+
+def test_limits_are_written_plainly_never_in_exponent_form(run, appkey):
+    out = run("limit", "set", appkey, SERVICE, "echo", "--qps", "1000000", "--burst", "3")
+    assert "none -> qps 1000000 burst 3 (rev 1)" in out
+    out = run("limit", "set", appkey, SERVICE, "ping", "--qps", "0.0000001")
+    assert "none -> qps 0.0000001 burst 1 (default) (rev 2)" in out
+    shown = run("limit", "show", appkey, SERVICE)
+    assert "qps 1000000 burst 3" in shown and "qps 0.0000001" in shown and "e+" not in shown and "e-" not in shown
