@@ -22,6 +22,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Dict, Mapping, Optional
 
 from .errors import InvalidArgument
@@ -34,6 +35,7 @@ __all__ = [
     "ServiceLimits",
     "default_burst",
     "limits_field",
+    "plain_number",
 ]
 
 ALL_METHODS = "*"
@@ -155,6 +157,16 @@ def check_method(name: object) -> str:
     if name == ALL_METHODS or (isinstance(name, str) and _METHOD_RE.fullmatch(name)):
         return str(name)
     raise InvalidArgument("method %r is invalid: it must be a Thrift method name or %r" % (name, ALL_METHODS))
+
+
+def plain_number(value: float) -> str:
+    """A limit's value as people write it: ``1000000``, ``2.5``, ``0.0000001`` (never ``1e+06``)."""
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer()):
+        return str(int(value))
+    if not math.isfinite(value):
+        return str(value)
+    text = format(Decimal(repr(value)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def limits_field(appkey: str, env: str, service: str) -> str:

@@ -20,7 +20,7 @@ from thriftpy2.transport import TTransportException
 from .. import config as config_mod
 from .._version import __version__
 from ..errors import InvalidArgument, ThriftProbeError
-from ..limits import MAX_CONCURRENCY, MAX_QPS
+from ..limits import MAX_CONCURRENCY, MAX_QPS, ServiceLimits
 from ..stores import appkeys, audit, mysql
 from ..stores.limits_audit import describe_limit
 from .governance import Governance, LimitChange, check_weight
@@ -264,6 +264,17 @@ def _limit_line(change: LimitChange) -> str:
     )
 
 
+def _limit_notes(change: LimitChange, out: Output) -> None:
+    """Say that a corrupt record was replaced, and what the operator should check."""
+    if change.replaced_corrupt is not None:
+        out.line("replaced the CORRUPT limits record %r (audited as such); the record now holds rev %d: %s"
+                 % (change.replaced_corrupt, change.limits.rev,
+                    ", ".join("%s %s" % (m, describe_limit(v)) for m, v in change.limits.methods.items())
+                    or "no limits"))
+    for warning in change.warnings:
+        out.line("WARNING: %s" % warning)
+
+
 def cmd_limit_set(args: argparse.Namespace, out: Output) -> int:
     if args.qps is None and args.burst is None and args.concurrency is None:
         raise InvalidArgument("nothing to set: give --qps and/or --concurrency ('thriftprobe limit clear' removes)")
@@ -274,6 +285,7 @@ def cmd_limit_set(args: argparse.Namespace, out: Output) -> int:
     out.line(_limit_line(change))
     out.line("stored, audited and pushed to the running providers (per provider node; each applies it within a "
              "second)")
+    _limit_notes(change, out)
     return EXIT_OK
 
 
@@ -286,7 +298,29 @@ def cmd_limit_clear(args: argparse.Namespace, out: Output) -> int:
         return EXIT_FAILED
     out.line(_limit_line(change))
     out.line("stored, audited and pushed to the running providers")
+    _limit_notes(change, out)
     return EXIT_OK
+
+
+def cmd_limit_reset(args: argparse.Namespace, out: Output) -> int:
+    with Governance(_cfg(args)) as gov:
+        change = gov.reset_limits(args.appkey, args.service, actor=args.actor)
+    out.data(None if change is None else change.to_dict())
+    if change is None:
+        out.line("%s/%s has no limits: nothing to reset" % (args.appkey, args.service))
+        return EXIT_FAILED
+    out.line("%s/%s: every limit dropped (%s) (rev %d)" % (
+        args.appkey, args.service, ", ".join(change.dropped or []) or "none were in force", change.limits.rev))
+    out.line("stored, audited and pushed to the running providers")
+    _limit_notes(change, out)
+    return EXIT_OK
+
+
+def _limits_lines(limits: ServiceLimits, out: Output, indent: str = "    ") -> None:
+    for method, limit in limits.methods.items():
+        out.line("%s%-24s %s" % (indent, method, describe_limit(limit)))
+    if not limits.methods:
+        out.line("%s(no limits)" % indent)
 
 
 def cmd_limit_show(args: argparse.Namespace, out: Output) -> int:
@@ -296,16 +330,34 @@ def cmd_limit_show(args: argparse.Namespace, out: Output) -> int:
     out.data({"env": env, "services": [v.to_dict() for v in views]})
     out.line("env %s (limits are per provider node)" % env)
     for v in views:
-        if v.limits is None:
-            out.line("  %s/%s CORRUPT limits: %s" % (v.appkey, v.service, v.problem))
+        name = "%s/%s" % (v.appkey, v.service)
+        pushed = v.pushed
+        if v.limits is None and pushed is not None:  # the providers follow the push: say so first
+            why = "CORRUPT record (%s)" % v.problem if v.recorded else "RECORD LOST (no record in Redis)"
+            out.line("  %s  %s; the providers follow the pushed limits, rev %d (ZooKeeper):" % (name, why, pushed.rev))
+            _limits_lines(pushed, out)
+            if not v.recorded:
+                out.line("    ('thriftprobe limit set/clear' writes the record again, above rev %d)" % pushed.rev)
             continue
-        pushed = ("" if v.in_step else "  NOT PUSHED (pushed: %s; providers read it at their next audit)"
-                  % ("none" if v.pushed_rev is None else "rev %d" % v.pushed_rev))
-        out.line("  %s/%s  rev %d%s" % (v.appkey, v.service, v.limits.rev, pushed))
-        for method, limit in v.limits.methods.items():
-            out.line("    %-24s %s" % (method, describe_limit(limit)))
-        if not v.limits.methods:
-            out.line("    (no limits)")
+        if v.limits is None:
+            out.line("  %s CORRUPT limits: %s" % (name, v.problem))
+            continue
+        if v.in_step or pushed is None:
+            note = "" if v.in_step else (
+                "  NOT PUSHED (pushed: none; providers read it at their next audit)")
+            out.line("  %s  rev %d%s" % (name, v.limits.rev, note))
+            _limits_lines(v.limits, out)
+            continue
+        follows = {
+            "pushed": "the providers follow the PUSHED limits (higher rev %d)" % pushed.rev,
+            "record": "NOT PUSHED: the providers follow the record (rev %d) from their next audit" % v.limits.rev,
+            "either": "DIFFERENT limits at the same rev %d: each provider keeps the one it saw first" % pushed.rev,
+        }[v.follows]
+        out.line("  %s  record and pushed limits DIFFER; %s" % (name, follows))
+        out.line("    record (Redis) rev %d%s:" % (v.limits.rev, "  <- in force" if v.follows == "record" else ""))
+        _limits_lines(v.limits, out, "      ")
+        out.line("    pushed (ZooKeeper) rev %d%s:" % (pushed.rev, "  <- in force" if v.follows == "pushed" else ""))
+        _limits_lines(pushed, out, "      ")
     if not views:
         out.line("  (no limits set)")
     return EXIT_OK
@@ -614,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("appkey")
     p.add_argument("service")
     p.add_argument("method", metavar="METHOD")
+    p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
+    p = command("reset", cmd_limit_reset, "drop every limit of a service (also replaces a corrupt record)", lsub)
+    p.add_argument("appkey")
+    p.add_argument("service")
     p.add_argument("--actor", default=None, help="who makes the change, for the audit (default: the OS user)")
     p = command("show", cmd_limit_show, "show the limits set (and whether they were pushed)", lsub)
     p.add_argument("appkey", nargs="?")

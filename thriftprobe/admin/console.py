@@ -365,16 +365,33 @@ function renderHistory(entries) {
 const describeLimit = l => !l ? 'none' : [l.qps !== undefined ? `qps ${l.qps}` : '',
   l.burst !== undefined ? `burst ${l.burst}` : '', l.concurrency !== undefined ? `concurrency ${l.concurrency}` : '']
   .filter(Boolean).join(' ');
+function limitsStatus(v) {
+  if (v.in_step) return ['on', 'yes'];
+  if (v.methods === null) return ['off', (v.recorded ? 'record CORRUPT' : 'record LOST') +
+    `; providers follow the pushed rev ${v.pushed_rev}`];
+  if (v.pushed_methods === null) return ['off', 'NOT PUSHED'];
+  const record = `record rev ${v.rev}: ` + (Object.entries(v.methods).map(([m, l]) => `${m} ${describeLimit(l)}`)
+    .join(', ') || 'no limits');
+  return ['off', {pushed: `DIFFERS: providers follow the pushed rev ${v.pushed_rev}; ${record}`,
+    record: `NOT PUSHED (pushed rev ${v.pushed_rev}); providers follow the record from their next audit`,
+    either: `DIFFERS at rev ${v.rev}: providers keep the one they saw first; ${record}`}[v.follows]];
+}
 function renderLimits(data) {
-  document.querySelector('#limits tbody').innerHTML = data.services.flatMap(v => v.methods === null
-    ? [`<tr><td>${esc(v.appkey)}</td><td>${esc(v.service)}</td><td colspan="5" class="corrupt">corrupt:
-        ${esc(v.problem)}</td></tr>`]
-    : Object.entries(v.methods).map(([m, l]) => `<tr data-limit="${esc(v.appkey)}/${esc(v.service)}/${esc(m)}">
+  document.querySelector('#limits tbody').innerHTML = data.services.flatMap(v => {
+    const shown = v.follows === 'pushed' ? v.pushed_methods : v.methods;  // the limits in force
+    if (shown === null) return [`<tr><td>${esc(v.appkey)}</td><td>${esc(v.service)}</td><td colspan="5"
+      class="corrupt">corrupt: ${esc(v.problem)}</td></tr>`];
+    const [cls, text] = limitsStatus(v);
+    const rev = v.follows === 'pushed' ? v.pushed_rev : v.rev;
+    const rows = Object.entries(shown);
+    if (!rows.length && v.in_step) return [];
+    return (rows.length ? rows : [['(none)', null]]).map(([m, l]) => `<tr
+      data-limit="${esc(v.appkey)}/${esc(v.service)}/${esc(m)}">
       <td>${esc(v.appkey)}</td><td>${esc(v.service)}</td><td>${esc(m)}</td>
       <td class="limit">${esc(describeLimit(l))}</td>
-      <td>${v.rev}</td><td class="${v.in_step ? 'on' : 'off'}">${v.in_step ? 'yes' : 'NOT PUSHED'}</td>
-      <td><button class="clear-limit">Clear</button></td></tr>`)).join('')
-    || '<tr><td colspan="7">no limits set</td></tr>';
+      <td>${rev}</td><td class="${cls}">${esc(text)}</td>
+      <td>${l ? '<button class="clear-limit">Clear</button>' : ''}</td></tr>`);
+  }).join('') || '<tr><td colspan="7">no limits set</td></tr>';
   document.querySelector('#limits-history tbody').innerHTML = data.history.map(e => `<tr><td>${esc(e.changed_at)}</td>
     <td>${esc(e.actor)}</td><td>${esc(e.appkey)}/${esc(e.service)} ${esc(e.method)}</td>
     <td>${esc(describeLimit(e.old))}</td><td>${esc(describeLimit(e.new))}</td><td>${e.rev}</td>
@@ -384,7 +401,9 @@ async function changeLimit(body, what) {
   if (!confirm(`${what}?`)) return;
   try {
     const r = await api('/api/limit', body);
-    status(`${what}: stored (rev ${r.change.rev}) and pushed to the running providers`, false);
+    const warnings = (r.change.warnings || []).map(w => ' WARNING: ' + w).join('');
+    status(`${what}: stored (rev ${r.change.rev}) and pushed to the running providers.${warnings}`,
+           warnings !== '');
   } catch (e) { status(`${what} failed: ${e.message}`, true); }
   refresh();
 }

@@ -28,12 +28,12 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..config import Config
 from ..consumer.tiers import warmup_factor
 from ..errors import BackendError, ConcurrentChange, InvalidArgument, SettingsError
-from ..limits import MethodLimit, ServiceLimits, check_method
+from ..limits import ALL_METHODS, MethodLimit, ServiceLimits, check_method
 from ..node import MAX_WEIGHT, Node, validate_appkey, validate_host, validate_names
 from ..registry import Watch, open_registry
 from ..stores import audit, limits_audit
@@ -167,9 +167,15 @@ class LimitChange:
     new: Optional[MethodLimit]
     limits: ServiceLimits
     pushed: bool
+    replaced_corrupt: Optional[str] = None
+    """The start of the corrupt record this change replaced (None: the record was sound)."""
+    dropped: Optional[List[str]] = None
+    """For ``reset_limits``: the methods whose limits were dropped (None for set / clear)."""
+    warnings: Tuple[str, ...] = ()
+    """What the operator should check: no live provider of the service, a method they do not have."""
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        data: Dict[str, Any] = {
             "env": self.env,
             "appkey": self.appkey,
             "service": self.service,
@@ -179,14 +185,22 @@ class LimitChange:
             "rev": self.limits.rev,
             "limits": self.limits.to_dict(),
             "pushed": self.pushed,
+            "replaced_corrupt": self.replaced_corrupt,
+            "warnings": list(self.warnings),
         }
+        if self.dropped is not None:
+            data["dropped"] = self.dropped
+        return data
 
 
 @dataclass(frozen=True)
 class LimitsView:
     """One service's limits as an operator sees them: the record in Redis (``limits``; None and
-    ``problem`` when it is corrupt), and the revision pushed to its providers (``pushed_rev``:
-    None when nothing was pushed, or the registry could not be read)."""
+    ``problem`` when it is corrupt, or when there is none: ``recorded`` False) and what was pushed
+    to its providers (``pushed``: None when nothing was, or the registry could not be read).
+
+    Providers follow the higher revision of the two (a provider never goes back to a lower one):
+    ``follows`` says which, and ``in_step`` whether both say the same."""
 
     env: str
     appkey: str
@@ -194,11 +208,40 @@ class LimitsView:
     limits: Optional[ServiceLimits]
     pushed_rev: Optional[int]
     problem: Optional[str] = None
+    pushed: Optional[ServiceLimits] = None
+    recorded: bool = True
+    """False when Redis holds no record of the service (never set, or lost) and ``limits`` is None."""
 
     @property
     def in_step(self) -> bool:
-        """Whether the providers were pushed the stored revision (or a newer one)."""
-        return self.limits is not None and (self.limits.rev == 0 or (self.pushed_rev or 0) >= self.limits.rev)
+        """Whether the providers were pushed exactly the record (same revision, same limits), or
+        neither holds any limit."""
+        if self.limits is None:
+            return False
+        if self.pushed is None:
+            return self.limits.rev == 0 and not self.limits.methods
+        return self.pushed == self.limits
+
+    @property
+    def follows(self) -> str:
+        """What the providers follow: ``"record"`` (Redis; also when both agree), ``"pushed"``
+        (ZooKeeper: a higher revision than the record's, or the record is lost or corrupt), or
+        ``"either"`` (both at one revision, with different limits: each provider keeps the one it
+        saw first)."""
+        if self.pushed is None:
+            return "record"
+        if self.limits is None or self.pushed.rev > self.limits.rev:
+            return "pushed"
+        if self.pushed.rev == self.limits.rev and self.pushed != self.limits:
+            return "either"
+        return "record"
+
+    @property
+    def in_force(self) -> Optional[ServiceLimits]:
+        """The limits the providers follow (None: unknown, see ``follows`` and ``problem``)."""
+        if self.follows == "pushed":
+            return self.pushed
+        return self.limits if self.follows == "record" else None
 
     def to_dict(self) -> Dict[str, Any]:
         data: Dict[str, Any] = {
@@ -208,7 +251,10 @@ class LimitsView:
             "rev": None if self.limits is None else self.limits.rev,
             "methods": None if self.limits is None else self.limits.to_dict()["methods"],
             "pushed_rev": self.pushed_rev,
+            "pushed_methods": None if self.pushed is None else self.pushed.to_dict()["methods"],
             "in_step": self.in_step,
+            "follows": self.follows,
+            "recorded": self.recorded,
         }
         if self.problem is not None:
             data["problem"] = self.problem
@@ -702,10 +748,14 @@ class Governance:
 
         ``qps`` (requests per second, a token bucket of ``burst`` tokens: by default a tenth of
         a second's worth) and/or ``concurrency`` (requests admitted and not yet answered).
-        The method is not checked against the IDL (governance does not know it): any Thrift
-        identifier, or ``"*"``. Raises InvalidArgument (bad names or values; nothing to set),
-        AppkeyNotRegistered, SettingsError (corrupt stored limits, left alone), BackendError
-        (also when the change is stored and audited but could not be pushed: said so).
+        The method is not refused for being unknown (governance does not load the IDL): any Thrift
+        identifier, or ``"*"``; but the change's ``warnings`` say when no live node of the service
+        runs, or when the live nodes (which list their methods in the registry) have no such
+        method. A corrupt record is replaced (compare-and-set against its exact
+        bytes) by the limits the providers were pushed, changed, at a revision above both; the
+        change says so (``replaced_corrupt``) and so does its audit row. Raises InvalidArgument
+        (bad names or values; nothing to set), AppkeyNotRegistered, BackendError (also when the
+        change is stored and audited but could not be pushed: said so).
         """
         limit = MethodLimit(qps, burst, concurrency)
         if limit.empty:
@@ -713,17 +763,55 @@ class Governance:
                                   "clear_limit / 'thriftprobe limit clear')")
         change = self._change_limit(appkey, service, method, limit, actor)
         assert change is not None  # a limit that is set always changes the record
-        return change
+        return dataclasses.replace(change, warnings=self._limit_warnings(appkey, service, method))
+
+    def _limit_warnings(self, appkey: str, service: str, method: str) -> Tuple[str, ...]:
+        """What is odd about a limit just set, as far as the live nodes tell (their znodes list
+        their methods): no live node of the service, or none that has the method. Best effort:
+        nothing when the registry cannot be read."""
+        try:
+            nodes = [node for svc, node in self._registry.nodes(self.env, appkey) if svc == service]
+        except BackendError as err:
+            log.warning("cannot list the live nodes of %s/%s to check the limit: %s", appkey, service, err)
+            return ()
+        if not nodes:
+            return ("no live provider of %s/%s in env %s: the limit applies when one starts; check the service's "
+                    "name" % (appkey, service, self.env),)
+        advertised: Set[str] = set()
+        for node in nodes:
+            names = node.extras.get("methods")
+            if isinstance(names, list):
+                advertised.update(n for n in names if isinstance(n, str))
+        if method != ALL_METHODS and advertised and method not in advertised:
+            return ("the live providers of %s/%s have no method %r (they have: %s): this limit limits nothing; "
+                    "check the method's name" % (appkey, service, method, ", ".join(sorted(advertised))),)
+        return ()
 
     def clear_limit(
         self, appkey: str, service: str, method: str, *, actor: Optional[str] = None
     ) -> Optional[LimitChange]:
         """Remove the limits of one method (``"*"``: the service-wide ones). Returns None, and
-        changes and audits nothing, when the method had none. Raises as ``set_limit``."""
+        changes and audits nothing, when the method had none and the record is not corrupt.
+        Raises as ``set_limit``."""
         return self._change_limit(appkey, service, method, None, actor)
 
+    def reset_limits(self, appkey: str, service: str, *, actor: Optional[str] = None) -> Optional[LimitChange]:
+        """Drop every limit of a service: the record becomes "no limits" at a revision above the
+        record's and the pushed ones, pushed and audited (one row per method dropped). It also
+        replaces a corrupt record, whatever it holds. Returns None, and changes nothing, when the
+        service has no limits stored or pushed and its record is not corrupt. Raises as
+        ``set_limit``."""
+        return self._change_limit(appkey, service, ALL_METHODS, None, actor, reset=True)
+
     def _change_limit(
-        self, appkey: str, service: str, method: str, limit: Optional[MethodLimit], actor: Optional[str]
+        self,
+        appkey: str,
+        service: str,
+        method: str,
+        limit: Optional[MethodLimit],
+        actor: Optional[str],
+        *,
+        reset: bool = False,
     ) -> Optional[LimitChange]:
         validate_names(appkey, service)
         check_method(method)
@@ -742,19 +830,30 @@ class Governance:
             log.warning("cannot read the pushed limits of %s/%s: %s", appkey, service, err)
             pushed_before = None
         for _ in range(_LIMIT_ATTEMPTS):
-            current = self._limits_store.load(appkey, service)
-            behind = pushed_before is not None and pushed_before.rev > current.rev
-            old = (pushed_before if behind and pushed_before is not None else current).get(method)
-            if limit is None and old is None:
-                return None
+            record = self._limits_store.read(appkey, service)
+            # What the providers follow: the higher revision of the record and the push. A corrupt
+            # record is replaced by what they were pushed (they never applied it), changed.
+            base = record.limits if record.limits is not None else ServiceLimits()
+            if pushed_before is not None and (record.corrupt or pushed_before.rev > base.rev):
+                base = pushed_before
+            old = base.get(method)
+            dropped: Dict[str, MethodLimit] = dict(base.methods) if reset else {}
+            if limit is None and not record.corrupt and not (dropped if reset else old):
+                return None  # nothing to clear (or to reset), and nothing to repair
+            rev = max(record.rev, base.rev) + 1
+            new_limits = ServiceLimits(rev=rev) if reset else base.with_method(method, limit, rev)
             try:
-                stored = self._limits_store.update(appkey, service, method, limit, current.rev, base=pushed_before)
+                stored = self._limits_store.replace(appkey, service, record, new_limits)
                 break
             except ConcurrentChange:
                 log.debug("concurrent change of the limits of %s/%s; retrying on top of it", appkey, service)
         else:
             raise BackendError("gave up changing the limits of %s/%s after %d concurrent changes"
                                % (appkey, service, _LIMIT_ATTEMPTS))
+        corrupt = limits_audit.excerpt(record.raw) if record.corrupt else None
+        if corrupt is not None:
+            log.warning("replaced the corrupt limits record of %s/%s/%s (%r) with rev %d", self.env, appkey, service,
+                        corrupt, stored.rev)
         # Stored: from here on the change is real (providers read it at their next audit), so
         # it is audited whatever happens to the push.
         push_error: Optional[BackendError] = None
@@ -763,11 +862,17 @@ class Governance:
             pushed = now.rev >= stored.rev
         except BackendError as err:
             pushed, push_error = False, err
-        change = LimitChange(self.env, appkey, service, method, old, stored.get(method), stored, pushed)
+        change = LimitChange(self.env, appkey, service, method, old, stored.get(method), stored, pushed,
+                             replaced_corrupt=corrupt, dropped=sorted(dropped) if reset else None)
+        rows: List[Tuple[str, Optional[MethodLimit]]] = sorted(dropped.items()) if reset else [(method, old)]
+        if not rows:
+            rows = [(ALL_METHODS, None)]  # a reset of a corrupt record when no valid limits were pushed
         try:
-            limits_audit.record(
-                self.cfg.mysql, dataclasses.replace(entry, old=old, new=change.new, rev=stored.rev, pushed=pushed)
-            )
+            for i, (name, before) in enumerate(rows):
+                limits_audit.record(self.cfg.mysql, dataclasses.replace(
+                    entry, method=name, old=before, new=stored.get(name), rev=stored.rev, pushed=pushed,
+                    corrupt=corrupt if i == 0 else None,
+                ))
         except BackendError as err:
             raise BackendError(
                 "the limits change (rev %d) is stored%s, but its audit record failed: %s"
@@ -779,34 +884,47 @@ class Governance:
                 "each reads it from Redis at its next audit (every 30 s by default), when it reconnects to the "
                 "registry, or when it restarts" % (stored.rev, push_error)
             ) from push_error
-        log.info("%s %s the limits of %s/%s/%s %s: %s (rev %d)", actor, "set" if limit else "cleared", self.env,
-                 appkey, service, method, change.to_dict()["new"], stored.rev)
+        log.info("%s %s the limits of %s/%s/%s %s: %s (rev %d)", actor,
+                 "reset" if reset else "set" if limit else "cleared", self.env, appkey, service, method,
+                 change.to_dict()["new"], stored.rev)
         return change
 
     def limits(self, appkey: Optional[str] = None, service: Optional[str] = None) -> List[LimitsView]:
-        """The stored limits of every service of the environment that has any (of one appkey; of
-        one service of it, shown even without limits), each with the revision its providers were
-        pushed. Raises InvalidArgument for a malformed appkey or service, BackendError."""
+        """Every service of the environment with limits stored or pushed (of one appkey; of one
+        service of it, shown even without limits): the record and what its providers were pushed,
+        side by side (``LimitsView``). A service whose limits exist only in the registry (Redis lost
+        the record) is listed with ``recorded`` False. Raises InvalidArgument for a malformed appkey
+        or service, BackendError."""
         _check_filter(appkey, service)
         if service is not None and appkey is None:
             raise InvalidArgument("a service needs its appkey")
-        found: List[Tuple[str, str, Optional[ServiceLimits], Optional[str]]] = []
+        found: Dict[Tuple[str, str], Tuple[Optional[ServiceLimits], Optional[str], bool]] = {}
         if appkey is not None and service is not None:
-            try:
-                found.append((appkey, service, self._limits_store.load(appkey, service), None))
-            except SettingsError as err:
-                found.append((appkey, service, None, str(err)))
+            record = self._limits_store.read(appkey, service)
+            found[(appkey, service)] = (record.limits, record.problem, record.raw is not None)
+            names = [(appkey, service)]
         else:
-            found.extend(self._limits_store.scan(appkey))
+            for key, svc, stored, problem in self._limits_store.scan(appkey):
+                found[(key, svc)] = (stored, problem, True)
+            try:
+                names = sorted(set(found) | set(self._registry.limited_services(self.env, appkey)))
+            except BackendError as err:
+                log.warning("cannot list the pushed limits of %s: %s", self.env, err)
+                names = sorted(found)
         views = []
-        for key, svc, stored, problem in sorted(found, key=lambda f: (f[0], f[1])):
+        for key, svc in names:
+            stored, problem, recorded = found.get((key, svc), (None, None, False))
             try:
                 live = self._registry.live_limits(self.env, key, svc)
-                pushed_rev = None if live is None else live.rev
             except BackendError as err:
                 log.warning("cannot read the pushed limits of %s/%s: %s", key, svc, err)
-                pushed_rev = None
-            views.append(LimitsView(self.env, key, svc, stored, pushed_rev, problem))
+                live = None
+            if not recorded:
+                if live is None and service is None:
+                    continue  # listed, then gone
+                stored = None if live is not None else ServiceLimits()
+            views.append(LimitsView(self.env, key, svc, stored, None if live is None else live.rev, problem, live,
+                                    recorded))
         return views
 
     def limits_history(

@@ -9,7 +9,8 @@ A request is admitted when it passes its method's limits and the service's ``"*"
 
 A refused request takes nothing (no token, no place). A method the IDL does not declare (a
 client may send any name) counts only against ``"*"``. The server admits a request before it is
-queued or run, and releases it once its reply is handed to the socket, or when it will never run.
+queued or run, and releases it once its reply is encoded (before it is written to the socket), or
+when it will never run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 import time
 from typing import Callable, Collection, Dict, Optional, Union
 
-from ..limits import ALL_METHODS, MethodLimit, ServiceLimits
+from ..limits import ALL_METHODS, MethodLimit, ServiceLimits, plain_number
 
 __all__ = ["CONCURRENCY", "QPS", "Limiter", "Refusal"]
 
@@ -55,7 +56,7 @@ class Refusal(str):
         """``qps limit for add (50 per second per node)``, for a reply's message."""
         scope = "every method together (*)" if self.scope == ALL_METHODS else self.scope
         if self == QPS:
-            return "qps limit for %s (%g per second per node)" % (scope, self.limit)
+            return "qps limit for %s (%s per second per node)" % (scope, plain_number(self.limit))
         return "concurrency limit for %s (%d at once per node)" % (scope, self.limit)
 
 

@@ -14,7 +14,8 @@ Limits, and what a client sees when one is hit:
   running, with ``TApplicationException(LOADSHEDDING)`` ("not executed", safe to retry elsewhere);
 - over a request limit (``set_limits``: requests per second or at once, per method and for the
   service; ``limiter.py`` decides): answered the same way, naming the limit; the connection stays
-  open. A request is admitted before it is queued or run, and counts until its reply is sent;
+  open. A request is admitted before it is queued or run, and counts until its reply is encoded
+  (released before the reply is written to the socket);
 - ``max_connections`` reached: the longest-idle connection is closed to make room (its client's
   pool replaces it before use); if none is idle, the new connection's first request is answered
   LOADSHEDDING and the connection closed;
@@ -53,7 +54,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
 
 from ..errors import LOADSHEDDING, InvalidArgument
-from ..limits import ServiceLimits
+from ..limits import ALL_METHODS, ServiceLimits
 from .dispatch import Dispatcher
 from .framing import BINARY, PROTOCOLS, TRANSPORTS, MessageError, MessageReader
 from .hooks import OVERLOADED, Peer, ServerHooks
@@ -193,6 +194,7 @@ class Server:
         self._opts = options
         self._hooks = hooks
         self._limiter = Limiter(dispatcher.methods)
+        self._warned_rev: Optional[int] = None  # the limits revision whose unknown methods were logged
         self._framed = options.transport == "framed"
         # Requests are read leniently, like Apache Thrift servers: old non-strict binary messages too.
         self._in_factory: Any = (
@@ -293,8 +295,20 @@ class Server:
 
     def set_limits(self, limits: ServiceLimits) -> None:
         """Apply ``limits`` (``thriftprobe.limits``) from the next request on; from any thread.
-        The caller decides which revision wins: this applies whatever it is given."""
+        The caller decides which revision wins: this applies whatever it is given. Limits of
+        methods the service does not have (an operator's typo) limit nothing: logged as a
+        WARNING once per revision."""
         self._limiter.set(limits)
+        declared = self._dispatcher.methods
+        unknown = [name for name in limits.methods if name != ALL_METHODS and name not in declared]
+        with self._lock:
+            if not unknown or self._warned_rev == limits.rev:
+                return
+            self._warned_rev = limits.rev
+        log.warning(
+            "%s: limits rev %d name method(s) this service does not have, which limit nothing: %s (its methods: %s)",
+            self._label, limits.rev, ", ".join(unknown), ", ".join(sorted(declared)),
+        )
 
     @property
     def limits(self) -> ServiceLimits:
@@ -822,9 +836,7 @@ class Server:
             conn.reader.reset()
             inbuf.setvalue(data)
             if not self._run(conn, name, proto):
-                return  # handed back (and released by _give_back)
-            if conn.admitted is not None:  # answered, and the connection is still this worker's
-                self._release(conn)
+                return  # handed back (released by _run once answered, or by _give_back)
             if self._pending or self._stopping:
                 break
             if not conn.inbuf:
@@ -873,6 +885,10 @@ class Server:
             self._running.discard(me)
             raise
         self._running.discard(me)
+        if conn.admitted is not None:
+            # Answered: its place is free before the reply is handed to the socket, or a client that
+            # waits for the reply and then calls again (on any connection) could find it still taken.
+            self._release(conn)
         if reply is not None:
             if self._framed:
                 reply = _FRAME.pack(len(reply)) + reply

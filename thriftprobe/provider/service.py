@@ -448,6 +448,7 @@ def start_service(
             # Finagle's serverset member fields: Prometheus' serverset_sd_configs reads them.
             "serviceEndpoint": {"host": host, "port": bound_port},
             "status": "ALIVE",
+            "methods": sorted(service.thrift_services),  # so that 'limit set' can check a method's name
         }
         extras.update(traffic)
         if metrics_port is not None:

@@ -252,6 +252,12 @@ class Registry(abc.ABC):
         unreadable). Raises BackendError."""
 
     @abc.abstractmethod
+    def limited_services(self, env: str, appkey: Optional[str] = None) -> List[Tuple[str, str]]:
+        """Every (appkey, service) of ``env`` (of one appkey) with limits published, sorted, read
+        once (whatever the record in the settings store says: it may have lost them). Raises
+        BackendError."""
+
+    @abc.abstractmethod
     def watch_limits(self, env: str, appkey: str, service: str, callback: LimitsCallback) -> LimitsWatch:
         """Call ``callback`` with the service's published limits now (on the caller's thread),
         after every change, and after every reconnection to the backend (a new session too),

@@ -385,6 +385,25 @@ class ZooKeeperRegistry(Registry):
             raise BackendError("cannot read %s in %s: %s" % (path, self._cfg.describe(), err)) from err
         return _parse_limits(path, raw)
 
+    def limited_services(self, env: str, appkey: Optional[str] = None) -> List[Tuple[str, str]]:
+        """Every (appkey, service) with a znode under ``/limits/<env>`` (of one appkey), sorted."""
+        root = "/limits/%s" % env
+        zk = self.client
+        found: List[Tuple[str, str]] = []
+        try:
+            try:
+                keys = [appkey] if appkey is not None else zk.get_children(root)
+            except NoNodeError:
+                return []
+            for key in keys:
+                try:
+                    found.extend((key, service) for service in zk.get_children("%s/%s" % (root, key)))
+                except NoNodeError:
+                    continue
+        except KazooException as err:
+            raise BackendError("cannot list %s in %s: %s" % (root, self._cfg.describe(), err)) from err
+        return sorted(found)
+
     def watch_limits(self, env: str, appkey: str, service: str, callback: LimitsCallback) -> "ServiceLimitsWatch":
         """Follow ``/limits/<env>/<appkey>/<service>`` (see ServiceLimitsWatch)."""
         return ServiceLimitsWatch(self.client, self._cfg, limits_path(env, appkey, service), callback)

@@ -7,13 +7,19 @@ tag, so every key of an environment lives in one slot. Changes are compare-and-s
 replaces the field only if it still holds what the writer read, so two operators never lose each
 other's change; each stored change takes the next revision.
 
+A corrupt record (a hand edit, a bad restore) is never read as "no limits": ``load`` raises
+SettingsError naming the repair (``thriftprobe limit set/clear/reset``), and ``read`` returns it
+as it is, so that a repair can replace exactly those bytes (``replace``).
+
 A ``LimitsStore`` wraps one redis-py client, itself thread-safe (a connection pool): share a
 store between threads freely, but create a new one after ``fork()``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple, Union
 
 from ..config import RedisConfig
@@ -21,7 +27,7 @@ from ..errors import BackendError, ConcurrentChange, InvalidArgument, SettingsEr
 from ..limits import MethodLimit, ServiceLimits, check_method, limits_field
 from .settings import _REDIS_ERRORS, _glob_escape, hash_key, redis_client
 
-__all__ = ["LimitsStore", "limits_key"]
+__all__ = ["LimitsRecord", "LimitsStore", "limits_key", "repair_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,41 @@ return {1, ARGV[3]}
 def limits_key(env: str) -> str:
     """The Redis hash that keeps the limits of every service of ``env``."""
     return "{%s}_limits" % hash_key(env)
+
+
+def repair_hint(appkey: str, service: str) -> str:
+    """What an operator runs to replace a corrupt record of ``appkey``/``service``."""
+    return (
+        "repair it with 'thriftprobe limit reset %s %s' (drops every limit of the service) or "
+        "'thriftprobe limit set/clear %s %s METHOD ...' (replaces the record with what the providers were "
+        "pushed, changed)" % (appkey, service, appkey, service)
+    )
+
+
+@dataclass(frozen=True)
+class LimitsRecord:
+    """A service's record as it is in Redis: ``raw`` (None: absent) and ``limits`` decoded from it
+    (None when corrupt; then ``problem`` says why). Immutable."""
+
+    raw: Optional[bytes]
+    limits: Optional[ServiceLimits]
+    problem: Optional[str] = None
+
+    @property
+    def corrupt(self) -> bool:
+        return self.limits is None
+
+    @property
+    def rev(self) -> int:
+        """The record's revision; for a corrupt record, the ``rev`` it carries if one can be
+        read at all (a repair writes above it), else 0."""
+        if self.limits is not None:
+            return self.limits.rev
+        try:
+            rev = json.loads(self.raw or b"").get("rev")
+        except (ValueError, AttributeError, RecursionError):
+            return 0
+        return rev if isinstance(rev, int) and not isinstance(rev, bool) and rev > 0 else 0
 
 
 class LimitsStore:
@@ -66,7 +107,39 @@ class LimitsStore:
         try:
             return ServiceLimits.from_json(raw.encode() if isinstance(raw, str) else raw)
         except InvalidArgument as err:
-            raise SettingsError("corrupt limits in %s: %s" % (self._where(fieldname), err)) from err
+            parts = fieldname.split("|")
+            appkey, service = parts[0], parts[-1]
+            raise SettingsError(
+                "corrupt limits in %s: %s; %s" % (self._where(fieldname), err, repair_hint(appkey, service))
+            ) from err
+
+    def read(self, appkey: str, service: str) -> LimitsRecord:
+        """The service's record as it is, corrupt or not (``LimitsRecord``). Raises BackendError."""
+        fieldname = limits_field(appkey, self._env, service)
+        raw = self._read(fieldname)
+        try:
+            return LimitsRecord(raw, self._parse(raw, fieldname))
+        except SettingsError as err:
+            return LimitsRecord(raw, None, str(err))
+
+    def replace(self, appkey: str, service: str, expected: LimitsRecord, new: ServiceLimits) -> ServiceLimits:
+        """Write ``new`` as the service's record, only if the record still holds exactly
+        ``expected.raw`` (compare-and-set against those bytes, corrupt or not), and return it.
+        The caller chooses ``new.rev`` (above the record's and the pushed revisions). Raises
+        ConcurrentChange (the record changed: nothing written), InvalidArgument (``new.rev`` not
+        above ``expected.rev``), BackendError."""
+        fieldname = limits_field(appkey, self._env, service)
+        if new.rev <= expected.rev:
+            raise InvalidArgument("the new limits' rev %d must be above the record's %d" % (new.rev, expected.rev))
+        try:
+            done, _ = self._client.eval(_CAS_SCRIPT, 1, self._key, fieldname, expected.raw or b"", new.to_json())
+        except _REDIS_ERRORS as err:
+            raise BackendError("cannot write %s: %s" % (self._where(fieldname), err)) from err
+        if not int(done):
+            raise ConcurrentChange("the limits in %s changed while being replaced" % self._where(fieldname))
+        log.info("replaced the limits of %s/%s/%s%s: rev %d", appkey, self._env, service,
+                 " (a corrupt record)" if expected.corrupt else "", new.rev)
+        return new
 
     def load(self, appkey: str, service: str) -> ServiceLimits:
         """The service's stored limits; no limits at revision 0 when none were ever set.

@@ -2,7 +2,10 @@
 
 One row per change of one method's limits (``"*"``: the service as a whole): who, from where
 (``cli``, ``console``), the method's limits before and after as JSON (NULL: none), the service's
-revision after the change, and whether it was pushed to the running providers. Connections are
+revision after the change, and whether it was pushed to the running providers. A change that
+replaced a corrupt record (``thriftprobe limit set/clear/reset`` over it) says so: its
+``old_limit`` JSON carries the key ``"corrupt_record"`` with the start of the bytes it replaced
+(beside the method's limits, if the providers had been pushed any). Connections are
 short-lived (see ``stores.mysql``): thread- and fork-safe.
 """
 
@@ -16,10 +19,10 @@ import pymysql
 
 from ..config import MysqlConfig
 from ..errors import BackendError, InvalidArgument
-from ..limits import MethodLimit
+from ..limits import MethodLimit, plain_number
 from .mysql import columns, connect
 
-__all__ = ["LimitsAuditEntry", "check_ready", "history", "record"]
+__all__ = ["CORRUPT_KEY", "LimitsAuditEntry", "check_ready", "excerpt", "history", "record"]
 
 TABLE = "limits_audit"
 _TEXT_FIELDS = ("actor", "source", "env", "appkey", "service", "method")
@@ -48,6 +51,8 @@ class LimitsAuditEntry:
     new: Optional[MethodLimit]
     rev: int
     pushed: bool
+    corrupt: Optional[str] = None
+    """The start of the corrupt record this change replaced; None for an ordinary change."""
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -56,13 +61,14 @@ class LimitsAuditEntry:
         return data
 
     def describe(self) -> str:
-        return "%s %s (%s) %s/%s %s: %s -> %s (rev %d%s)" % (
+        return "%s %s (%s) %s/%s %s: %s%s -> %s (rev %d%s)" % (
             self.changed_at,
             self.actor,
             self.source,
             self.appkey,
             self.service,
             self.method,
+            "" if self.corrupt is None else "replaced corrupt record %r, " % self.corrupt,
             describe_limit(self.old),
             describe_limit(self.new),
             self.rev,
@@ -76,23 +82,40 @@ def describe_limit(limit: Optional[MethodLimit]) -> str:
         return "none"
     parts = []
     if limit.qps is not None:
-        parts.append("qps %g" % limit.qps)
+        parts.append("qps %s" % plain_number(limit.qps))
         parts.append("burst %d%s" % (limit.bucket or 0, "" if limit.burst is not None else " (default)"))
     if limit.concurrency is not None:
         parts.append("concurrency %d" % limit.concurrency)
     return " ".join(parts)
 
 
-def _json(limit: Optional[MethodLimit]) -> Optional[str]:
-    if limit is None or limit.empty:
+_COLUMN_WIDTH = 255  # old_limit, new_limit
+CORRUPT_KEY = "corrupt_record"
+
+
+def _json(limit: Optional[MethodLimit], corrupt: Optional[str] = None) -> Optional[str]:
+    data: Dict[str, Any] = {} if limit is None or limit.empty else limit.to_dict()
+    if corrupt is not None:
+        # As much of the corrupt bytes as the column holds beside the limits (escaping may grow it).
+        for size in (160, 120, 80, 40, 0):
+            data[CORRUPT_KEY] = corrupt[:size]
+            text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+            if len(text) <= _COLUMN_WIDTH:
+                return text
+    if not data:
         return None
-    return json.dumps(limit.to_dict(), sort_keys=True, separators=(",", ":"))
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def excerpt(raw: Optional[bytes]) -> str:
+    """The start of a corrupt record, as text, for an audit row."""
+    return (raw or b"").decode("utf-8", "replace")[:160]
 
 
 def _row(entry: LimitsAuditEntry) -> Tuple[Any, ...]:
     return (
         entry.actor, entry.source, entry.env, entry.appkey, entry.service, entry.method,
-        _json(entry.old), _json(entry.new), entry.rev, int(entry.pushed),
+        _json(entry.old, entry.corrupt), _json(entry.new), entry.rev, int(entry.pushed),
     )  # fmt: skip
 
 
@@ -143,13 +166,17 @@ def record(cfg: MysqlConfig, entry: LimitsAuditEntry) -> None:
         cur.execute(_INSERT, _row(entry))
 
 
-def _limit(raw: Optional[str]) -> Optional[MethodLimit]:
+def _limit(raw: Optional[str]) -> Tuple[Optional[MethodLimit], Optional[str]]:
+    """The limits in a column, and the corrupt record the change replaced (if it says so)."""
     if raw is None:
-        return None
+        return None, None
     try:
-        return MethodLimit.from_dict(json.loads(raw))
+        data = json.loads(raw)
+        corrupt = data.pop(CORRUPT_KEY, None) if isinstance(data, dict) else None
+        limit = MethodLimit.from_dict(data)
     except (ValueError, TypeError):
-        return None  # a row edited by hand: shown as none rather than failing the whole history
+        return None, None  # a row edited by hand: shown as none rather than failing the whole history
+    return (None if limit.empty else limit), (None if corrupt is None else str(corrupt))
 
 
 def history(
@@ -182,10 +209,11 @@ def history(
             appkey=row[4],
             service=row[5],
             method=row[6],
-            old=_limit(row[7]),
-            new=_limit(row[8]),
+            old=_limit(row[7])[0],
+            new=_limit(row[8])[0],
             rev=int(row[9]),
             pushed=bool(row[10]),
+            corrupt=_limit(row[7])[1],
         )
         for row in rows
     ]

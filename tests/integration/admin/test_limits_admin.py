@@ -45,17 +45,70 @@ def test_update_is_compare_and_set_on_the_revision(store, appkey):
 
 @pytest.mark.parametrize("raw", [b"{not json", b'{"rev": 1, "methods": {"add": {"qps": -1}}}', b"[]",
                                  b'{"rev": 1, "methods": {"a b": {"qps": 1}}}'])
-def test_corrupt_limits_raise_settings_error_naming_the_field_and_are_left_alone(store, rds, gov, appkey, raw):
+def test_corrupt_limits_raise_settings_error_naming_the_field_and_the_repair(store, rds, gov, appkey, raw):
     field = limits_field(appkey, TEST_ENV, SERVICE)
     rds.hset(limits_key(TEST_ENV), field, raw)
     with pytest.raises(SettingsError, match=r"corrupt limits in field '%s' of hash \{thriftprobe_test\}_limits"
-                       % field.replace("|", r"\|")):
+                       % field.replace("|", r"\|")) as err:
         store.load(appkey, SERVICE)
-    with pytest.raises(SettingsError):
-        gov.set_limit(appkey, SERVICE, "compute", qps=10)
-    assert rds.hget(limits_key(TEST_ENV), field) == raw
+    assert "thriftprobe limit reset %s %s" % (appkey, SERVICE) in str(err.value)
+    assert rds.hget(limits_key(TEST_ENV), field) == raw  # reading never repairs
+    record = store.read(appkey, SERVICE)
+    assert record.corrupt and record.raw == raw and "corrupt" in (record.problem or "")
     views = {(v.appkey, v.service): v for v in gov.limits(appkey)}
     assert views[(appkey, SERVICE)].limits is None and "corrupt" in views[(appkey, SERVICE)].problem
+
+
+def test_a_repair_replaces_only_the_exact_corrupt_bytes_it_read(store, rds, appkey):
+    field = limits_field(appkey, TEST_ENV, SERVICE)
+    rds.hset(limits_key(TEST_ENV), field, b'{"rev": 9, "methods": {"add": {"qps": 0}}}')
+    seen = store.read(appkey, SERVICE)
+    assert seen.corrupt and seen.rev == 9  # a repair writes above the rev it carries
+    rds.hset(limits_key(TEST_ENV), field, b'{"rev": 9, "methods": {"add": {"qps": -5}}}')  # another hand edit
+    with pytest.raises(ConcurrentChange):
+        store.replace(appkey, SERVICE, seen, ServiceLimits({}, 10))
+    with pytest.raises(InvalidArgument, match="above the record's 9"):
+        store.replace(appkey, SERVICE, store.read(appkey, SERVICE), ServiceLimits({}, 9))
+    assert store.replace(appkey, SERVICE, store.read(appkey, SERVICE), ServiceLimits({}, 10)) == ServiceLimits({}, 10)
+    assert store.load(appkey, SERVICE) == ServiceLimits({}, 10)
+
+
+def test_set_limit_replaces_a_corrupt_record_with_the_pushed_limits_changed_above_every_revision(
+    gov, zk, rds, appkey
+):
+    gov.set_limit(appkey, SERVICE, "add", qps=5)
+    gov.set_limit(appkey, SERVICE, "echo", concurrency=3)  # rev 2, pushed
+    field = limits_field(appkey, TEST_ENV, SERVICE)
+    rds.hset(limits_key(TEST_ENV), field, b'{"rev": 1, "methods": {"add": {"qps": 0}}}')  # a bad hand edit
+    change = gov.set_limit(appkey, SERVICE, "add", qps=7, actor="fixer")
+    assert change.replaced_corrupt == '{"rev": 1, "methods": {"add": {"qps": 0}}}'
+    assert change.old == MethodLimit(qps=5)  # what the providers were following
+    assert change.limits == ServiceLimits({"add": MethodLimit(qps=7), "echo": MethodLimit(concurrency=3)}, 3)
+    assert ServiceLimits.from_json(rds.hget(limits_key(TEST_ENV), field)) == change.limits
+    assert ServiceLimits.from_json(zk.get(limits_path(TEST_ENV, appkey, SERVICE))[0]) == change.limits
+    row = gov.limits_history(appkey)[0]
+    assert (row.actor, row.method, row.old, row.new, row.rev, row.pushed) == (
+        "fixer", "add", MethodLimit(qps=5), MethodLimit(qps=7), 3, True)
+    assert row.corrupt == change.replaced_corrupt and "replaced corrupt record" in row.describe()
+    assert gov.limits_history(appkey)[1].corrupt is None  # ordinary changes say nothing of the kind
+
+
+def test_clear_and_reset_repair_a_corrupt_record_too(gov, rds, appkey):
+    field = limits_field(appkey, TEST_ENV, SERVICE)
+    rds.hset(limits_key(TEST_ENV), field, b"{not json")
+    change = gov.clear_limit(appkey, SERVICE, "add")  # nothing to clear, but a record to repair
+    assert change is not None and change.replaced_corrupt == "{not json" and change.limits == ServiceLimits({}, 1)
+    assert gov.clear_limit(appkey, SERVICE, "add") is None  # sound now: nothing to do
+    gov.set_limit(appkey, SERVICE, "add", qps=5)
+    gov.set_limit(appkey, SERVICE, "*", concurrency=9)  # rev 3
+    rds.hset(limits_key(TEST_ENV), field, b'{"rev": 8, "methods": []}')
+    reset = gov.reset_limits(appkey, SERVICE, actor="fixer")
+    assert reset is not None and reset.limits == ServiceLimits({}, 9) and reset.dropped == ["*", "add"]
+    rows = gov.limits_history(appkey, limit=2)
+    assert sorted((r.method, r.old, r.new, r.rev) for r in rows) == [
+        ("*", MethodLimit(concurrency=9), None, 9), ("add", MethodLimit(qps=5), None, 9)]
+    assert [r.corrupt is not None for r in rows].count(True) == 1
+    assert gov.reset_limits(appkey, SERVICE) is None  # nothing left to reset
 
 
 def test_the_store_works_on_redis_cluster(cluster_cfg):

@@ -11,10 +11,12 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import wait_until
+from conftest import TEST_ENV, wait_until
 from console_fixtures import CREDENTIALS, chromium, console_server  # noqa: F401 - the fixtures "browser", "console"
 
-from thriftprobe.limits import MethodLimit
+from thriftprobe.limits import MethodLimit, limits_field
+from thriftprobe.registry.zookeeper import limits_path
+from thriftprobe.stores.limits import limits_key
 
 SERVICE = "Calculator"
 
@@ -58,6 +60,25 @@ def test_the_limits_api_needs_login_and_csrf_and_checks_its_input(console, appke
     assert listed["history"][0]["actor"] == "console:ops" and listed["history"][0]["source"] == "console"
     status, reply = _post(opener, console.url + "api/limit", {**body, "method": "echo", "clear": True}, csrf)
     assert status == 404 and "nothing to clear" in reply["error"]
+
+
+def test_the_limits_api_shows_pushed_limits_that_differ_from_the_record_or_outlived_it(
+    console, gov, zk, rds, appkey
+):
+    gov.set_limit(appkey, SERVICE, "add", qps=5)
+    zk.set(limits_path(TEST_ENV, appkey, SERVICE), b'{"rev": 9, "methods": {"add": {"concurrency": 1}}}')
+    opener, _ = _login(console)
+
+    def view():  # type: ignore[no-untyped-def]
+        listed = json.loads(opener.open(console.url + "api/limits", timeout=10).read())
+        return [v for v in listed["services"] if v["appkey"] == appkey]
+
+    [v] = view()
+    assert (v["methods"], v["pushed_methods"], v["follows"], v["in_step"]) == (
+        {"add": {"qps": 5}}, {"add": {"concurrency": 1}}, "pushed", False)
+    rds.hdel(limits_key(TEST_ENV), limits_field(appkey, TEST_ENV, SERVICE))
+    [v] = view()
+    assert (v["recorded"], v["methods"], v["pushed_rev"], v["follows"]) == (False, None, 9, "pushed")
 
 
 @pytest.mark.slow

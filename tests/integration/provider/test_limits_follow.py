@@ -3,16 +3,19 @@ re-read from Redis after a lost session, loaded before serving after a restart."
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 
 import pytest
-from conftest import wait_until
+from conftest import TEST_ENV, wait_until
 from kazoo.client import KazooClient
 
 from thriftprobe import config
-from thriftprobe.limits import MethodLimit
+from thriftprobe.errors import SettingsError
+from thriftprobe.limits import MethodLimit, limits_field
 from thriftprobe.registry.zookeeper import limits_path
-from thriftprobe.stores.limits import LimitsStore
+from thriftprobe.stores.limits import LimitsStore, limits_key
 
 SERVICE = "Calculator"
 
@@ -56,6 +59,44 @@ def test_a_restarted_provider_comes_back_with_its_limits_before_serving(provider
     svc.stop(timeout=2.0, drain=0)
     again = providers("b", port=port)
     assert again.limits.rev == 2 and again.limits.get("echo") == MethodLimit(qps=100, burst=5)
+
+
+def test_a_corrupt_record_stops_the_start_naming_the_repair_and_after_it_the_provider_starts(
+    providers, gov, rds, zk, appkey
+):
+    field = limits_field(appkey, TEST_ENV, SERVICE)
+    rds.hset(limits_key(TEST_ENV), field, b'{"rev": 2, "methods": {"echo": {"qps": 0}}}')
+    with pytest.raises(SettingsError) as err:
+        providers("a")
+    assert "thriftprobe limit reset %s %s" % (appkey, SERVICE) in str(err.value)  # the fix, named
+    nodes = "/services/%s/%s/%s" % (TEST_ENV, appkey, SERVICE)
+    assert not zk.exists(nodes) or not zk.get_children(nodes)  # never registered, never served
+    gov.set_limit(appkey, SERVICE, "echo", qps=30)
+    svc = providers("a")
+    assert svc.limits.rev == 3 and svc.limits.get("echo") == MethodLimit(qps=30)
+
+
+def test_a_limit_for_a_method_the_service_lacks_is_logged_once_per_revision(providers, gov, zk, appkey, caplog):
+    svc = providers("a")
+    node = json.loads(zk.get("/services/%s/%s/%s_127.0.0.1_%d" % (TEST_ENV, appkey, SERVICE, svc.port))[0])
+    assert node["methods"] == ["compute", "echo", "ping", "record", "sleep_ms"]  # advertised, sorted
+    caplog.set_level(logging.WARNING, logger="thriftprobe")
+
+    def typo_warnings():  # type: ignore[no-untyped-def]
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "Echo" in r.getMessage()]
+
+    gov.set_limit(appkey, SERVICE, "Echo", qps=5)
+    wait_until(lambda: svc.limits.rev == 1, 5, "the pushed limit")
+    wait_until(lambda: len(typo_warnings()) == 1, 5, "the warning")
+    assert "(its methods: compute, echo, ping, record, sleep_ms)" in typo_warnings()[0]
+    svc.set_limits(svc.limits)  # the same revision again (a re-read of Redis): no second warning
+    gov.set_limit(appkey, SERVICE, "*", concurrency=50)  # rev 2 still holds the typo: once more
+    wait_until(lambda: svc.limits.rev == 2, 5, "the second change")
+    assert len(typo_warnings()) == 2
+    gov.set_limit(appkey, SERVICE, "echo", qps=5)
+    gov.clear_limit(appkey, SERVICE, "Echo")  # rev 4: no unknown method left
+    wait_until(lambda: svc.limits.rev == 4, 5, "the fourth change")
+    assert len(typo_warnings()) == 3  # rev 3 still had it; rev 4 does not
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from thriftprobe import Overloaded, Retry, RetryBudget, build_client, start_serv
 from thriftprobe.errors import LOADSHEDDING
 from thriftprobe.limits import MethodLimit, ServiceLimits
 from thriftprobe.metrics import Recorder
+from thriftprobe.provider import ServerHooks
 
 calc = thriftpy2.load(IDL, module_name="demo_thrift")
 
@@ -162,6 +163,37 @@ def test_a_connection_calling_in_turn_is_limited_too_though_a_worker_reads_its_r
         c.close()
     stats = counts(svc)
     assert stats["admitted"] == stats["released"] == 3
+
+
+class SlowFinish(ServerHooks):
+    """A ``request_finished`` hook that takes a while (a logging or metrics hook on a busy host):
+    it runs after the reply was sent, so a client already has its reply while the hook runs."""
+
+    def request_finished(self, method: str, peer: object, start: float, outcome: str, duration: float) -> None:
+        time.sleep(0.03)
+
+
+def test_concurrency_one_admits_strictly_sequential_calls_on_alternating_connections(gated):
+    """A client that waits for each reply before the next call never has two calls at once: with
+    ``concurrency=1`` none is refused, though the next call comes on another connection (served by
+    another worker) while the worker that sent the previous reply is still busy after it."""
+    svc = gated("a", workers=8, hooks=SlowFinish())
+    svc._server.set_limits(limits(echo=MethodLimit(concurrency=1)))
+    conns = [client(svc) for _ in range(4)]
+    try:
+        refused = []
+        for i in range(40):
+            try:
+                conns[i % 4].echo("x%d" % i)
+            except TApplicationException as err:
+                refused.append((i, err.message))
+        assert refused == []
+    finally:
+        for c in conns:
+            c.close()
+    wait_until(lambda: counts(svc)["in_flight"] == 0, what="every admitted call released")
+    stats = counts(svc)
+    assert stats["admitted"] == stats["released"] == 40
 
 
 def test_a_refused_oneway_call_gets_no_reply_and_the_stream_stays_in_step(gated):

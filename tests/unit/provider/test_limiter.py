@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from thriftprobe.limits import MethodLimit, ServiceLimits
-from thriftprobe.provider.limiter import CONCURRENCY, QPS, Limiter
+from thriftprobe.limits import MethodLimit, ServiceLimits, plain_number
+from thriftprobe.provider.limiter import CONCURRENCY, QPS, Limiter, Refusal
 
 METHODS = ("add", "ping", "echo")
 
@@ -148,6 +148,13 @@ def test_refusals_describe_the_limit_they_were_over():
     conc = lim.admit("ping")
     assert conc is not None
     assert conc.describe() == "concurrency limit for every method together (*) (7 at once per node)"
+
+
+@pytest.mark.parametrize("qps, shown", [(1e6, "1000000"), (1000000, "1000000"), (2.5, "2.5"), (0.001, "0.001"),
+                                       (1e-7, "0.0000001"), (123456.75, "123456.75"), (50.0, "50")])
+def test_a_qps_refusal_writes_its_rate_plainly(qps, shown):
+    assert Refusal("qps", "add", qps).describe() == "qps limit for add (%s per second per node)" % shown
+    assert plain_number(qps) == shown
 
 
 def test_an_unchanged_bucket_keeps_its_state_across_set():
