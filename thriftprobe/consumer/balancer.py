@@ -523,11 +523,10 @@ def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.md5(data, usedforsecurity=False).digest(), "big")
 
 
-def _mix(value: int) -> float:
-    """A number in [0, 1) from 64 bits (a key's MD5 bits xor a node's salt): one multiply and
-    an xor-shift, enough to make two nodes' numbers for one key independent."""
-    z = (value * 0xBF58476D1CE4E5B9) & _MASK64
-    return (z ^ (z >> 29)) / _TWO64
+_MIX = 0xBF58476D1CE4E5B9
+"""A key's number for a node: ``z = ((key bits ^ node salt) * _MIX) mod 2**64``, then
+``z ^ (z >> 29)``, compared with the node's share x 2**64: one multiply and an xor-shift, enough
+to make two nodes' numbers for one key independent (a plain xor of the salts would not be)."""
 
 
 class ConsistentHash(Balancer):
@@ -596,7 +595,13 @@ class ConsistentHash(Balancer):
             mask = (1 << shift) - 1
             salts = tuple(_digest(("%s:%d" % node.address).encode("utf-8")) & _MASK64 for node in tier.nodes)
             ring = _Ring([m >> shift for m in merged], [m & mask for m in merged], salts)
-        tier.state = (makeup, ring)
+        # Per node: the threshold a key's number must stay below for the node to take it (its
+        # warm-up share x 2**64), or None for a warm node.
+        thresholds = tuple(
+            None if weight >= full else int(weight / full * _TWO64)
+            for weight, full in zip(tier.weights, tier.full_weights)
+        )
+        tier.state = (makeup, ring, thresholds)
 
     def _adopt(self, plans: List[Plan]) -> None:
         """Keep the rings and the points of the plans in use, and only those."""
@@ -650,28 +655,37 @@ class ConsistentHash(Balancer):
         """The first node clockwise from the key's place that is not skipped and takes the key
         (see the class: a warming node takes a key by its own draw)."""
         ring: _Ring = tier.state[1]
-        points, owners, nodes = ring.points, ring.owners, tier.nodes
+        thresholds: Tuple[Optional[int], ...] = tier.state[2]
+        points, owners = ring.points, ring.owners
+        nodes: Tuple[Node, ...] = tier.nodes
         if point is None:
             point = int(self._random() * _TWO64) << 64 | int(self._random() * _TWO64)
         size = len(points)
         j = bisect.bisect_left(points, point >> 96)
         if j == size:
             j = 0
-        weights, full = tier.weights, tier.full_weights
         owner = owners[j]
-        if not skip and weights[owner] >= full[owner]:
+        if not skip and thresholds[owner] is None:
             return nodes[owner]  # the common case: a warm node, nothing skipped
         key_bits = (point >> 32) & _MASK64
+        salts = ring.salts
         fallback: Optional[Node] = None
         refused = -1
         for step in range(size):
-            owner = owners[(j + step) % size]
+            owner = owners[j]
+            j += 1
+            if j == size:
+                j = 0
             if owner == refused:
                 continue
             node = nodes[owner]
-            if node.address in skip:
+            if skip and node.address in skip:
                 continue
-            if weights[owner] >= full[owner] or _mix(key_bits ^ ring.salts[owner]) < weights[owner] / full[owner]:
+            threshold = thresholds[owner]
+            if threshold is None:
+                return node
+            z = ((key_bits ^ salts[owner]) * _MIX) & _MASK64
+            if z ^ (z >> 29) < threshold:
                 return node
             refused = owner
             if fallback is None:
