@@ -43,7 +43,7 @@ from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Pr
 from ..errors import InvalidArgument
 from ..node import Node
 from .table import Snapshot
-from .tiers import Plan, Tier, build_plan
+from .tiers import Judged, Plan, Tier, build_plan
 
 __all__ = [
     "Balancer",
@@ -60,7 +60,9 @@ Call = Tuple[str, Mapping[str, Any]]
 """(method name, arguments by name) of the call a node is picked for."""
 
 _NO_SKIP: AbstractSet[Address] = frozenset()
-_MAX_PENALTY = 60.0
+_REFUSAL_WEIGHT = 4.0
+_REFUSAL_DECAY = 1.0  # seconds
+_MAX_REFUSED = 8.0  # a burst of refusals counts as 8 at most: the node is back within ~5 s of the last
 
 
 class Picker(Protocol):
@@ -95,12 +97,14 @@ class Balancer:
         # alternating between the two does not rebuild on every call.
         self._plans: List[Optional[Plan]] = [None, None]
         self._build_lock = threading.Lock()
+        self._judged: Judged = {}  # clock skews of nodes' start times, as first seen (under the build lock)
         self._claim: Optional["weakref.ReferenceType[Any]"] = None
+        self._claim_lock = threading.Lock()  # never held for long: close() takes it
 
     def claim(self, owner: Any) -> None:
         """Bind the balancer to ``owner`` (a client's claim object, kept as long as the client
         is open). Raises InvalidArgument while another owner holds it."""
-        with self._build_lock:
+        with self._claim_lock:
             held = self._claim() if self._claim is not None else None
             if held is not None and held is not owner:
                 raise InvalidArgument(
@@ -111,7 +115,7 @@ class Balancer:
 
     def release(self, owner: Any) -> None:
         """Unbind the balancer from ``owner`` (the client closed)."""
-        with self._build_lock:
+        with self._claim_lock:
             if self._claim is not None and self._claim() is owner:
                 self._claim = None
 
@@ -167,11 +171,15 @@ class Balancer:
                 and plan.expires > time.monotonic()
             ):
                 return plan  # another thread built it meanwhile
-            plan = build_plan(snapshot, exclude)
+            plan = build_plan(snapshot, exclude, judged=self._judged)
             for tier in plan.tiers:
                 self._prepare(tier)
             self._plans[slot] = plan
-            self._adopt([p for p in self._plans if p is not None])
+            in_use = [p for p in self._plans if p is not None]
+            addresses = frozenset().union(*(p.snapshot.addresses for p in in_use))
+            for key in [k for k in self._judged if k[0] not in addresses]:
+                del self._judged[key]
+            self._adopt(in_use)
             return plan
         finally:
             lock.release()
@@ -213,6 +221,7 @@ class Balancer:
         have held one) and no plan; strategies drop what described the parent's calls."""
         self._plans = [None, None]
         self._build_lock = threading.Lock()
+        self._claim_lock = threading.Lock()
 
     # Load reports, for strategies with ``tracks_load``.
     def begin(self, address: Address) -> None:
@@ -359,19 +368,22 @@ class RoundRobin(Balancer):
 class _Load:
     """One node's load as a LeastLoaded balancer sees it (guarded by the balancer's lock)."""
 
-    __slots__ = ("in_flight", "latency", "stamp")
+    __slots__ = ("in_flight", "latency", "refused", "refused_at", "stamp")
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.latency = -1.0  # no answer yet
         self.stamp = 0.0
+        self.refused = 0.0  # calls that got no answer, decaying over _REFUSAL_DECAY seconds
+        self.refused_at = 0.0
 
 
 class LeastLoaded(Balancer):
     """Power of two choices by load (see the module).
 
-    Two nodes of the tier are drawn at random in proportion to their weights; the one with the
-    lower cost takes the call, the first drawn on a tie, where
+    Two distinct nodes of the tier are drawn at random in proportion to their weights (the
+    second among the others); the one with the lower cost takes the call, the first drawn on a
+    tie, where
 
         cost = latency x (calls in flight / weight + 1 / the tier's mean weight)
 
@@ -385,9 +397,11 @@ class LeastLoaded(Balancer):
     (``dt`` the time since its previous answer), at once to a latency above it (a peak), and
     towards the mean of all nodes while it gets no answers, so that a node that was slow is
     tried again in time. A node that has not answered yet counts at the mean. A call that got
-    no answer (a failure, or "not executed": the node shed it) doubles the node's latency (from
-    at least the mean or 1 ms, at most 60 s), so that a node that fails or sheds fast never
-    looks fast.
+    no answer (a failure, or "not executed": the node shed it) is no latency sample (a fast
+    refusal must never make a node look fast) but a refusal: the node's cost is multiplied by
+    ``1 + 4 x refusals``, its refusals decaying over 1 s and counting 8 at most, so a node that
+    keeps shedding is tried about once every second or two, and one that stops is back within
+    about 5 s.
     """
 
     tracks_load = True
@@ -402,35 +416,44 @@ class LeastLoaded(Balancer):
         self._mean = 0.0  # a moving average of every answer's latency (seconds)
 
     def _latency(self, load: Optional[_Load], now: float) -> float:
+        """The node's latency figure now, times its refusals' penalty."""
         mean = self._mean
-        if load is None or load.latency < 0:
+        if load is None:
             return mean
         latency = load.latency
-        idle = now - load.stamp
-        if idle > 0:
-            latency = mean + (latency - mean) * math.exp(-idle / self._decay)
+        if latency < 0:
+            latency = mean
+        else:
+            idle = now - load.stamp
+            if idle > 0:
+                latency = mean + (latency - mean) * math.exp(-idle / self._decay)
+        if load.refused:
+            refused = load.refused * math.exp(-(now - load.refused_at) / _REFUSAL_DECAY)
+            if refused > 0.05:  # below: forgiven (idle nodes of equal cost then tie again)
+                latency *= 1.0 + _REFUSAL_WEIGHT * refused
         return latency
 
     def _pair(self, tier: Tier, among: Optional[List[int]]) -> Tuple[int, int]:
         """Two distinct indexes of the tier (of ``among``, if given), drawn by weight."""
         draw = self._random
+        weights = tier.weights
         if among is None:
             cumulative, total, n = tier.cumulative, tier.total, len(tier.nodes)
             a = min(bisect.bisect_right(cumulative, draw() * total), n - 1)
-            b = min(bisect.bisect_right(cumulative, draw() * total), n - 1)
-            if b == a:  # the heavy one twice: the other of the pair at random
-                b = int(draw() * (n - 1))
-                if b >= a:
-                    b = min(b + 1, n - 1)
+            # The second by weight among the others: the draw over the rest, shifted past a.
+            point = draw() * (total - weights[a])
+            if point >= cumulative[a] - weights[a]:
+                point += weights[a]
+            b = min(bisect.bisect_right(cumulative, point), n - 1)
+            if b == a:  # float rounding at an edge
+                b = a - 1 if a else 1
             return a, b
-        weights = tier.weights
         running = list(itertools.accumulate(weights[i] for i in among))
-        a = among[min(bisect.bisect_right(running, draw() * running[-1]), len(among) - 1)]
-        b = among[min(bisect.bisect_right(running, draw() * running[-1]), len(among) - 1)]
-        if b == a:
-            others = [i for i in among if i != a]
-            b = others[int(draw() * len(others)) % len(others)]
-        return a, b
+        k = min(bisect.bisect_right(running, draw() * running[-1]), len(among) - 1)
+        others = among[:k] + among[k + 1:]
+        rest = list(itertools.accumulate(weights[i] for i in others))
+        b = others[min(bisect.bisect_right(rest, draw() * rest[-1]), len(others) - 1)]
+        return among[k], b
 
     def _better(self, tier: Tier, a: int, b: int) -> Node:
         nodes, weights = tier.nodes, tier.weights
@@ -479,8 +502,12 @@ class LeastLoaded(Balancer):
             if load.in_flight > 0:
                 load.in_flight -= 1
             latency = load.latency
-            if not ok:  # no answer: never faster for that (see the class)
-                seconds = min(_MAX_PENALTY, 2.0 * max(seconds, latency, self._mean, 0.001))
+            if not ok:  # no answer: a refusal, and a latency only if it was a peak (a timeout)
+                decayed = load.refused * math.exp(-(now - load.refused_at) / _REFUSAL_DECAY)
+                load.refused = min(_MAX_REFUSED, decayed + 1.0)
+                load.refused_at = now
+                if self._mean <= 0.0 or seconds <= max(latency, self._mean):
+                    return  # a fast refusal is no latency sample: only a slow failure (a timeout) is
             if latency < 0 or seconds >= latency:
                 load.latency = seconds  # the first answer, or a peak: at once
             else:
@@ -517,6 +544,7 @@ _MASK64 = (1 << 64) - 1
 _TWO32 = float(1 << 32)
 _TWO64 = float(1 << 64)
 _MAX_WALK = 256  # ring points a warming key looks at before it settles for the first candidate
+_MAX_POINTS = 2_000_000  # points of one ring at most (about 100 MB while it is built)
 
 
 def _digest(data: bytes) -> int:
@@ -533,10 +561,12 @@ class ConsistentHash(Balancer):
     """A ketama-style hash ring (see the module). ``key(method, args)`` returns the call's key
     (str, bytes or int; None for no affinity).
 
-    Points per node: ``replicas x weight / R`` (at least 1), where R is the tier's median weight
-    rounded to a power of two: a node that joins, leaves or changes weight moves only its own
-    points, so only the keys it gains or loses move (unless it moves the median across a power
-    of two, which moves every node's count a little).
+    Points per node: ``replicas x weight / R`` (at least 1). R is set by the tier's first ring
+    (its median weight rounded to a power of two) and kept while the median stays within 4x
+    of it, so a node that joins, leaves or changes weight moves only its own points, and only
+    the keys it gains or loses move. Only a change of the whole fleet's weights (the median
+    moving 4x), or a ring that would exceed 2 million points, sets a new R and moves keys
+    between nodes that did not change.
 
     A key's MD5 gives its place on the ring (the first node clockwise takes it) and which tier it
     falls to. A warming node at a share f of its weight takes a key only if a number drawn from
@@ -565,6 +595,7 @@ class ConsistentHash(Balancer):
         self._replicas = replicas
         self._node_points: Dict[Address, List[int]] = {}
         self._rings: Dict[Tuple[Any, ...], _Ring] = {}  # the rings of the plans in use, by tier make-up
+        self._references: Dict[int, float] = {}  # per priority: see _reference
 
     def _points_of(self, address: Address, count: int) -> List[int]:
         """The first ``count`` ring points of a node (32-bit, four per MD5 of "host:port-k")."""
@@ -583,13 +614,11 @@ class ConsistentHash(Balancer):
         makeup = (tuple(node.address for node in tier.nodes), tier.full_weights)
         ring = self._rings.get(makeup)
         if ring is None:
-            ordered = sorted(tier.full_weights)
-            median = ordered[len(ordered) // 2]
-            reference = 2.0 ** round(math.log2(median))
+            reference = self._reference(tier)
             shift = max(1, (len(tier.nodes) - 1).bit_length())
             merged: List[int] = []
             for i, (node, weight) in enumerate(zip(tier.nodes, tier.full_weights)):
-                count = min(self._replicas * 64, max(1, round(self._replicas * weight / reference)))
+                count = max(1, round(self._replicas * weight / reference))
                 merged.extend(sorted((p << shift) | i for p in self._points_of(node.address, count)))
             merged.sort()  # sorted runs, one per node: timsort merges them
             mask = (1 << shift) - 1
@@ -603,6 +632,21 @@ class ConsistentHash(Balancer):
         )
         tier.state = (makeup, ring, thresholds)
 
+    def _reference(self, tier: Tier) -> float:
+        """The weight that gets ``replicas`` points in this tier: the one used before, while the
+        tier's median weight stays within 4x of it (so that one node's change never rescales
+        every node's points), else the median rounded to a power of two; doubled while the ring
+        would hold more than ``_MAX_POINTS`` points."""
+        ordered = sorted(tier.full_weights)
+        median = ordered[len(ordered) // 2]
+        reference = self._references.get(tier.priority)
+        if reference is None or not median / 4 <= reference <= median * 4:
+            reference = 2.0 ** round(math.log2(median))
+        while sum(tier.full_weights) * self._replicas / reference > _MAX_POINTS:
+            reference *= 2
+        self._references[tier.priority] = reference
+        return reference
+
     def _adopt(self, plans: List[Plan]) -> None:
         """Keep the rings and the points of the plans in use, and only those."""
         self._rings = {tier.state[0]: tier.state[1] for plan in plans for tier in plan.tiers}
@@ -613,6 +657,7 @@ class ConsistentHash(Balancer):
     def reinit_after_fork(self) -> None:
         super().reinit_after_fork()
         self._rings = {}
+        self._references = {}
 
     def _point(self, call: Optional[Call]) -> Any:
         if call is None:

@@ -495,9 +495,6 @@ class _Core:
             self.table.on_remove(self._node_left)
             self._outliers.reinit_after_fork()
             self._budget.reinit_after_fork()
-            reinit = getattr(self._balancer, "reinit_after_fork", None)
-            if reinit is not None:
-                reinit()
             self._close_lock = threading.Lock()
             self._registry = self._watch = None  # the parent's
             self._attach_stop = threading.Event()
@@ -788,6 +785,9 @@ def _mark_clients_forked() -> None:
         client.table.reinit_after_fork()
         if client._cache_writer is not None:
             client._cache_writer.reinit_after_fork()
+        reinit = getattr(client._balancer, "reinit_after_fork", None)
+        if reinit is not None:
+            reinit()  # its locks (close() releases the claim under one) and the parent's plans
 
 
 os.register_at_fork(after_in_child=_mark_clients_forked)
@@ -973,68 +973,76 @@ def build_client(
     claim_balancer = getattr(balancer, "claim", None)
     if claim_balancer is not None:
         claim_balancer(claim)  # one client per balancer: its plans are of one table
-    service = load_service(thrift_path, service_name)
-    instruments = ClientInstruments(recorder, appkey, service_name) if recorder is not None else None
-    outliers = outlier_detection or OutlierDetector()
-    pool = ConnectionPool(
-        connect_timeout_ms=connect_timeout or socket_timeout,
-        socket_timeout_ms=socket_timeout,
-        max_idle=max_idle_per_node,
-        max_idle_age=max_idle_age,
-        watcher=instruments,
-    )
-    table = NodeTable(
-        empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name), None if selector.matches_all else selector
-    )
-    if instruments is not None:
-        table.set_lag_observer(instruments.observe_lag)
-    cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
-    confirmed_at: Optional[float] = None
-    registry: Optional[Registry] = None
-    watch: Optional[Watch] = None
     try:
-        registry = open_registry(cfg)
-    except BackendError as err:
-        if cache is None:
-            raise
+        service = load_service(thrift_path, service_name)
+        instruments = ClientInstruments(recorder, appkey, service_name) if recorder is not None else None
+        outliers = outlier_detection or OutlierDetector()
+        pool = ConnectionPool(
+            connect_timeout_ms=connect_timeout or socket_timeout,
+            socket_timeout_ms=socket_timeout,
+            max_idle=max_idle_per_node,
+            max_idle_age=max_idle_age,
+            watcher=instruments,
+        )
+        table = NodeTable(
+            empty_grace, "%s/%s/%s" % (cfg.env, appkey, service_name), None if selector.matches_all else selector
+        )
+        if instruments is not None:
+            table.set_lag_observer(instruments.observe_lag)
+        cache = TableCache(cache_file, cfg.env, appkey, service_name) if cache_file is not None else None
+        confirmed_at: Optional[float] = None
+        registry: Optional[Registry] = None
+        watch: Optional[Watch] = None
         try:
-            cached, age = cache.load(cache_max_age)
-        except ThriftProbeError as cache_err:
-            raise BackendError("%s; and %s" % (err, cache_err)) from err
-        confirmed_at = time.time() - age
-        for name, node in cached.items():
-            table.upsert(name, node)
-        log.warning("%s; starting %s/%s from %d cached node(s), %.0f s old", err, appkey, service_name,
-                    len(cached), age)
-    if registry is not None:
-        try:
-            watch = registry.watch(cfg.env, appkey, service_name, table)
-        except BaseException:
-            registry.close()
-            raise
-    writer: Optional[CacheWriter] = None
-    if cache is not None:
-        writer = CacheWriter(cache, label="%s-%s" % (appkey, service_name), refresh=min(30.0, cache_max_age / 4),
-                             confirmed_at=confirmed_at)
-        table.on_change(writer.changed, call_now=True)
-    log.info(
-        "client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes)
-    )
-    return ProbeClient(_Core(
-        service,
-        cfg=cfg,
-        appkey=appkey,
-        service_name=service_name,
-        registry=registry,
-        table=table,
-        watch=watch,
-        pool=pool,
-        balancer=balancer,
-        claim=claim,
-        retry=retry,
-        outliers=outliers,
-        health_check_interval=health_check_interval,
-        cache_writer=writer,
-        presence=Presence(cfg.env, appkey, service_name, caller),
-        instruments=instruments,
-    ))
+            registry = open_registry(cfg)
+        except BackendError as err:
+            if cache is None:
+                raise
+            try:
+                cached, age = cache.load(cache_max_age)
+            except ThriftProbeError as cache_err:
+                raise BackendError("%s; and %s" % (err, cache_err)) from err
+            confirmed_at = time.time() - age
+            for name, node in cached.items():
+                table.upsert(name, node)
+            log.warning("%s; starting %s/%s from %d cached node(s), %.0f s old", err, appkey, service_name,
+                        len(cached), age)
+        if registry is not None:
+            try:
+                watch = registry.watch(cfg.env, appkey, service_name, table)
+            except BaseException:
+                registry.close()
+                raise
+        writer: Optional[CacheWriter] = None
+        if cache is not None:
+            writer = CacheWriter(cache, label="%s-%s" % (appkey, service_name), refresh=min(30.0, cache_max_age / 4),
+                                 confirmed_at=confirmed_at)
+            table.on_change(writer.changed, call_now=True)
+        log.info(
+            "client for %s/%s/%s ready with %d nodes", cfg.env, appkey, service_name, len(table.snapshot.all_nodes)
+        )
+        return ProbeClient(_Core(
+            service,
+            cfg=cfg,
+            appkey=appkey,
+            service_name=service_name,
+            registry=registry,
+            table=table,
+            watch=watch,
+            pool=pool,
+            balancer=balancer,
+            claim=claim,
+            retry=retry,
+            outliers=outliers,
+            health_check_interval=health_check_interval,
+            cache_writer=writer,
+            presence=Presence(cfg.env, appkey, service_name, caller),
+            instruments=instruments,
+        ))
+    except BaseException:
+        # Nothing half-done: the balancer is free again (a kept exception's traceback would
+        # otherwise keep the claim alive).
+        release = getattr(balancer, "release", None)
+        if release is not None:
+            release(claim)
+        raise

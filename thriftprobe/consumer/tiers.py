@@ -19,8 +19,9 @@ As the primary heals, its share returns.
 after its ``start_time``, a weight that ramps linearly from 2% to 100% of its own, in steps of 2%
 (so plans are rebuilt at most 50 times per node's warm-up, never on every call). Consumers
 compute the ramp from the node's own start time; nothing is written while it ramps. A start
-time more than ``MAX_CLOCK_AHEAD`` (5 s) ahead of this host's clock says the clocks disagree,
-not that the node is new: such a node gets no ramp rather than being held at 2%. The ramp
+time more than ``MAX_CLOCK_AHEAD`` (5 s) ahead of this host's clock when a balancer first sees
+the node says the clocks disagree, not that the node is new: that node (with that start time)
+gets no ramp, then or later, rather than being held at 2% until the clocks meet. The ramp
 applies only in a tier with at least one warm node: when every node of a tier is new (the whole
 fleet started together), there is no warm node to spare them, and ramping would only skew the
 shares by start order.
@@ -50,12 +51,13 @@ MAX_CLOCK_AHEAD = 5.0
 _NEVER = math.inf
 
 
-def warmup_factor(node: Node, now: float) -> Tuple[float, float]:
+def warmup_factor(node: Node, now: float, skewed: bool = False) -> Tuple[float, float]:
     """(share of its weight the node gets now, ``time.time()`` seconds when that share next
-    changes, or inf once it is warm). ``now`` is ``time.time()``."""
+    changes, or inf once it is warm). ``now`` is ``time.time()``; ``skewed``: the node's start
+    time was judged a clock skew when first seen (see ``judge_skew``)."""
     warmup = node.warmup
     started = node.start_time
-    if warmup <= 0 or started is None:
+    if warmup <= 0 or started is None or skewed:
         return 1.0, _NEVER
     up = now - started
     if up >= warmup or up < -MAX_CLOCK_AHEAD:
@@ -64,6 +66,23 @@ def warmup_factor(node: Node, now: float) -> Tuple[float, float]:
     if step >= WARMUP_STEPS:
         return 1.0, started + warmup
     return step / WARMUP_STEPS, started + warmup * step / WARMUP_STEPS
+
+
+Judged = Dict[Tuple[Address, float], bool]
+"""(address, start time) -> whether the start time was more than 5 s ahead when first seen."""
+
+
+def judge_skew(node: Node, now: float, judged: Judged) -> bool:
+    """Whether ``node``'s start time is a clock skew, as judged when this (address, start time)
+    was first seen, remembered in ``judged``."""
+    started = node.start_time
+    if started is None or node.warmup <= 0:
+        return False
+    key = (node.address, started)
+    found = judged.get(key)
+    if found is None:
+        found = judged[key] = started - now > MAX_CLOCK_AHEAD
+    return found
 
 
 class Tier:
@@ -128,9 +147,14 @@ class Plan:
         return found
 
 
-def build_plan(snapshot: Snapshot, ejected: AbstractSet[Address], now: Optional[float] = None) -> Plan:
+def build_plan(
+    snapshot: Snapshot, ejected: AbstractSet[Address], now: Optional[float] = None, judged: Optional[Judged] = None
+) -> Plan:
     """The plan for ``snapshot`` with ``ejected`` nodes unhealthy; without tiers when no node is
-    healthy. O(n). ``now`` (``time.time()``) is for tests."""
+    healthy. O(n). ``now`` (``time.time()``) is for tests; ``judged`` remembers clock skews
+    across plans (see ``judge_skew``; a fresh one when not given)."""
+    if judged is None:
+        judged = {}
     wall = time.time() if now is None else now
     by_priority: Dict[int, List[Node]] = {}
     for node in snapshot.matched:
@@ -146,7 +170,7 @@ def build_plan(snapshot: Snapshot, ejected: AbstractSet[Address], now: Optional[
             continue
         factors = []
         for node in healthy:
-            factor, changes = warmup_factor(node, wall)
+            factor, changes = warmup_factor(node, wall, judge_skew(node, wall, judged))
             factors.append(factor)
             next_change = min(next_change, changes)
         if max(factors) < 1.0:  # nobody warm to spare the new ones: no ramp in this tier

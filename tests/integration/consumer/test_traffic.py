@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Dict
 
 import pytest
-from conftest import IDL, Handler, wait_until
+from conftest import IDL, Handler, free_port, wait_until
 
 from thriftprobe import ConsistentHash, LeastLoaded, RoundRobin, WeightedRandom, build_client
 from thriftprobe.node import service_path
@@ -243,3 +243,50 @@ def test_one_balancer_cannot_serve_two_open_clients(providers, cfg, appkey):
             _client(cfg, appkey, balancer=shared)
     with _client(cfg, appkey, balancer=shared) as second:  # free again once the first closed
         assert second.ping() == "a"
+
+
+def test_a_forked_child_closes_its_client_although_a_parent_thread_held_the_balancers_locks(providers, cfg, appkey):
+    """A pre-fork server's child that never calls and closes at shutdown: a parent thread was
+    inside the balancer (building a plan) at fork() time; close() must not wait for it."""
+    import os
+    import signal
+
+    providers("a")
+    client = _client(cfg, appkey, balancer=ConsistentHash(key=lambda method, args: None))
+    try:
+        _wait_nodes(client, 1)
+        from thriftprobe.consumer.client import _CORE
+
+        balancer = client.__dict__[_CORE]._balancer
+        held = [balancer._build_lock, balancer._claim_lock]
+        for lock in held:
+            lock.acquire()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)
+            client.close()
+            os._exit(0)
+        for lock in held:
+            lock.release()
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        client.close()
+
+
+def test_a_failed_build_leaves_the_balancer_free(cfg, appkey):
+    """build_client fails (ZooKeeper unreachable) and the caller keeps the exception: the same
+    balancer must still be usable by the next build_client (which fails for the same reason,
+    not with "already serves another client")."""
+    import dataclasses
+
+    from thriftprobe import BackendError
+
+    dead = dataclasses.replace(cfg, zookeeper=dataclasses.replace(
+        cfg.zookeeper, hosts="127.0.0.1:%d" % free_port(), connect_timeout=0.5))
+    balancer = RoundRobin()
+    kept = []
+    for _ in range(2):
+        with pytest.raises(BackendError) as err:
+            build_client(IDL, appkey, "Calculator", config=dead, balancer=balancer)
+        kept.append(err.value)  # its traceback holds build_client's frame
