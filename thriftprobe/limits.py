@@ -41,6 +41,7 @@ __all__ = [
 ALL_METHODS = "*"
 MAX_QPS = 1_000_000.0
 MAX_CONCURRENCY = 1_000_000
+MAX_REV = 2**63 - 1  # the audit table's revision is a BIGINT: a higher one could never be audited
 _METHOD_RE = re.compile(r"\w{1,128}")
 _KEYS = ("qps", "burst", "concurrency")
 
@@ -110,8 +111,8 @@ class ServiceLimits:
     rev: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.rev) or self.rev < 0:
-            raise InvalidArgument("rev must be an integer >= 0, got %r" % (self.rev,))
+        if not _is_int(self.rev) or not 0 <= self.rev <= MAX_REV:
+            raise InvalidArgument("rev must be an integer 0..%d, got %r" % (MAX_REV, self.rev))
         for name, limit in self.methods.items():
             check_method(name)
             if not isinstance(limit, MethodLimit):

@@ -513,6 +513,17 @@ def start_service(
     registration: Optional[Registration] = None
     try:
         registry = open_registry(cfg)
+        # The pushed limits too, before the first request: when Redis lost the record, the
+        # znode still holds what operators set (the higher revision wins, as the follower's).
+        try:
+            pushed = registry.live_limits(cfg.env, appkey, service_name)
+        except ThriftProbeError as err:
+            log.warning("cannot read the pushed limits of %s/%s (%s); serving with rev %d from Redis",
+                        appkey, service_name, err, limits.rev)
+            pushed = None
+        if pushed is not None and pushed.rev > limits.rev:
+            limits = pushed
+            server.set_limits(limits)
         registration = registry.register(cfg.env, appkey, service_name, node, refresh, audit_interval)
         server.start()
     except BaseException:

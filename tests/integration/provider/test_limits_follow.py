@@ -61,6 +61,21 @@ def test_a_restarted_provider_comes_back_with_its_limits_before_serving(provider
     assert again.limits.rev == 2 and again.limits.get("echo") == MethodLimit(qps=100, burst=5)
 
 
+def test_a_provider_starts_with_the_pushed_limits_when_redis_lost_the_record(providers, gov, rds, appkey, monkeypatch):
+    """Redis lost the record (a restart without persistence); the znode still holds what
+    operators set. The provider must serve its first request under those limits, not only once
+    its follower thread catches up (the follower is kept from starting here, so only the start
+    path can put them in force)."""
+    from thriftprobe.provider import limits_follower
+
+    gov.set_limit(appkey, SERVICE, "echo", qps=0.001, burst=1)
+    rds.hdel(limits_key(TEST_ENV), limits_field(appkey, TEST_ENV, SERVICE))
+    monkeypatch.setattr(limits_follower.LimitsFollower, "start", lambda self: None)
+    svc = providers("a")
+    assert svc.limits.rev == 1 and svc.limits.get("echo") == MethodLimit(qps=0.001, burst=1)
+    assert svc._server.limits.get("echo") == MethodLimit(qps=0.001, burst=1)
+
+
 def test_a_corrupt_record_stops_the_start_naming_the_repair_and_after_it_the_provider_starts(
     providers, gov, rds, zk, appkey
 ):

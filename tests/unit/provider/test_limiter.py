@@ -274,3 +274,14 @@ def test_threads_hammering_admit_release_and_set_never_exceed_the_limit_nor_lose
     stats = lim.stats()
     assert stats["in_flight"] == 0 and stats["in_flight:add"] == 0
     assert stats["admitted"] == stats["released"] > 0
+
+
+def test_a_revision_the_audit_table_cannot_hold_is_refused() -> None:
+    """The audit's revision is a BIGINT: a hand-edited rev of 2**64 once broke every later audit."""
+    from thriftprobe.errors import InvalidArgument
+
+    assert ServiceLimits({}, rev=2**63 - 1).rev == 2**63 - 1
+    with pytest.raises(InvalidArgument, match="rev must be an integer"):
+        ServiceLimits({}, rev=2**63)
+    with pytest.raises(InvalidArgument):
+        ServiceLimits.from_json(b'{"rev": 18446744073709551616, "methods": {}}')
