@@ -26,6 +26,7 @@ from thriftprobe.admin import cli
 from thriftprobe.admin.governance import Governance
 from thriftprobe.node import Node, settings_field
 from thriftprobe.stores import appkeys, mysql
+from thriftprobe.stores.limits import limits_key
 from thriftprobe.stores.settings import hash_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,18 +82,20 @@ def _wipe_test_envs(cfg: config.Config) -> None:
     zk.start(10)
     try:
         for env in (TEST_ENV, CLUSTER_ENV):
-            for tree in ("/services/%s" % env, "/consumers/%s" % env):
+            for tree in ("/services/%s" % env, "/consumers/%s" % env, "/limits/%s" % env):
                 if zk.exists(tree):
                     zk.delete(tree, recursive=True)
     finally:
         zk.stop()
         zk.close()
     with redis.Redis(host="127.0.0.1", port=REDIS_PORT) as r:
-        r.delete(hash_key(TEST_ENV))
+        r.delete(hash_key(TEST_ENV), limits_key(TEST_ENV))
     with redis.cluster.RedisCluster(host="127.0.0.1", port=CLUSTER_PORT) as rc:
         rc.delete(hash_key(CLUSTER_ENV))
+        rc.delete(limits_key(CLUSTER_ENV))
     with mysql.connect(cfg.mysql) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM settings_audit")
+        cur.execute("DELETE FROM limits_audit")
         cur.execute("DELETE FROM serviceapp")
 
 
