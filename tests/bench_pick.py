@@ -99,15 +99,20 @@ def time_reports(picks: int, rounds: int) -> float:
     return statistics.median(per)
 
 
-def moved_keys(nodes: int, keys: int) -> float:
-    """The share of keys that move when one of ``nodes`` equal nodes leaves."""
+def moved_keys(nodes: int, keys: int) -> Tuple[float, float, float]:
+    """When node 0 of ``nodes`` (weights 5..24) leaves: (share of keys that move, share node 0
+    held, share that moved between other nodes)."""
     every = Snapshot({str(i): node(i) for i in range(nodes)})
     fewer = Snapshot({str(i): node(i) for i in range(1, nodes)})
     ring = ConsistentHash(key=lambda method, args: args["k"])
     calls = [("get", {"k": "user-%d" % i}) for i in range(keys)]
     before = [ring.pick(every, call=c) for c in calls]
     after = [ring.pick(fewer, call=c) for c in calls]
-    return sum(b != a for b, a in zip(before, after)) / keys
+    gone = every.available[0]
+    moved = sum(b != a for b, a in zip(before, after)) / keys
+    held = sum(b == gone for b in before) / keys
+    between = sum(b != a and b != gone for b, a in zip(before, after)) / keys
+    return moved, held, between
 
 
 def slow_share(nodes: int, calls: int, in_flight: int) -> float:
@@ -147,9 +152,16 @@ def main() -> None:
     print()
     keys = 2_000 if args.quick else 50_000
     for n in (5, 10, 50):
-        moved = moved_keys(n, keys)
-        print("ConsistentHash: one of %d nodes leaves: %.1f%% of %d keys move (1/N = %.1f%%)"
-              % (n, moved * 100, keys, 100 / n))
+        moved, held, between = moved_keys(n, keys)
+        print("ConsistentHash: one of %d nodes leaves: %.1f%% of %d keys move; it held %.1f%% (1/N = %.1f%%); "
+              "%.1f%% moved between the others" % (n, moved * 100, keys, held * 100, 100 / n, between * 100))
+    now = time.time()
+    start = Snapshot({  # a rolling restart just begun: 100 warm nodes, 900 at 2% of their weight
+        str(i): node(i, warmup=600, start_time=now - (6000 if i % 10 == 0 else 5)) for i in range(args.nodes)
+    })
+    per_pick, _ = time_picks(STRATEGIES["ConsistentHash"](), start, frozenset(), picks, rounds)
+    print("ConsistentHash, 90%% of the nodes at 2%% of their weight (a rolling restart's first seconds): "
+          "%.2f us per pick (keys walk past the warming nodes that refuse them)" % per_pick)
     calls = 5_000 if args.quick else 50_000
     for in_flight in (1, 8, 32):
         print("LeastLoaded: one of 10 nodes 10x slower, %d call(s) in flight: it takes %.2f%% of %d calls "
