@@ -7,8 +7,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator, List
@@ -350,8 +352,13 @@ def test_client_built_before_fork_works_in_children(providers, cfg, appkey):
                 code = 1
                 try:
                     tags = {c.ping() for _ in range(100)}
+                    # The child attaches to ZooKeeper in the background (no call waits for it).
+                    wait_until(lambda: c._registry is not None, 10, "the child to attach")
                     code = 0 if tags == {"a", "b"} and c._registry.client is not None else 2
                     c.close()
+                except BaseException:  # shown in the test's captured output: the child has no pytest
+                    traceback.print_exc()
+                    sys.stderr.flush()
                 finally:
                     os._exit(code)
             children.append(pid)
