@@ -959,6 +959,10 @@ def build_client(
         raise InvalidArgument("max_idle_age must be a number of seconds > 0 or None, got %r" % (max_idle_age,))
     if empty_grace < 0 or cache_max_age < 0 or (health_check_interval is not None and health_check_interval <= 0):
         raise InvalidArgument("empty_grace and cache_max_age must be >= 0, health_check_interval > 0")
+    if isinstance(balancer, type):
+        raise InvalidArgument("balancer must be an instance, e.g. %s(), not the class" % balancer.__name__)
+    if balancer is not None and not callable(getattr(balancer, "pick", None)):
+        raise InvalidArgument("balancer must have a pick method (e.g. thriftprobe.RoundRobin()), got %r" % (balancer,))
     try:
         recorder = metrics_mod.resolve(metrics)
     except TypeError as err:
@@ -966,8 +970,6 @@ def build_client(
     cfg = config_mod.resolve(config, env)
     caller = check_caller(caller if caller is not None else cfg.client.caller or DEFAULT_CALLER)
     selector = Selector(version, group, tags)
-    if balancer is not None and not callable(getattr(balancer, "pick", None)):
-        raise InvalidArgument("balancer must have a pick method (e.g. thriftprobe.RoundRobin()), got %r" % (balancer,))
     balancer = balancer or WeightedRandom()
     claim = _Claim("%s/%s" % (appkey, service_name))
     claim_balancer = getattr(balancer, "claim", None)

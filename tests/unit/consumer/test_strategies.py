@@ -680,3 +680,12 @@ def test_a_node_judged_skewed_stays_warm_when_the_clocks_meet() -> None:
     fresh = node(2, start_time=now - 60, warmup=600)
     assert build_plan(snap(node(1, start_time=now - 10_000, warmup=600), fresh), frozenset(), now=now,
                       judged=judged).tiers[0].weights[1] == pytest.approx(1.0)
+
+
+def test_build_client_wants_a_balancer_instance_not_its_class() -> None:
+    from thriftprobe import build_client
+
+    with pytest.raises(InvalidArgument, match=r"RoundRobin\(\), not the class"):
+        build_client("idl/demo.thrift", "demo.calc", "Calculator", balancer=RoundRobin)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="must have a pick method"):
+        build_client("idl/demo.thrift", "demo.calc", "Calculator", balancer=object())  # type: ignore[arg-type]
