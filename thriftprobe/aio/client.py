@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union, cast
 
 from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.thrift import TApplicationException, TDecodeException, TMessageType, args_to_kwargs
@@ -34,6 +34,7 @@ from .. import metrics as metrics_mod
 from ..consumer import client as threaded
 from ..consumer.balancer import Picker
 from ..consumer.health import OutlierDetector
+from ..consumer.presence import DEFAULT_CALLER, Explanation, explain
 from ..consumer.retry import Retry
 from ..consumer.selector import GroupSpec
 from ..consumer.wire import Wire
@@ -76,7 +77,12 @@ class _AioCore:
         self._budget = core._budget
         self._instruments = core._instruments
         self._socket_timeout = socket_timeout_ms / 1000.0
-        self._pool = AioConnectionPool(keep=self._keeps, **pool_args)
+        self._flights = core._flights  # calls in flight per node, for explain()
+        self._pool = AioConnectionPool(keep=self._keeps, watcher=self._instruments, **pool_args)
+        if self._instruments is not None:
+            # The connection gauges read this pool (the threaded one stays empty); the metrics
+            # thread reads a length, which needs no lock.
+            self._instruments.watch_pool(self._pool.idle_count)
         self._closed = False
         self.table.on_remove(self._node_left)  # on kazoo's thread
 
@@ -147,6 +153,7 @@ class _AioCore:
                     sent_error.type, "%s; sending it again found no node: %s" % (sent_error.message, none)
                 ) from sent_error
             address = conn.address
+            done = self._flights.start(address)
             if trace is not None:
                 trace[0] = address
             tracked = self._tracks_load
@@ -187,6 +194,7 @@ class _AioCore:
                     self._outliers.probe_abandoned(address)
                 raise
             finally:
+                next(done)
                 if tracked:
                     self._balancer.end(address, _clock() - sent_at, answered)
             self._pool.release(conn)
@@ -318,6 +326,16 @@ class _AioCore:
 
     # -- life cycle -----------------------------------------------------------------------------
 
+    def explain(self) -> Explanation:
+        core = self._core
+        presence = core._presence
+        return explain(
+            env=self.env, appkey=self.appkey, service=self.service_name,
+            caller=presence.caller if presence is not None else DEFAULT_CALLER,
+            presence=presence, attached=core._watch is not None, table=self.table,
+            outliers=self._outliers, pool=cast(Any, self._pool), flights=self._flights, balancer=self._balancer,
+        )
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -381,10 +399,12 @@ class AioProbeClient:
             raise InvalidArgument("timeout must be a positive number of milliseconds, got %r" % (timeout_ms,))
         return _TimeoutView(self.__dict__["_aio_core"], timeout_ms)
 
-    def explain(self) -> Any:
-        """The table as the call path sees it (the threaded client's ``explain``; its pool
-        column counts the threaded pool, which this client does not use)."""
-        return self.__dict__["_aio_core"]._sync.explain()
+    def explain(self) -> Explanation:
+        """The client's table now, node by node, as ``ProbeClient.explain`` shows it (weight,
+        state, calls in flight, pooled connections, why a node would or would not be picked).
+        Reads memory only: safe to call on the loop."""
+        core: _AioCore = self.__dict__["_aio_core"]
+        return core.explain()
 
     async def close(self) -> None:
         """Close the connections, then (in a thread of the executor) the discovery. Idempotent."""

@@ -27,6 +27,7 @@ from thriftpy2.contrib.aio.protocol import TAsyncBinaryProtocolFactory, TAsyncCo
 from thriftpy2.contrib.aio.transport import TAsyncBufferedTransportFactory, TAsyncFramedTransportFactory
 from thriftpy2.transport import TTransportException
 
+from ..consumer.pool import PoolWatcher
 from ..consumer.wire import Wire
 
 __all__ = ["AioConnection", "AioConnectionPool"]
@@ -115,11 +116,13 @@ class AioConnectionPool:
         max_idle: int,
         max_idle_age: Optional[float],
         keep: KeepFunc,
+        watcher: Optional[PoolWatcher] = None,
     ) -> None:
         self._connect_timeout = connect_timeout_ms / 1000.0
         self._max_idle = max_idle
         self._max_idle_age = max_idle_age
         self._keep = keep
+        self._watcher = watcher
         self._idle: Dict[Address, Deque[AioConnection]] = {}
         self._open: Set[AioConnection] = set()
         self._closed = False
@@ -160,17 +163,23 @@ class AioConnectionPool:
             async with _timeout_at(until):
                 reader, writer = await asyncio.open_connection(address[0], address[1])
         except TimeoutError as err:
+            if self._watcher is not None:
+                self._watcher.failed(address)
             raise TTransportException(
                 TTransportException.TIMED_OUT, "connecting to %s:%d timed out" % address
             ) from err
         except OSError as err:
             if err.errno in _LOCAL_ERRNOS:
                 raise
+            if self._watcher is not None:
+                self._watcher.failed(address)
             raise TTransportException(
                 TTransportException.NOT_OPEN, "could not connect to %s:%d: %s" % (address[0], address[1], err)
             ) from err
         conn = AioConnection(address, wire, reader, writer)
         self._open.add(conn)
+        if self._watcher is not None:
+            self._watcher.opened(address)
         if self._closed:  # closed while connecting
             self._forget(conn)
             raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
@@ -178,7 +187,7 @@ class AioConnectionPool:
 
     def release(self, conn: AioConnection) -> None:
         """Take back a connection whose exchange completed in step."""
-        if self._closed or not self._keep(conn.address, conn.wire) or conn.stale():
+        if self._closed or not self._keep(conn.address, conn.wire):
             self._forget(conn)
             return
         idle = self._idle.get(conn.address)
@@ -200,16 +209,19 @@ class AioConnectionPool:
             self._forget(conn)
 
     def _forget(self, conn: AioConnection) -> None:
-        self._open.discard(conn)
+        if conn in self._open:
+            self._open.discard(conn)
+            if self._watcher is not None:
+                self._watcher.closed(conn.address)
         conn.close()
 
     async def close(self) -> None:
         """Close every connection, idle or lent (a lent one's call then fails). Idempotent."""
         self._closed = True
         self._idle.clear()
-        conns, self._open = list(self._open), set()
+        conns = list(self._open)
         for conn in conns:
-            conn.close()
+            self._forget(conn)
         for conn in conns:
             await conn.wait_closed()
 

@@ -20,7 +20,7 @@ from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
 from wire_servers import WireServer, register
 
-from thriftprobe import NoAvailableNode, Overloaded, Retry, RetryBudget, aio
+from thriftprobe import InvalidArgument, NoAvailableNode, Overloaded, Retry, RetryBudget, aio
 from thriftprobe.consumer.balancer import WeightedRandom
 from thriftprobe.errors import LOADSHEDDING
 
@@ -100,6 +100,11 @@ def test_calls_structs_declared_exceptions_and_oneway(providers, cfg, appkey):
             assert await client.record("hello") is None
             assert await client.echo(text="keyword") == "keyword"  # still in step
             assert _core(client)._pool.open_count == 1  # one connection served every call
+            with pytest.raises(InvalidArgument, match=r"argument 'text' of Calculator\.echo"):
+                await client.echo(12)
+            assert await client.echo("after") == "after"
+            nodes = client.explain().to_dict()["nodes"]
+            assert [(n["in_flight"], n["pooled"]) for n in nodes] == [(0, 1)]
 
     asyncio.run(main())
     handler = svc._server._dispatcher.handler
