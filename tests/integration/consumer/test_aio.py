@@ -18,7 +18,7 @@ from conftest import IDL, TEST_ENV, Handler, free_port, spawn_provider, wait_unt
 from in_order import InOrder
 from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
-from wire_servers import WireServer, register
+from wire_servers import WIRES, WireServer, register
 
 from thriftprobe import InvalidArgument, NoAvailableNode, Overloaded, Retry, RetryBudget, aio
 from thriftprobe.consumer.balancer import WeightedRandom
@@ -109,6 +109,23 @@ def test_calls_structs_declared_exceptions_and_oneway(providers, cfg, appkey):
     asyncio.run(main())
     handler = svc._server._dispatcher.handler
     wait_until(lambda: handler.events == ["hello"], what="the oneway call")
+
+
+@pytest.mark.parametrize(("transport", "protocol"), WIRES)
+def test_each_node_is_spoken_to_in_its_advertised_wire(servers, cfg, appkey, transport, protocol):
+    server = servers(Handler("w"), transport, protocol)
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1) as client:
+            for i in range(3):
+                answer = await client.compute(demo.Operation(left=i, right=2))
+                assert (answer.value, answer.served_by) == (i + 2, "w")
+                assert await client.echo("é%d" % i) == "é%d" % i
+            with pytest.raises(demo.CalcError):
+                await client.compute(demo.Operation(left=1, right=0, op="/"))
+
+    asyncio.run(main())
+    assert server.accepted == 1  # one connection, kept in step across the calls
 
 
 def test_calls_spread_by_weight_across_two_providers(providers, settings, cfg, appkey):
