@@ -435,6 +435,16 @@ class _TimeoutView:
         return _method(core, api, timeout_ms)
 
 
+def _close_abandoned(building: "asyncio.Future[Any]") -> None:
+    if building.cancelled() or building.exception() is not None:
+        return
+    sync = building.result()
+    with contextlib.suppress(RuntimeError):  # the loop is closing: close it here instead
+        asyncio.get_running_loop().run_in_executor(None, sync.close)
+        return
+    sync.close()
+
+
 async def build_client(
     thrift_path: IdlSource,
     appkey: str,
@@ -478,7 +488,13 @@ async def build_client(
             max_idle_per_node=max_idle_per_node, max_idle_age=max_idle_age, caller=caller, metrics=metrics,
         )
 
-    sync = await loop.run_in_executor(None, build)
+    building = loop.run_in_executor(None, build)
+    try:
+        sync = await asyncio.shield(building)
+    except asyncio.CancelledError:
+        # The thread builds on regardless: a client it finishes is closed, never leaked.
+        building.add_done_callback(_close_abandoned)
+        raise
     pool_args = {
         "connect_timeout_ms": connect_timeout or socket_timeout,
         "max_idle": max_idle_per_node,

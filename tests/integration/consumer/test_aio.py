@@ -293,3 +293,20 @@ def _sockets() -> int:
         except OSError:
             continue
     return count
+
+
+def test_a_build_cancelled_while_it_waits_for_zookeeper_leaves_no_client_behind(cfg, appkey):
+    before = {t.ident for t in threading.enumerate()}
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):  # ZooKeeper takes longer than 1 ms to answer
+            await asyncio.wait_for(aio.build_client(IDL, appkey, "Calculator", config=cfg), 0.001)
+        await _until(lambda: {t.ident for t in threading.enumerate()} - before <= _executor_threads(),
+                     "the abandoned client to be closed")
+
+    asyncio.run(main())
+    wait_until(lambda: {t.ident for t in threading.enumerate()} <= before, what="the client's threads to end")
+
+
+def _executor_threads() -> set:
+    return {t.ident for t in threading.enumerate() if t.name.startswith("asyncio_")}
