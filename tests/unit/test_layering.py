@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "thriftprobe"
 
 VOCABULARY = {"_version", "errors", "config", "node", "idl", "metrics", "limits"}
-LEVEL = {"registry": 1, "stores": 1, "provider": 2, "consumer": 2, "admin": 3}
+LEVEL = {"registry": 1, "stores": 1, "provider": 2, "consumer": 2, "aio": 3, "admin": 3}
 
 
 def _modules() -> Dict[str, Path]:

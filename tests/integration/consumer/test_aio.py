@@ -1,0 +1,312 @@
+"""thriftprobe.aio: the asyncio client against real providers and a real ZooKeeper. Each test
+runs its own event loop (asyncio.run): pytest-asyncio is not a dependency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any, Iterator, List
+
+import pytest
+import thriftpy2
+from conftest import IDL, TEST_ENV, Handler, free_port, spawn_provider, wait_until
+from in_order import InOrder
+from thriftpy2.thrift import TApplicationException
+from thriftpy2.transport import TTransportException
+from wire_servers import WIRES, WireServer, register
+
+from thriftprobe import InvalidArgument, NoAvailableNode, Overloaded, Retry, RetryBudget, aio
+from thriftprobe.consumer.balancer import WeightedRandom
+from thriftprobe.errors import LOADSHEDDING
+
+demo = thriftpy2.load(IDL, module_name="demo_thrift")
+
+CHI2_DF1_P00001 = 19.511  # chi-square, 1 degree of freedom, p = 0.00001
+
+
+class SlowEcho(Handler):
+    """Echoes; a text starting with "slow" is answered after 0.5 s (a late reply)."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag)
+        self.started: List[str] = []
+
+    def echo(self, text: str) -> str:
+        with self._lock:
+            self.started.append(text)
+        if text.startswith("slow"):
+            time.sleep(0.5)
+        return super().echo(text)
+
+
+class Shedding(Handler):
+    """Sheds every echo (LOADSHEDDING), remembering what it saw."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag)
+        self.seen: List[str] = []
+
+    def echo(self, text: str) -> str:
+        with self._lock:
+            self.seen.append(text)
+        raise TApplicationException(LOADSHEDDING, "queue full")
+
+
+@pytest.fixture
+def servers(zk, appkey) -> Iterator[Any]:
+    started: List[WireServer] = []
+
+    def start(handler: Handler, transport: str = "buffered", protocol: str = "binary") -> WireServer:
+        server = WireServer(demo.Calculator, handler, transport, protocol)
+        register(zk, appkey, server.port, transport, protocol)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+async def _client(cfg: Any, appkey: str, nodes: int, **kwargs: Any) -> aio.AioProbeClient:
+    client = await aio.build_client(IDL, appkey, "Calculator", config=cfg, **kwargs)
+    deadline = time.monotonic() + 10
+    while len(client.table.snapshot.available) < nodes:
+        assert time.monotonic() < deadline, "the table never showed %d nodes" % nodes
+        await asyncio.sleep(0.01)
+    return client
+
+
+def _core(client: aio.AioProbeClient) -> Any:
+    return client.__dict__["_aio_core"]
+
+
+def test_calls_structs_declared_exceptions_and_oneway(providers, cfg, appkey):
+    svc = providers("a")
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1) as client:
+            assert await client.ping() == "a"
+            answer = await client.compute(demo.Operation(left=7, right=5))
+            assert (answer.value, answer.served_by) == (12, "a")
+            with pytest.raises(demo.CalcError, match="division by zero"):
+                await client.compute(demo.Operation(left=1, right=0, op="/"))
+            with pytest.raises(TApplicationException):
+                await client.compute(demo.Operation(left=1, right=1, op="?"))
+            assert await client.record("hello") is None
+            assert await client.echo(text="keyword") == "keyword"  # still in step
+            assert _core(client)._pool.open_count == 1  # one connection served every call
+            with pytest.raises(InvalidArgument, match=r"argument 'text' of Calculator\.echo"):
+                await client.echo(12)
+            assert await client.echo("after") == "after"
+            nodes = client.explain().to_dict()["nodes"]
+            assert [(n["in_flight"], n["pooled"]) for n in nodes] == [(0, 1)]
+
+    asyncio.run(main())
+    handler = svc._server._dispatcher.handler
+    wait_until(lambda: handler.events == ["hello"], what="the oneway call")
+
+
+@pytest.mark.parametrize(("transport", "protocol"), WIRES)
+def test_each_node_is_spoken_to_in_its_advertised_wire(servers, cfg, appkey, transport, protocol):
+    server = servers(Handler("w"), transport, protocol)
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1) as client:
+            for i in range(3):
+                answer = await client.compute(demo.Operation(left=i, right=2))
+                assert (answer.value, answer.served_by) == (i + 2, "w")
+                assert await client.echo("é%d" % i) == "é%d" % i
+            with pytest.raises(demo.CalcError):
+                await client.compute(demo.Operation(left=1, right=0, op="/"))
+
+    asyncio.run(main())
+    assert server.accepted == 1  # one connection, kept in step across the calls
+
+
+def test_calls_spread_by_weight_across_two_providers(providers, settings, cfg, appkey):
+    weights = {"w1": 1, "w3": 3}
+    for tag, weight in weights.items():
+        port = free_port()
+        settings.put(port, weight=weight)
+        providers(tag, port=port)
+    n = 2000
+
+    async def main() -> Counter:
+        async with await _client(cfg, appkey, 2, balancer=WeightedRandom(random.Random(2024))) as client:
+            return Counter(await asyncio.gather(*(client.ping() for _ in range(n))))
+
+    counts = asyncio.run(main())
+    chi2 = sum((counts[t] - n * w / 4) ** 2 / (n * w / 4) for t, w in weights.items())
+    assert chi2 < CHI2_DF1_P00001, counts
+
+
+@pytest.mark.slow
+def test_idempotent_calls_in_flight_on_a_killed_provider_are_retried_on_the_other(config_path, cfg, appkey):
+    procs = [spawn_provider(config_path, TEST_ENV, appkey, tag) for tag in ("a", "b")]
+    victim = procs[0]
+    try:
+
+        async def main() -> List[Any]:
+            retry = Retry(idempotent={"sleep_ms"}, budget=RetryBudget(ratio=1.0))
+            in_order = InOrder(victim.port, procs[1].port)  # every call to the victim first
+            async with await _client(cfg, appkey, 2, retry=retry, balancer=in_order) as client:
+                pool = _core(client)._pool
+                calls = [asyncio.ensure_future(client.sleep_ms(1500)) for _ in range(4)]
+                # A connection is counted, then its request written in the same step of its task.
+                await _until(lambda: pool.open_count == 4, "4 calls sent to the victim")
+                victim.send_signal(signal.SIGKILL)
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(main())
+        assert results == [None] * 4, results  # every call failed on the victim, then ran on "b"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_shed_call_goes_to_another_node_and_all_shedding_raises_overloaded(servers, cfg, appkey):
+    busy, fine = Shedding("busy"), Handler("fine")
+    shedder = servers(busy, "framed", "compact")
+    worker = servers(fine, "framed", "binary")
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 2, balancer=InOrder(shedder.port, worker.port)) as client:
+            for i in range(10):  # not idempotent: shed calls go on all the same (nothing ran)
+                assert await client.echo("c%d" % i) == "c%d" % i
+            assert busy.seen == ["c%d" % i for i in range(10)]
+            assert not _core(client)._outliers.excluded()  # busy, not broken
+        worker.stop()
+
+    asyncio.run(main())
+    assert shedder.accepted == 1  # the shedding node's connection was kept in step
+
+    async def all_shedding() -> None:
+        async with await _client(cfg, appkey, 1) as client:
+            with pytest.raises(Overloaded, match=r"127\.0\.0\.1:%d \('queue full'\)" % shedder.port) as raised:
+                await client.echo("x")
+            assert isinstance(raised.value, NoAvailableNode)
+
+    asyncio.run(all_shedding())
+
+
+def test_a_cancelled_call_discards_its_connection_and_the_next_call_gets_its_own_answer(servers, cfg, appkey):
+    handler = SlowEcho("slow")
+    server = servers(handler)
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, max_idle_per_node=1) as client:
+            assert await client.echo("warm") == "warm"
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.echo("slow-1"), 0.1)
+            assert _core(client)._pool.open_count == 0  # discarded, not pooled
+            assert await client.echo("fast-1") == "fast-1"
+            task = asyncio.ensure_future(client.echo("slow-2"))
+            await _until(lambda: "slow-2" in handler.started, "the provider to run slow-2")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # Past the late replies' time: none of them is read as these calls' answers.
+            for i in range(5):
+                assert await client.echo("fast-%d" % (i + 2)) == "fast-%d" % (i + 2)
+                await asyncio.sleep(0.15)  # time passing, not a condition: the late replies arrive
+
+    asyncio.run(main())
+    assert server.accepted == 3  # a new connection after each cancelled call
+
+
+def test_a_call_over_the_socket_timeout_fails_and_the_next_gets_its_own_answer(servers, cfg, appkey):
+    servers(SlowEcho("slow"))
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, socket_timeout=150) as client:
+            with pytest.raises(TTransportException, match="timed out") as raised:
+                await client.echo("slow")
+            assert raised.value.type == TTransportException.TIMED_OUT
+            assert await client.echo("fast") == "fast"
+            with pytest.raises(TTransportException, match="timed out"):  # a per-call timeout, too
+                await client.with_timeout(100).echo("slow-again")
+            await asyncio.sleep(0.5)  # time passing, not a condition: the late reply arrives
+            assert await client.echo("fast-2") == "fast-2"
+
+    asyncio.run(main())
+
+
+def test_64_concurrent_calls_on_one_loop_each_get_their_own_answer(providers, cfg, appkey):
+    providers("a")
+    providers("b")
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 2) as client:
+            texts = ["call-%d" % i for i in range(64)]
+            for _ in range(3):
+                assert await asyncio.gather(*(client.echo(t) for t in texts)) == texts
+            pool = _core(client)._pool
+            assert 2 <= pool.open_count <= 64
+
+    asyncio.run(main())
+
+
+def test_close_leaves_no_connections_and_no_threads(config_path, cfg, appkey):
+    provider = spawn_provider(config_path, TEST_ENV, appkey, "a")  # its threads are not in this process
+    before = {t.ident for t in threading.enumerate()}
+    fds_before = _sockets()
+    pools: List[Any] = []
+
+    async def main() -> None:
+        client = await _client(cfg, appkey, 1)
+        assert await asyncio.gather(*(client.echo("x") for _ in range(16))) == ["x"] * 16
+        pools.append(_core(client)._pool)
+        assert pools[0].open_count > 1
+        await client.close()
+        await client.close()  # idempotent
+        assert pools[0].open_count == 0
+        with pytest.raises(Exception, match="closed"):
+            await client.ping()
+
+    try:
+        asyncio.run(main())
+        wait_until(lambda: {t.ident for t in threading.enumerate()} <= before, what="the client's threads to end")
+        wait_until(lambda: _sockets() <= fds_before, what="the client's sockets to close")
+    finally:
+        provider.kill()
+        provider.wait()
+
+
+async def _until(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for %s" % what
+        await asyncio.sleep(0.01)
+
+
+def _sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink("/proc/self/fd/%s" % fd).startswith("socket:")
+        except OSError:
+            continue
+    return count
+
+
+def test_a_build_cancelled_while_it_waits_for_zookeeper_leaves_no_client_behind(cfg, appkey):
+    before = {t.ident for t in threading.enumerate()}
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):  # ZooKeeper takes longer than 1 ms to answer
+            await asyncio.wait_for(aio.build_client(IDL, appkey, "Calculator", config=cfg), 0.001)
+        await _until(lambda: {t.ident for t in threading.enumerate()} - before <= _executor_threads(),
+                     "the abandoned client to be closed")
+
+    asyncio.run(main())
+    wait_until(lambda: {t.ident for t in threading.enumerate()} <= before, what="the client's threads to end")
+
+
+def _executor_threads() -> set:
+    return {t.ident for t in threading.enumerate() if t.name.startswith("asyncio_")}

@@ -1,0 +1,262 @@
+"""Connections per node for the asyncio client: lend one, take it back, or throw it away.
+
+The asyncio twin of ``consumer.pool``. Each connection is an asyncio stream wrapped in
+thriftpy2's asyncio transport and protocol (``thriftpy2.contrib.aio``) of the node's wire:
+buffered or framed, binary or compact. thriftpy2's own ``TAsyncSocket`` is not used: it opens
+connections on a thread of the default executor and bounds every read by its *connect* timeout
+with a ``wait_for`` per read; here the connect is an ``asyncio.open_connection`` bounded by the
+call's deadline and the client bounds a whole exchange with one timeout.
+
+A connection whose call failed, timed out or was cancelled is never returned (its late reply
+would be read as the next call's answer): the client discards it. An idle connection is checked
+before it is lent (the peer closed it, or it was idle longer than ``max_idle_age``: closed
+instead), and is kept only while its node is in the table and speaks the same wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import logging
+import time
+from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple
+
+from thriftpy2.contrib.aio.protocol import TAsyncBinaryProtocolFactory, TAsyncCompactProtocolFactory
+from thriftpy2.contrib.aio.transport import TAsyncBufferedTransportFactory, TAsyncFramedTransportFactory
+from thriftpy2.transport import TTransportException
+
+from ..consumer.pool import PoolWatcher
+from ..consumer.wire import Wire
+
+__all__ = ["AioConnection", "AioConnectionPool"]
+
+log = logging.getLogger(__name__)
+
+Address = Tuple[str, int]
+KeepFunc = Callable[[Address, Wire], bool]
+
+_TRANSPORTS: Dict[str, Any] = {"buffered": TAsyncBufferedTransportFactory(), "framed": TAsyncFramedTransportFactory()}
+_PROTOCOLS: Dict[str, Any] = {"binary": TAsyncBinaryProtocolFactory(), "compact": TAsyncCompactProtocolFactory()}
+# Failures to make a socket that are this process's trouble, not the node's.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _StreamSocket:
+    """The bottom of thriftpy2's asyncio transport stack over an asyncio stream pair (the
+    interface of ``TAsyncSocket``: ``read``, ``write``, ``flush``, ``close``, ``is_open``)."""
+
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def is_open(self) -> bool:
+        return not self.writer.is_closing()
+
+    async def open(self) -> None:  # opened by the pool
+        return None
+
+    async def read(self, sz: int) -> bytes:
+        data = await self.reader.read(sz)
+        if not data:
+            raise TTransportException(TTransportException.END_OF_FILE, "the node closed the connection")
+        return data
+
+    def write(self, buf: bytes) -> None:
+        self.writer.write(buf)
+
+    async def flush(self) -> None:
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class AioConnection:
+    """One open connection to one node, speaking ``wire``. Used by one task at a time (the pool
+    lends it); belongs to the event loop that opened it."""
+
+    __slots__ = ("_sock", "address", "idle_since", "protocol", "seqid", "wire")
+
+    def __init__(self, address: Address, wire: Wire, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.address = address
+        self.wire = wire
+        self._sock = _StreamSocket(reader, writer)
+        transport = _TRANSPORTS[wire.transport].get_transport(self._sock)
+        self.protocol = _PROTOCOLS[wire.protocol].get_protocol(transport)
+        self.seqid = 0
+        self.idle_since = 0.0
+
+    def stale(self) -> bool:
+        """Whether the peer closed it (or sent bytes nobody asked for) while it was idle."""
+        reader = self._sock.reader
+        return self._sock.writer.is_closing() or reader.at_eof() or bool(getattr(reader, "_buffer", b""))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(OSError):  # a reset while closing: closed all the same
+            await self._sock.writer.wait_closed()
+
+
+class AioConnectionPool:
+    """Idle connections per node, at most ``max_idle`` per node, none older than
+    ``max_idle_age`` s (None: no limit). Not thread-safe: it belongs to one event loop, and other
+    threads reach it through ``loop.call_soon_threadsafe`` (the client does so for table changes).
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_ms: int,
+        max_idle: int,
+        max_idle_age: Optional[float],
+        keep: KeepFunc,
+        watcher: Optional[PoolWatcher] = None,
+    ) -> None:
+        self._connect_timeout = connect_timeout_ms / 1000.0
+        self._max_idle = max_idle
+        self._max_idle_age = max_idle_age
+        self._keep = keep
+        self._watcher = watcher
+        self._idle: Dict[Address, Deque[AioConnection]] = {}
+        self._open: Set[AioConnection] = set()
+        self._closed = False
+
+    @property
+    def open_count(self) -> int:
+        """Connections open now, idle or lent."""
+        return len(self._open)
+
+    def idle_count(self, address: Address) -> int:
+        idle = self._idle.get(address)
+        return len(idle) if idle else 0
+
+    async def acquire(self, address: Address, wire: Wire, deadline: Optional[float]) -> AioConnection:
+        """An idle connection to ``address`` in ``wire``, or a new one. ``deadline`` (loop time)
+        bounds the connect besides the connect timeout. Raises TTransportException when the
+        node cannot be reached (NOT_OPEN, TIMED_OUT), OSError when no socket can be made here."""
+        if self._closed:
+            raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
+        idle = self._idle.get(address)
+        if idle:
+            now = time.monotonic()
+            max_age = self._max_idle_age
+            while idle:
+                conn = idle.pop()  # the most recently used: the warmest
+                if conn.wire is not wire or conn.stale() or (max_age is not None and now - conn.idle_since > max_age):
+                    self._forget(conn)
+                    continue
+                return conn
+        return await self._connect(address, wire, deadline)
+
+    async def _connect(self, address: Address, wire: Wire, deadline: Optional[float]) -> AioConnection:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._connect_timeout
+        if deadline is not None and deadline < until:
+            until = deadline
+        try:
+            async with _timeout_at(until):
+                reader, writer = await asyncio.open_connection(address[0], address[1])
+        except TimeoutError as err:
+            if self._watcher is not None:
+                self._watcher.failed(address)
+            raise TTransportException(
+                TTransportException.TIMED_OUT, "connecting to %s:%d timed out" % address
+            ) from err
+        except OSError as err:
+            if err.errno in _LOCAL_ERRNOS:
+                raise
+            if self._watcher is not None:
+                self._watcher.failed(address)
+            raise TTransportException(
+                TTransportException.NOT_OPEN, "could not connect to %s:%d: %s" % (address[0], address[1], err)
+            ) from err
+        conn = AioConnection(address, wire, reader, writer)
+        self._open.add(conn)
+        if self._watcher is not None:
+            self._watcher.opened(address)
+        if self._closed:  # closed while connecting
+            self._forget(conn)
+            raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
+        return conn
+
+    def release(self, conn: AioConnection) -> None:
+        """Take back a connection whose exchange completed in step."""
+        if self._closed or not self._keep(conn.address, conn.wire):
+            self._forget(conn)
+            return
+        idle = self._idle.get(conn.address)
+        if idle is None:
+            idle = self._idle[conn.address] = collections.deque()
+        if len(idle) >= self._max_idle:
+            self._forget(conn)
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def discard(self, conn: AioConnection) -> None:
+        """Close a connection that is out of step (failed, timed out, cancelled mid-call)."""
+        self._forget(conn)
+
+    def drop(self, address: Address) -> None:
+        """Close the idle connections to a node that left the table."""
+        for conn in self._idle.pop(address, ()):
+            self._forget(conn)
+
+    def _forget(self, conn: AioConnection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            if self._watcher is not None:
+                self._watcher.closed(conn.address)
+        conn.close()
+
+    async def close(self) -> None:
+        """Close every connection, idle or lent (a lent one's call then fails). Idempotent."""
+        self._closed = True
+        self._idle.clear()
+        conns = list(self._open)
+        for conn in conns:
+            self._forget(conn)
+        for conn in conns:
+            await conn.wait_closed()
+
+
+def _timeout_at(when: float) -> Any:
+    """``asyncio.timeout_at`` (Python 3.11+), or the same bound by a timer on older loops."""
+    timeout_at = getattr(asyncio, "timeout_at", None)
+    if timeout_at is not None:
+        return timeout_at(when)
+    return _TimeoutAt(when)
+
+
+class _TimeoutAt:
+    """``asyncio.timeout_at`` for Python < 3.11: cancels the task at ``when`` and turns that
+    cancellation (only that one) into TimeoutError."""
+
+    def __init__(self, when: float) -> None:
+        self._when = when
+        self._handle: Optional[asyncio.TimerHandle] = None
+        self._fired = False
+
+    async def __aenter__(self) -> "_TimeoutAt":
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def fire() -> None:
+            self._fired = True
+            task.cancel()
+
+        self._handle = loop.call_at(self._when, fire)
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._fired and exc_type is asyncio.CancelledError:
+            raise TimeoutError() from exc
