@@ -40,7 +40,6 @@ from kazoo.exceptions import (
     OperationTimeoutError,
     SessionExpiredError,
 )
-from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, KeeperState
 from kazoo.retry import KazooRetry
 
@@ -49,6 +48,7 @@ from ..errors import BackendError, InvalidArgument, ThriftProbeError
 from ..limits import ServiceLimits
 from ..node import Node, parse_znode_name, service_path
 from . import ConsumerEntry, LimitsCallback, NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
+from .handlers import kazoo_handler
 
 __all__ = [
     "RECONNECT_MAX_DELAY",
@@ -87,7 +87,11 @@ def kazoo_client(cfg: ZooKeeperConfig) -> KazooClient:
             kwargs["check_hostname"] = True
     try:
         return KazooClient(
-            hosts=cfg.hosts, timeout=cfg.session_timeout, connection_retry=_connection_retry(), **kwargs
+            hosts=cfg.hosts,
+            timeout=cfg.session_timeout,
+            connection_retry=_connection_retry(),
+            handler=kazoo_handler(),  # gevent's when gevent patched the process
+            **kwargs,
         )
     except TypeError as err:  # kazoo < 2.10 has no check_hostname
         raise BackendError("%s: ssl_mode verify_identity needs kazoo >= 2.10 (%s)" % (cfg.describe(), err)) from err
@@ -133,7 +137,7 @@ def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
     client = kazoo_client(cfg)
     try:
         client.start(timeout=cfg.connect_timeout)
-    except (KazooTimeoutError, KazooException) as err:
+    except (client.handler.timeout_exception, KazooException) as err:
         raise BackendError(
             "cannot connect to %s within %.1f s: %s" % (cfg.describe(), cfg.connect_timeout, err)
         ) from err
@@ -609,7 +613,7 @@ class ZooKeeperRegistration:
                     log.info("deregistered %s%s", self.path, " (ZooKeeper reachable again)" if deferred else "")
                 self._withdrawn = True
                 return
-            except (ConnectionLoss, OperationTimeoutError, SessionExpiredError, KazooTimeoutError) as err:
+            except (ConnectionLoss, OperationTimeoutError, SessionExpiredError, zk.handler.timeout_exception) as err:
                 log.debug("deleting %s failed (%s); retrying", self.path, err)
                 self._wake.wait(0.2)
                 self._wake.clear()
@@ -666,7 +670,7 @@ class ZooKeeperRegistration:
             self._client.delete_async(self.path).get(timeout=wait)
         except NoNodeError:
             pass
-        except (KazooException, KazooTimeoutError) as err:
+        except (KazooException, self._client.handler.timeout_exception) as err:
             log.warning("could not delete %s (%s); it goes when the session ends", self.path, err)
             return False
         log.info("deregistered %s", self.path)
