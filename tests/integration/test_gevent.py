@@ -4,6 +4,7 @@ that load, and a pre-fork master whose workers register while it holds no ZooKee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,12 @@ def _gevent(*argv: str, stdin: bool = False) -> subprocess.Popen:
 
 
 def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError("the gevent scenario did not end within %.0f s: %s" % (timeout, out)) from None
     assert proc.returncode == 0, out
     result = json.loads(out.strip().splitlines()[-1])
     print("gevent load:", json.dumps(result))
@@ -116,6 +122,7 @@ def test_prefork_workers_register_and_the_master_holds_no_session(config_path, a
     assert master.stdout is not None
     lines = [master.stdout.readline().strip() for _ in range(4)]
     about = json.loads(next(line for line in lines if line.startswith("{")))
+    procs.extend(_Pid(pid) for pid in about["workers"])  # killed after the test if still there
     workers = sorted(line.split()[1:] for line in lines if line.startswith("WORKER"))
     assert sorted(str(pid) for pid in about["workers"]) == [pid for pid, _ in workers]
     folder = "/services/%s/%s" % (TEST_ENV, appkey)
@@ -129,6 +136,23 @@ def test_prefork_workers_register_and_the_master_holds_no_session(config_path, a
     master.send_signal(signal.SIGTERM)
     master.wait(20)
     wait_until(lambda: zk.get_children(folder) == [], 10, "the workers deregistered")
+
+
+class _Pid:
+    """A forked worker, for the procs fixture: killed if it outlived its master."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> object:
+        return None if os.path.exists("/proc/%d" % self.pid) else 0
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> None:
+        wait_until(lambda: self.poll() is not None, 10, "worker %d to end" % self.pid)
 
 
 def _connected_to(pid: int, port: int) -> int:

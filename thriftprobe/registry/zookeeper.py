@@ -48,7 +48,7 @@ from ..errors import BackendError, InvalidArgument, ThriftProbeError
 from ..limits import ServiceLimits
 from ..node import Node, parse_znode_name, service_path
 from . import ConsumerEntry, LimitsCallback, NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
-from .handlers import kazoo_handler
+from .handlers import completion, kazoo_handler
 
 __all__ = [
     "RECONNECT_MAX_DELAY",
@@ -739,7 +739,7 @@ def _forget_watchers_when_settled(client: KazooClient, owner: object, path: str)
     """
     _forget_watchers(client, owner, path)
     with contextlib.suppress(KazooException):  # a closed session dropped every watcher itself
-        client.exists_async(path).rawlink(lambda _: _forget_watchers(client, owner, path))
+        client.exists_async(path).rawlink(completion(client.handler, lambda _: _forget_watchers(client, owner, path)))
 
 
 class _FolderWatch:
@@ -802,7 +802,7 @@ class _FolderWatch:
             except KazooException as err:
                 log.debug("cannot read the children of %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_reply)
+            pending.rawlink(completion(self._client.handler, self._on_reply))
 
     def _on_reply(self, pending: Any) -> None:
         try:
@@ -828,7 +828,7 @@ class _FolderWatch:
             except KazooException as err:
                 log.debug("cannot watch for %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_exists)
+            pending.rawlink(completion(self._client.handler, self._on_exists))
 
     def _on_exists(self, pending: Any) -> None:
         try:
@@ -977,7 +977,7 @@ class ServiceWatch:
             except KazooException as err:  # the session is closed
                 log.debug("cannot read %s/%s (%s)", self._path, name, err)
                 return None
-            pending.rawlink(partial(self._on_data, name, token))
+            pending.rawlink(completion(self._client.handler, partial(self._on_data, name, token)))
             return pending
 
     def _recheck(self, name: str, token: _Token) -> None:
@@ -990,7 +990,7 @@ class ServiceWatch:
             except KazooException as err:
                 log.debug("cannot watch for %s/%s (%s)", self._path, name, err)
                 return
-            pending.rawlink(partial(self._on_exists, name, token))
+            pending.rawlink(completion(self._client.handler, partial(self._on_exists, name, token)))
 
     def _on_exists(self, name: str, token: _Token, pending: Any) -> None:
         try:
@@ -1161,7 +1161,7 @@ class ServiceLimitsWatch:
             except KazooException as err:  # the session is closed
                 log.debug("cannot read %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_reply)
+            pending.rawlink(completion(self._client.handler, self._on_reply))
 
     def _on_reply(self, pending: Any) -> None:
         try:
@@ -1184,7 +1184,7 @@ class ServiceLimitsWatch:
             except KazooException as err:
                 log.debug("cannot watch for %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_exists)
+            pending.rawlink(completion(self._client.handler, self._on_exists))
 
     def _on_exists(self, pending: Any) -> None:
         try:
