@@ -33,6 +33,9 @@ setup(
     extras_require={
         "console": ["Flask>=2.3"],
         "metrics": ["prometheus-client>=0.17"],
+        # Providers and consumers in a gevent-patched process (README "gevent"); thriftprobe
+        # never imports it unless the process is patched. Tested with 26.9.
+        "gevent": ["gevent>=22.10.2"],
         # The checks CI runs on every submission (tests/lint.sh, which also pins the runtime
         # dependencies whose types mypy reads: tests/lint-constraints.txt); pinned, so a new
         # release never fails a submission that changed nothing.
@@ -51,6 +54,7 @@ setup(
             "playwright>=1.40",
             "scipy>=1.9",
             "thrift>=0.20",  # the Apache Thrift library, for generated peers
+            "gevent>=22.10.2",  # tests/integration/test_gevent.py
             "build>=1.0",
             "twine>=5",
             "pypiserver>=2.1",

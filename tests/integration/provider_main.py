@@ -4,6 +4,7 @@ usage: provider_main.py CONFIG ENV APPKEY TAG PORT
 Prints "READY <port>" once registered (then closes stdout), and serves until SIGTERM/SIGINT.
 """
 
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -28,6 +29,10 @@ def main() -> None:
         bind_host="127.0.0.1",
         block=False,
     )
+    # serve_forever installs these handlers too; installed before READY, a signal sent as soon
+    # as the test reads it never meets the default action (which would kill the process).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, svc._on_signal)
     print("READY %d" % svc.port, flush=True)
     sys.stdout.close()
     svc.serve_forever()

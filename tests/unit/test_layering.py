@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "thriftprobe"
 
-VOCABULARY = {"_version", "errors", "config", "node", "idl", "metrics", "limits"}
+VOCABULARY = {"_version", "errors", "config", "node", "idl", "metrics", "limits", "cooperative"}
 LEVEL = {"registry": 1, "stores": 1, "provider": 2, "consumer": 2, "aio": 3, "admin": 3}
 
 

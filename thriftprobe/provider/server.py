@@ -53,6 +53,7 @@ from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
 
+from ..cooperative import gevent_patched
 from ..errors import LOADSHEDDING, InvalidArgument
 from ..limits import ALL_METHODS, ServiceLimits
 from .dispatch import Dispatcher
@@ -202,7 +203,8 @@ class Server:
         )
         self._max_conns = options.max_connections if options.max_connections is not None else default_max_connections()
         self._queue_size = options.workers if options.queue_size is None else options.queue_size
-        self._sel = selectors.DefaultSelector()
+        self._sel = selectors.DefaultSelector()  # gevent's when patched: waits in the hub
+        self._cooperative = gevent_patched()  # lingering waits on the socket's own timeout
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -896,7 +898,7 @@ class Server:
                 sent = conn.sock.send(reply)
                 if sent < len(reply):
                     conn.out = memoryview(reply)[sent:]  # the I/O thread sends the rest as the client reads
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, socket.timeout):  # timeout: gevent's, nothing sent
                 conn.out = memoryview(reply)
             except OSError as err:
                 log.debug("%s: cannot reply to %s:%d: %s", self._label, conn.peer[0], conn.peer[1], err)
@@ -914,7 +916,10 @@ class Server:
         connection was handed back (closed by the peer, or failed).
 
         The wait is a blocking ``recv`` bounded by the socket's receive timeout (SO_RCVTIMEO):
-        one system call when the request comes, as on a thread-per-connection server. While it
+        one system call when the request comes, as on a thread-per-connection server. Under gevent
+        (``thriftprobe.cooperative``) the kernel's timeout would never apply (gevent keeps the
+        descriptor non-blocking and the recv would wait in the hub for good), so the socket's own
+        timeout bounds the wait instead, and the hub runs other greenlets meanwhile. While it
         waits, the worker counts as available, and a job queued meanwhile waits at most
         ``_LINGER`` (the linger only happens while at most ``_LINGER_MAX_ACTIVE`` workers are active).
         """
@@ -922,11 +927,16 @@ class Server:
         if _LINGER <= 0:
             return True
         if not conn.blocking:
-            try:  # SO_SNDTIMEO too: a blocking send must never wait long on a client that does not read
-                timeval = struct.pack("ll", 0, max(1, int(_LINGER * 1_000_000)))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-                sock.setblocking(True)
+            try:
+                if self._cooperative:
+                    # gevent keeps the descriptor non-blocking and waits in its hub: the kernel's
+                    # timeouts never apply, and only the socket's own timeout bounds the wait.
+                    sock.settimeout(_LINGER)
+                else:  # SO_SNDTIMEO too: a blocking send must never wait long on a client that does not read
+                    timeval = struct.pack("ll", 0, max(1, int(_LINGER * 1_000_000)))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+                    sock.setblocking(True)
             except OSError:
                 return True
             conn.blocking = True

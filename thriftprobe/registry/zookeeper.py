@@ -40,7 +40,6 @@ from kazoo.exceptions import (
     OperationTimeoutError,
     SessionExpiredError,
 )
-from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, KeeperState
 from kazoo.retry import KazooRetry
 
@@ -49,6 +48,7 @@ from ..errors import BackendError, InvalidArgument, ThriftProbeError
 from ..limits import ServiceLimits
 from ..node import Node, parse_znode_name, service_path
 from . import ConsumerEntry, LimitsCallback, NodeEntry, NodeListener, Refresh, Registration, Registry, Retainer
+from .handlers import completion, kazoo_handler
 
 __all__ = [
     "RECONNECT_MAX_DELAY",
@@ -87,7 +87,11 @@ def kazoo_client(cfg: ZooKeeperConfig) -> KazooClient:
             kwargs["check_hostname"] = True
     try:
         return KazooClient(
-            hosts=cfg.hosts, timeout=cfg.session_timeout, connection_retry=_connection_retry(), **kwargs
+            hosts=cfg.hosts,
+            timeout=cfg.session_timeout,
+            connection_retry=_connection_retry(),
+            handler=kazoo_handler(),  # gevent's when gevent patched the process
+            **kwargs,
         )
     except TypeError as err:  # kazoo < 2.10 has no check_hostname
         raise BackendError("%s: ssl_mode verify_identity needs kazoo >= 2.10 (%s)" % (cfg.describe(), err)) from err
@@ -133,7 +137,7 @@ def _acquire(cfg: ZooKeeperConfig) -> KazooClient:
     client = kazoo_client(cfg)
     try:
         client.start(timeout=cfg.connect_timeout)
-    except (KazooTimeoutError, KazooException) as err:
+    except (client.handler.timeout_exception, KazooException) as err:
         raise BackendError(
             "cannot connect to %s within %.1f s: %s" % (cfg.describe(), cfg.connect_timeout, err)
         ) from err
@@ -609,7 +613,7 @@ class ZooKeeperRegistration:
                     log.info("deregistered %s%s", self.path, " (ZooKeeper reachable again)" if deferred else "")
                 self._withdrawn = True
                 return
-            except (ConnectionLoss, OperationTimeoutError, SessionExpiredError, KazooTimeoutError) as err:
+            except (ConnectionLoss, OperationTimeoutError, SessionExpiredError, zk.handler.timeout_exception) as err:
                 log.debug("deleting %s failed (%s); retrying", self.path, err)
                 self._wake.wait(0.2)
                 self._wake.clear()
@@ -666,7 +670,7 @@ class ZooKeeperRegistration:
             self._client.delete_async(self.path).get(timeout=wait)
         except NoNodeError:
             pass
-        except (KazooException, KazooTimeoutError) as err:
+        except (KazooException, self._client.handler.timeout_exception) as err:
             log.warning("could not delete %s (%s); it goes when the session ends", self.path, err)
             return False
         log.info("deregistered %s", self.path)
@@ -735,7 +739,7 @@ def _forget_watchers_when_settled(client: KazooClient, owner: object, path: str)
     """
     _forget_watchers(client, owner, path)
     with contextlib.suppress(KazooException):  # a closed session dropped every watcher itself
-        client.exists_async(path).rawlink(lambda _: _forget_watchers(client, owner, path))
+        client.exists_async(path).rawlink(completion(client.handler, lambda _: _forget_watchers(client, owner, path)))
 
 
 class _FolderWatch:
@@ -798,7 +802,7 @@ class _FolderWatch:
             except KazooException as err:
                 log.debug("cannot read the children of %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_reply)
+            pending.rawlink(completion(self._client.handler, self._on_reply))
 
     def _on_reply(self, pending: Any) -> None:
         try:
@@ -824,7 +828,7 @@ class _FolderWatch:
             except KazooException as err:
                 log.debug("cannot watch for %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_exists)
+            pending.rawlink(completion(self._client.handler, self._on_exists))
 
     def _on_exists(self, pending: Any) -> None:
         try:
@@ -973,7 +977,7 @@ class ServiceWatch:
             except KazooException as err:  # the session is closed
                 log.debug("cannot read %s/%s (%s)", self._path, name, err)
                 return None
-            pending.rawlink(partial(self._on_data, name, token))
+            pending.rawlink(completion(self._client.handler, partial(self._on_data, name, token)))
             return pending
 
     def _recheck(self, name: str, token: _Token) -> None:
@@ -986,7 +990,7 @@ class ServiceWatch:
             except KazooException as err:
                 log.debug("cannot watch for %s/%s (%s)", self._path, name, err)
                 return
-            pending.rawlink(partial(self._on_exists, name, token))
+            pending.rawlink(completion(self._client.handler, partial(self._on_exists, name, token)))
 
     def _on_exists(self, name: str, token: _Token, pending: Any) -> None:
         try:
@@ -1157,7 +1161,7 @@ class ServiceLimitsWatch:
             except KazooException as err:  # the session is closed
                 log.debug("cannot read %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_reply)
+            pending.rawlink(completion(self._client.handler, self._on_reply))
 
     def _on_reply(self, pending: Any) -> None:
         try:
@@ -1180,7 +1184,7 @@ class ServiceLimitsWatch:
             except KazooException as err:
                 log.debug("cannot watch for %s (%s)", self._path, err)
                 return
-            pending.rawlink(self._on_exists)
+            pending.rawlink(completion(self._client.handler, self._on_exists))
 
     def _on_exists(self, pending: Any) -> None:
         try:

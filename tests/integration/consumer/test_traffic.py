@@ -16,6 +16,7 @@ import pytest
 from conftest import IDL, Handler, free_port, wait_until
 
 from thriftprobe import ConsistentHash, LeastLoaded, RoundRobin, WeightedRandom, build_client
+from thriftprobe.consumer.tiers import warmup_factor
 from thriftprobe.node import service_path
 
 STRATEGIES: Dict[str, Callable[[], Any]] = {
@@ -194,8 +195,8 @@ def test_consistent_hash_keeps_keys_on_their_node_and_moves_only_the_leavers(pro
 
 def test_a_new_node_warms_up_without_znode_writes(providers, cfg, appkey, zk):
     """A warm node (warmup 0) and a new one with a 4 s warm-up: the new one gets a small share
-    at first (its weight starts at 2%, and is at most 25% within its first second), then its full
-    half; its znode is not written meanwhile."""
+    at first (its weight starts at 2% and ramps; the bound is computed from how far it has
+    ramped when the window ends), then its full half; its znode is not written meanwhile."""
     providers("warm", warmup=0)
     with _client(cfg, appkey, balancer=WeightedRandom()) as client:
         _wait_nodes(client, 1)
@@ -204,7 +205,12 @@ def test_a_new_node_warms_up_without_znode_writes(providers, cfg, appkey, zk):
         path = "%s/Calculator_127.0.0.1_%d" % (service_path(cfg.env, appkey), new.port)
         version = zk.get(path)[1].version
         early = _tally(client, 300)
-        assert early["new"] / 300 < 0.2, early  # share <= 0.25*10 / (10 + 0.25*10) = 20%
+        # Its share can be at most what its ramp allows by now: f*10 / (10 + f*10), f the
+        # share of its weight at the end of the window (the ramp moves in steps of 2%).
+        factor, _ = warmup_factor(new.node, time.time() + 0.1)
+        bound = factor / (1 + factor)
+        assert factor < 0.75, "the early window took too long to say anything (factor %.2f)" % factor
+        assert early["new"] / 300 < bound + 0.1, (early, factor)
         wait_until(lambda: abs(_tally(client, 400)["new"] / 400 - 0.5) < 0.1, timeout=12, what="the full share")
         assert zk.get(path)[1].version == version
 
