@@ -20,6 +20,7 @@ import pytest
 import redis
 import redis.cluster
 from kazoo.client import KazooClient
+from kazoo.exceptions import NotEmptyError
 
 from thriftprobe import config, start_service
 from thriftprobe.admin import cli
@@ -83,8 +84,13 @@ def _wipe_test_envs(cfg: config.Config) -> None:
     try:
         for env in (TEST_ENV, CLUSTER_ENV):
             for tree in ("/services/%s" % env, "/consumers/%s" % env, "/limits/%s" % env):
-                if zk.exists(tree):
-                    zk.delete(tree, recursive=True)
+                for attempt in range(20):  # a process still registering adds children meanwhile
+                    try:
+                        if zk.exists(tree):
+                            zk.delete(tree, recursive=True)
+                        break
+                    except NotEmptyError:
+                        time.sleep(0.1)
     finally:
         zk.stop()
         zk.close()
