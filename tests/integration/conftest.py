@@ -84,7 +84,7 @@ def _wipe_test_envs(cfg: config.Config) -> None:
     try:
         for env in (TEST_ENV, CLUSTER_ENV):
             for tree in ("/services/%s" % env, "/consumers/%s" % env, "/limits/%s" % env):
-                for attempt in range(20):  # a process still registering adds children meanwhile
+                for _ in range(20):  # a process still registering adds children meanwhile
                     try:
                         if zk.exists(tree):
                             zk.delete(tree, recursive=True)
