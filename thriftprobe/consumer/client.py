@@ -248,7 +248,8 @@ class _Core:
                 sent_at = _clock()
             try:
                 reply = self._exchange(conn, method, kwargs, deadline)
-                answered = not (type(reply) is TApplicationException and reply.type == LOADSHEDDING)
+                if tracked:
+                    answered = not (type(reply) is TApplicationException and reply.type == LOADSHEDDING)
             except _Unencodable as bad:
                 # The caller's argument: no node is to blame, nothing ran, nothing is retried.
                 if probing:
