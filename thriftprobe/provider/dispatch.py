@@ -19,14 +19,14 @@ from __future__ import annotations
 import logging
 import types
 import uuid
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TDecodeException, TMessageType, TType
 from thriftpy2.transport import TMemoryBuffer
 
 from ..idl import same_thrift_struct
 
-__all__ = ["APPLICATION_ERROR", "DECLARED_EXCEPTION", "OK", "OUTCOMES", "Dispatcher"]
+__all__ = ["APPLICATION_ERROR", "DECLARED_EXCEPTION", "OK", "OUTCOMES", "Call", "Dispatcher"]
 
 OK = "ok"
 DECLARED_EXCEPTION = "declared_exception"
@@ -67,6 +67,18 @@ class _Method:
         return None
 
 
+class Call:
+    """A decoded request: the method, its arguments in the IDL's order, and what the reply needs."""
+
+    __slots__ = ("args", "method", "oneway", "seqid")
+
+    def __init__(self, method: _Method, seqid: int, oneway: bool, args: Tuple[Any, ...]) -> None:
+        self.method = method
+        self.seqid = seqid
+        self.oneway = oneway
+        self.args = args
+
+
 class Dispatcher:
     """Serves the calls of one service.
 
@@ -99,6 +111,20 @@ class Dispatcher:
         """Read one message from ``proto`` (over the request's bytes), run it, and return
         ``(reply, method name, outcome)``: the reply's bytes (None for a oneway call) and one of
         ``OUTCOMES``. Raises what decoding a malformed request raises (the connection is ended)."""
+        call = self.decode(proto)
+        if isinstance(call, tuple):
+            return call
+        method = call.method
+        try:
+            value = method.func(*call.args)
+        except Exception as exc:  # noqa: BLE001 - a handler may raise anything: answered, and logged if undeclared
+            return self.answer(call, None, exc)
+        return self.answer(call, value, None)
+
+    def decode(self, proto: Any) -> Union["Call", Tuple[Optional[bytes], str, str]]:
+        """Read one message from ``proto``: the ``Call`` to run (``call.method.func(*call.args)``,
+        then ``answer``), or, for a method the service lacks, the finished ``(reply, name,
+        outcome)``. Raises what decoding a malformed request raises."""
         api, mtype, seqid = proto.read_message_begin()
         oneway = mtype == TMessageType.ONEWAY
         method = self._methods.get(api)
@@ -113,25 +139,32 @@ class Dispatcher:
         args.read(proto)
         proto.read_message_end()
         values = args.__dict__
+        return Call(method, seqid, oneway, tuple(values[name] for name in method.arg_names))
+
+    def answer(self, call: "Call", value: Any, exc: Optional[BaseException]) -> Tuple[Optional[bytes], str, str]:
+        """``(reply, method name, outcome)`` for a call whose handler returned ``value`` or
+        raised ``exc`` (an Exception)."""
+        method = call.method
+        api = method.name
+        oneway = call.oneway
         result = method.result_cls()
-        try:
-            result.success = method.func(*(values[name] for name in method.arg_names))
-        except TApplicationException as exc:
-            return (None if oneway else self.exception_reply(api, seqid, exc)), api, APPLICATION_ERROR
-        except Exception as exc:  # noqa: BLE001 - a handler may raise anything: answered, and logged if undeclared
+        if exc is None:
+            result.success = value
+            outcome = OK
+        elif isinstance(exc, TApplicationException):
+            return (None if oneway else self.exception_reply(api, call.seqid, exc)), api, APPLICATION_ERROR
+        else:
             field = method.declared_field(exc)
             if field is None:
                 error = self._internal_error(api, exc, oneway)
-                return (None if oneway else self.exception_reply(api, seqid, error)), api, APPLICATION_ERROR
+                return (None if oneway else self.exception_reply(api, call.seqid, error)), api, APPLICATION_ERROR
             setattr(result, field, exc)
             outcome = DECLARED_EXCEPTION
-        else:
-            outcome = OK
         if oneway:
             return None, api, outcome
-        return self._result_reply(api, seqid, result, outcome)
+        return self._result_reply(api, call.seqid, result, outcome)
 
-    def _internal_error(self, api: str, exc: Exception, oneway: bool) -> TApplicationException:
+    def _internal_error(self, api: str, exc: BaseException, oneway: bool) -> TApplicationException:
         error_id = uuid.uuid4().hex[:16]
         log.error(
             "%s: %s.%s raised an exception the IDL does not declare (error id %s)%s",

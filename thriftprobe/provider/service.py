@@ -39,7 +39,7 @@ from .limits_follower import LimitsFollower
 from .monitor import ProviderMonitor, chain
 from .server import Server, ServerOptions, protocol_factory
 
-__all__ = ["RunningService", "start_service"]
+__all__ = ["RunningService", "launch", "start_service"]
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +379,55 @@ def start_service(
     SettingsError, or ThriftProbeError when the port (or the metrics port) cannot be bound. On any error nothing is
     left behind: no znode, no bound port, no thread.
     """
+    return launch(
+        Server,
+        thrift_path=thrift_path, appkey=appkey, service_name=service_name, handler=handler, port=port,
+        config=config, env=env, bind_host=bind_host, advertise_host=advertise_host, block=block,
+        stop_timeout=stop_timeout, drain=drain, audit_interval=audit_interval, expose_errors=expose_errors,
+        workers=workers, queue_size=queue_size, max_connections=max_connections, max_message_size=max_message_size,
+        read_timeout=read_timeout, idle_timeout=idle_timeout, transport=transport, protocol=protocol, hooks=hooks,
+        io_timeout=io_timeout, metrics=metrics, metrics_port=metrics_port, version=version, group=group, tags=tags,
+        priority=priority, warmup=warmup,
+    )
+
+
+def launch(make_server: Callable[..., Any],
+    thrift_path: IdlSource,
+    appkey: str,
+    service_name: str,
+    handler: object,
+    port: int = 8081,
+    *,
+    config: Union[config_mod.Config, str, "os.PathLike[str]", None] = None,
+    env: Optional[str] = None,
+    bind_host: str = "0.0.0.0",
+    advertise_host: Optional[str] = None,
+    block: bool = True,
+    stop_timeout: float = 10.0,
+    drain: float = 1.0,
+    audit_interval: float = 30.0,
+    expose_errors: bool = False,
+    workers: Optional[int] = None,
+    queue_size: Optional[int] = None,
+    max_connections: Optional[int] = None,
+    max_message_size: Optional[int] = None,
+    read_timeout: Optional[float] = None,
+    idle_timeout: Optional[float] = None,
+    transport: Optional[str] = None,
+    protocol: Optional[str] = None,
+    hooks: Optional[ServerHooks] = None,
+    io_timeout: Optional[int] = None,
+    metrics: Any = None,
+    metrics_port: Optional[int] = None,
+    version: str = "",
+    group: str = "",
+    tags: Optional[Mapping[str, str]] = None,
+    priority: int = 0,
+    warmup: Optional[float] = None,
+) -> RunningService:
+    """``start_service`` with the server that ``make_server(dispatcher, listener, label, options,
+    hooks)`` builds (``server.Server``, or the asyncio server of ``thriftprobe.aio``): it must have
+    Server's ``start``, ``stop``, ``close_unstarted``, ``set_limits`` and ``stats``."""
     validate_names(appkey, service_name)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
         raise InvalidArgument("port must be an integer 0..65535, got %r" % (port,))
@@ -481,7 +530,7 @@ def start_service(
         if recorder is not None:
             node_label = "%s:%d" % (host, bound_port)
             monitor = ProviderMonitor(recorder, appkey, service_name, node_label, service.thrift_services)
-        server = Server(dispatcher, listener, label, options, chain(monitor, hooks))
+        server = make_server(dispatcher, listener, label, options, chain(monitor, hooks))
         if monitor is not None:
             monitor.watch_queue(lambda: server.stats()["queued"])
         server.set_limits(limits)
