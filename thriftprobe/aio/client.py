@@ -100,6 +100,11 @@ class _AioCore:
     # -- the call path --------------------------------------------------------------------------
 
     async def call(self, api: str, timeout_ms: Optional[int], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if asyncio.get_running_loop() is not self._loop:
+            raise ThriftProbeError(
+                "this client of %s/%s belongs to the event loop it was built on; build one per loop"
+                % (self.appkey, self.service_name)
+            )
         instruments = self._instruments
         if instruments is None:
             return await self._send(api, timeout_ms, args, kwargs, None)
@@ -153,6 +158,21 @@ class _AioCore:
                     sent_error.type, "%s; sending it again found no node: %s" % (sent_error.message, none)
                 ) from sent_error
             address = conn.address
+            if loop_deadline is not None and self._loop.time() >= loop_deadline:
+                # The call's time ran out (connecting, waiting for a connection, earlier tries):
+                # nothing more is sent, and the node is not to blame.
+                self._pool.release(conn)
+                if probing:
+                    self._outliers.probe_abandoned(address)
+                spent = "the call's timeout of %d ms ran out" % (timeout_ms or 0)
+                if sent_error is not None:
+                    raise TTransportException(
+                        sent_error.type, "%s; not sent again: %s" % (sent_error.message, spent)
+                    ) from sent_error
+                if shed:
+                    raise core._overloaded(api, shed, spent)
+                raise TTransportException(TTransportException.TIMED_OUT, "%s.%s: %s before it was sent"
+                                          % (self.service_name, api, spent))
             done = self._flights.start(address)
             if trace is not None:
                 trace[0] = address
@@ -172,6 +192,11 @@ class _AioCore:
                     self.service_name, method, kwargs, bad.error, False)) from bad.error
             except _TRANSPORT_ERRORS as err:
                 self._pool.discard(conn)
+                if self._closed:  # close() shut the connection under the call: not the node's doing
+                    raise ThriftProbeError(
+                        "client for %s/%s was closed during the call to %s:%d; it may have run"
+                        % (self.appkey, self.service_name, address[0], address[1])
+                    ) from err
                 eligible = core._eligible(self.table.snapshot)
                 self._outliers.failure(address, len(eligible), after_send=True, eligible=eligible)
                 error = threaded._transport_error(err, "%s.%s on %s:%d" % (self.service_name, api, *address))
@@ -185,6 +210,11 @@ class _AioCore:
                     if error is not err:
                         error.__cause__ = err
                     continue
+                if (
+                    self._instruments is not None and retry is not None
+                    and api in retry.idempotent and sends < retry.attempts
+                ):  # a retry the policy allowed and only the budget refused
+                    self._instruments.budget_refused()
                 if error is err:
                     raise
                 raise error from err
@@ -340,8 +370,20 @@ class _AioCore:
         if self._closed:
             return
         self._closed = True
-        await self._pool.close()
-        await self._loop.run_in_executor(None, self._sync.close)
+        try:
+            if asyncio.get_running_loop() is self._loop:
+                await self._pool.close()
+            else:  # from another loop (the client's own has ended, typically)
+                self._pool.abandon()
+        finally:
+            # The discovery is closed whatever happens to this task: cancelled, its wait still
+            # ends in the thread; on a loop that can no longer run executors, right here.
+            try:
+                closing = asyncio.get_running_loop().run_in_executor(None, self._sync.close)
+            except RuntimeError:
+                self._sync.close()
+            else:
+                await asyncio.shield(closing)
 
 
 class _Unencodable(Exception):
@@ -468,13 +510,23 @@ async def build_client(
     max_idle_age: Optional[float] = 30.0,
     caller: Optional[str] = None,
     metrics: Union[metrics_mod.Recorder, bool, None] = None,
+    max_connections_per_node: int = 64,
 ) -> AioProbeClient:
     """Return an asyncio client for ``service_name`` of ``appkey``; the arguments are those of
     ``thriftprobe.build_client`` and mean the same, except that ``socket_timeout`` (ms) bounds
     each call's whole exchange (sending the request and reading its reply) rather than each
-    read and write. Discovery is built in a thread of the loop's default executor, so the
-    loop never waits on ZooKeeper. Raises what ``thriftprobe.build_client`` raises."""
+    read and write. ``max_connections_per_node`` (default 64) caps the connections open to one
+    node: calls beyond wait, first come first served, for one to be given back, within the
+    call's timeout (else ``socket_timeout``), then fail with ``aio.PoolExhausted`` (a
+    ``NoAvailableNode``: nothing was sent). Discovery is built in a thread of the loop's default
+    executor, so the loop never waits on ZooKeeper. Raises what ``thriftprobe.build_client``
+    raises."""
     loop = asyncio.get_running_loop()
+    if (
+        not isinstance(max_connections_per_node, int) or isinstance(max_connections_per_node, bool)
+        or max_connections_per_node < 1
+    ):
+        raise InvalidArgument("max_connections_per_node must be an integer >= 1, got %r" % (max_connections_per_node,))
     for label, value in (("socket_timeout", socket_timeout), ("connect_timeout", connect_timeout)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise InvalidArgument("%s must be a positive number of milliseconds, got %r" % (label, value))
@@ -497,6 +549,8 @@ async def build_client(
         raise
     pool_args = {
         "connect_timeout_ms": connect_timeout or socket_timeout,
+        "max_per_node": max_connections_per_node,
+        "max_wait_ms": socket_timeout,
         "max_idle": max_idle_per_node,
         "max_idle_age": max_idle_age,
     }

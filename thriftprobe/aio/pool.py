@@ -29,8 +29,9 @@ from thriftpy2.transport import TTransportException
 
 from ..consumer.pool import PoolWatcher
 from ..consumer.wire import Wire
+from ..errors import NoAvailableNode
 
-__all__ = ["AioConnection", "AioConnectionPool"]
+__all__ = ["AioConnection", "AioConnectionPool", "PoolExhausted"]
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,27 @@ class AioConnection:
         return self._sock.writer.is_closing() or reader.at_eof() or bool(getattr(reader, "_buffer", b""))
 
     def close(self) -> None:
-        self._sock.close()
+        try:
+            self._sock.close()
+        except RuntimeError:  # its event loop is closed: close the socket itself
+            raw = self._sock.writer.get_extra_info("socket")
+            with contextlib.suppress(OSError):
+                getattr(raw, "_sock", raw).close()
 
     async def wait_closed(self) -> None:
         with contextlib.suppress(OSError):  # a reset while closing: closed all the same
             await self._sock.writer.wait_closed()
 
 
+class PoolExhausted(NoAvailableNode):
+    """Every connection the client may open to the picked node stayed busy until the call's time
+    ran out (``max_connections_per_node``); nothing was sent."""
+
+
 class AioConnectionPool:
-    """Idle connections per node, at most ``max_idle`` per node, none older than
+    """At most ``max_per_node`` connections per node, open or opening; calls past that wait,
+    first come first served, for one to be given back (at most the call's deadline, else
+    ``max_wait_ms``). Idle connections at most ``max_idle`` per node, none older than
     ``max_idle_age`` s (None: no limit). Not thread-safe: it belongs to one event loop, and other
     threads reach it through ``loop.call_soon_threadsafe`` (the client does so for table changes).
     """
@@ -113,12 +126,18 @@ class AioConnectionPool:
         self,
         *,
         connect_timeout_ms: int,
+        max_per_node: int,
+        max_wait_ms: int,
         max_idle: int,
         max_idle_age: Optional[float],
         keep: KeepFunc,
         watcher: Optional[PoolWatcher] = None,
     ) -> None:
         self._connect_timeout = connect_timeout_ms / 1000.0
+        self._max_per_node = max_per_node
+        self._max_wait = max_wait_ms / 1000.0
+        self._counts: Dict[Address, int] = {}  # open or opening, lent or idle
+        self._waiters: Dict[Address, Deque["asyncio.Future[Optional[AioConnection]]"]] = {}
         self._max_idle = max_idle
         self._max_idle_age = max_idle_age
         self._keep = keep
@@ -137,24 +156,115 @@ class AioConnectionPool:
         return len(idle) if idle else 0
 
     async def acquire(self, address: Address, wire: Wire, deadline: Optional[float]) -> AioConnection:
-        """An idle connection to ``address`` in ``wire``, or a new one. ``deadline`` (loop time)
-        bounds the connect besides the connect timeout. Raises TTransportException when the
-        node cannot be reached (NOT_OPEN, TIMED_OUT), OSError when no socket can be made here."""
-        if self._closed:
-            raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
-        idle = self._idle.get(address)
-        if idle:
-            now = time.monotonic()
-            max_age = self._max_idle_age
-            while idle:
-                conn = idle.pop()  # the most recently used: the warmest
-                if conn.wire is not wire or conn.stale() or (max_age is not None and now - conn.idle_since > max_age):
-                    self._forget(conn)
-                    continue
+        """An idle connection to ``address`` in ``wire``, or a new one while fewer than
+        ``max_per_node`` are open to it; else the next one a call gives back (first come, first
+        served). ``deadline`` (loop time; None: the connect timeout alone) bounds both the wait
+        and the connect. Raises TTransportException when the node cannot be reached (NOT_OPEN,
+        TIMED_OUT), PoolExhausted when no connection to it freed up in time (nothing was sent),
+        OSError when no socket can be made here."""
+        while True:
+            if self._closed:
+                raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
+            conn = self._idle_conn(address, wire)
+            if conn is not None:
                 return conn
-        return await self._connect(address, wire, deadline)
+            if self._counts.get(address, 0) < self._max_per_node:
+                return await self._connect(address, wire, deadline)
+            handed = await self._wait(address, deadline)
+            if handed is not None:
+                if handed.wire is wire and not handed.stale():
+                    return handed
+                self._forget(handed)  # its wire changed meanwhile: a slot, then
+
+    def _idle_conn(self, address: Address, wire: Wire) -> Optional[AioConnection]:
+        idle = self._idle.get(address)
+        if not idle:
+            return None
+        now = time.monotonic()
+        max_age = self._max_idle_age
+        while idle:
+            conn = idle.pop()  # the most recently used: the warmest
+            if conn.wire is not wire or conn.stale() or (max_age is not None and now - conn.idle_since > max_age):
+                self._forget(conn)
+                continue
+            return conn
+        return None
+
+    async def _wait(self, address: Address, deadline: Optional[float]) -> Optional[AioConnection]:
+        """Wait for a connection a call gives back (returned) or a free slot (None)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._max_wait if deadline is None else deadline
+        waiter: "asyncio.Future[Optional[AioConnection]]" = loop.create_future()
+        queue = self._waiters.get(address)
+        if queue is None:
+            queue = self._waiters[address] = collections.deque()
+        queue.append(waiter)
+        try:
+            async with _timeout_at(until):
+                return await waiter
+        except BaseException as err:
+            # Cancelled, or out of time: whatever was handed over meanwhile goes to the next in line.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()
+                if handed is not None:
+                    self.release(handed)
+                else:
+                    self._slot_freed(address)
+            if isinstance(err, TimeoutError):
+                raise PoolExhausted(
+                    "all %d connections to %s:%d stayed busy until the call's time ran out; nothing was sent"
+                    % (self._max_per_node, address[0], address[1])
+                ) from None
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if not queue and self._waiters.get(address) is queue:
+                del self._waiters[address]
+
+    def _handoff(self, conn: AioConnection) -> bool:
+        """Give ``conn`` to the first call waiting for its node; False when none waits."""
+        queue = self._waiters.get(conn.address)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _slot_freed(self, address: Address) -> None:
+        """A connection to ``address`` closed: the first call waiting for one may open one."""
+        queue = self._waiters.get(address)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _connect(self, address: Address, wire: Wire, deadline: Optional[float]) -> AioConnection:
+        self._counts[address] = self._counts.get(address, 0) + 1  # the slot is taken while connecting
+        try:
+            conn = await self._open_connection(address, wire, deadline)
+        except BaseException:
+            self._uncount(address)
+            raise
+        self._open.add(conn)
+        if self._watcher is not None:
+            self._watcher.opened(address)
+        if self._closed:  # closed while connecting
+            self._forget(conn)
+            raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
+        return conn
+
+    def _uncount(self, address: Address) -> None:
+        left = self._counts[address] - 1
+        if left:
+            self._counts[address] = left
+        else:
+            del self._counts[address]
+        self._slot_freed(address)
+
+    async def _open_connection(self, address: Address, wire: Wire, deadline: Optional[float]) -> AioConnection:
         loop = asyncio.get_running_loop()
         until = loop.time() + self._connect_timeout
         if deadline is not None and deadline < until:
@@ -176,19 +286,15 @@ class AioConnectionPool:
             raise TTransportException(
                 TTransportException.NOT_OPEN, "could not connect to %s:%d: %s" % (address[0], address[1], err)
             ) from err
-        conn = AioConnection(address, wire, reader, writer)
-        self._open.add(conn)
-        if self._watcher is not None:
-            self._watcher.opened(address)
-        if self._closed:  # closed while connecting
-            self._forget(conn)
-            raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
-        return conn
+        return AioConnection(address, wire, reader, writer)
 
     def release(self, conn: AioConnection) -> None:
-        """Take back a connection whose exchange completed in step."""
+        """Take back a connection whose exchange completed in step: to the first call waiting
+        for its node, else idle."""
         if self._closed or not self._keep(conn.address, conn.wire):
             self._forget(conn)
+            return
+        if self._handoff(conn):
             return
         idle = self._idle.get(conn.address)
         if idle is None:
@@ -213,17 +319,33 @@ class AioConnectionPool:
             self._open.discard(conn)
             if self._watcher is not None:
                 self._watcher.closed(conn.address)
+            self._uncount(conn.address)
         conn.close()
 
     async def close(self) -> None:
-        """Close every connection, idle or lent (a lent one's call then fails). Idempotent."""
+        """Close every connection, idle or lent (a lent one's call then fails), and fail the
+        calls waiting for one. Idempotent."""
         self._closed = True
         self._idle.clear()
+        waiters = [waiter for queue in self._waiters.values() for waiter in queue]
+        self._waiters.clear()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(TTransportException(TTransportException.NOT_OPEN, "the client was closed"))
         conns = list(self._open)
         for conn in conns:
             self._forget(conn)
         for conn in conns:
             await conn.wait_closed()
+
+    def abandon(self) -> None:
+        """Close every socket without the event loop they belong to (it is closed, or this is
+        another loop). The calls waiting for a connection are left to that loop."""
+        self._closed = True
+        self._idle.clear()
+        self._waiters.clear()
+        for conn in list(self._open):
+            self._forget(conn)
 
 
 def _timeout_at(when: float) -> Any:

@@ -4,6 +4,7 @@ runs its own event loop (asyncio.run): pytest-asyncio is not a dependency."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -20,7 +21,7 @@ from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
 from wire_servers import WIRES, WireServer, register
 
-from thriftprobe import InvalidArgument, NoAvailableNode, Overloaded, Retry, RetryBudget, aio
+from thriftprobe import InvalidArgument, NoAvailableNode, Overloaded, Retry, RetryBudget, ThriftProbeError, aio
 from thriftprobe.consumer.balancer import WeightedRandom
 from thriftprobe.errors import LOADSHEDDING
 
@@ -310,3 +311,124 @@ def test_a_build_cancelled_while_it_waits_for_zookeeper_leaves_no_client_behind(
 
 def _executor_threads() -> set:
     return {t.ident for t in threading.enumerate() if t.name.startswith("asyncio_")}
+
+
+def test_10000_tasks_on_one_node_open_at_most_max_connections_per_node(servers, cfg, appkey):
+    """A burst of 10,000 calls on one loop does not open 10,000 sockets to the node: past
+    ``max_connections_per_node`` they wait for a connection to be given back, in order."""
+    server = servers(SlowEcho("n"))
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, max_connections_per_node=8) as client:
+            pool = _core(client)._pool
+            most = [0]
+
+            async def call(i: int) -> str:
+                answer = await client.echo("c%d" % i)
+                most[0] = max(most[0], pool.open_count)
+                return answer
+
+            texts = ["c%d" % i for i in range(10000)]
+            assert await asyncio.gather(*(call(i) for i in range(10000))) == texts
+            assert 1 <= most[0] <= 8
+            assert pool.open_count <= 8
+
+    asyncio.run(main())
+    assert server.accepted <= 8
+
+
+def test_a_call_that_finds_every_connection_busy_past_its_timeout_is_not_sent(servers, cfg, appkey):
+    """With the node's one allowed connection held by a slow call, a call with a 200 ms timeout
+    fails with PoolExhausted (a NoAvailableNode: nothing sent) and the node is not blamed."""
+    handler = SlowEcho("busy")
+    servers(handler)
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, max_connections_per_node=1) as client:
+            slow = asyncio.ensure_future(client.echo("slow-hold"))
+            await _until(lambda: "slow-hold" in handler.started, "the slow call to run")
+            with pytest.raises(aio.PoolExhausted, match="stayed busy"):
+                await client.with_timeout(200).echo("waits")
+            assert isinstance(aio.PoolExhausted("x"), NoAvailableNode)
+            assert await slow == "slow-hold"
+            assert "waits" not in handler.started
+            assert not _core(client)._outliers.excluded()
+            assert await client.echo("after") == "after"  # the connection was given back in step
+
+    asyncio.run(main())
+
+
+def test_a_retry_whose_time_ran_out_is_not_sent(servers, cfg, appkey):
+    """An idempotent call fails on one node after sending, past its timeout: the retry policy
+    would allow a second send, but the call's time is spent, so none goes out."""
+    handler = SlowEcho("late")
+    servers(handler)
+    retry = Retry(idempotent=["echo"], attempts=3, budget=RetryBudget(window_calls=1000))
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, retry=retry) as client:
+            assert await client.echo("warm") == "warm"
+            with pytest.raises(TTransportException, match=r"timed out|ran out"):
+                await client.with_timeout(150).echo("slow-once")
+            await asyncio.sleep(0.6)  # time passing, not a condition: the slow handler finishes
+            assert handler.started.count("slow-once") == 1
+
+    asyncio.run(main())
+
+
+def test_a_client_is_refused_on_another_event_loop(providers, cfg, appkey):
+    providers("a")
+    built: List[Any] = []
+
+    async def build() -> None:
+        built.append(await _client(cfg, appkey, 1))
+        assert await built[0].ping() == "a"
+
+    async def elsewhere() -> None:
+        with pytest.raises(ThriftProbeError, match="event loop it was built on"):
+            await built[0].ping()
+        await built[0].close()  # closing from another loop still releases the discovery
+
+    asyncio.run(build())
+    sockets = _sockets()
+    asyncio.run(elsewhere())
+    assert _core(built[0])._core._closed  # the discovery
+    assert _sockets() < sockets  # the pooled connection, closed without its loop
+
+
+def test_a_cancelled_close_still_closes_the_discovery(config_path, cfg, appkey):
+    provider = spawn_provider(config_path, TEST_ENV, appkey, "a")  # its threads are not in this process
+    before = {t.ident for t in threading.enumerate()}
+
+    async def main() -> None:
+        client = await _client(cfg, appkey, 1)
+        assert await client.ping() == "a"
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.sleep(0)  # the close has begun
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+
+    try:
+        asyncio.run(main())
+        wait_until(lambda: {t.ident for t in threading.enumerate()} <= before, what="the client's threads to end")
+    finally:
+        provider.kill()
+        provider.wait()
+
+
+def test_calls_in_flight_when_the_client_closes_fail_without_blaming_the_node(servers, cfg, appkey):
+    handler = SlowEcho("n")
+    servers(handler)
+
+    async def main() -> None:
+        client = await _client(cfg, appkey, 1)
+        core = _core(client)
+        flying = asyncio.ensure_future(client.echo("slow-flying"))
+        await _until(lambda: "slow-flying" in handler.started, "the call to run")
+        await client.close()
+        with pytest.raises(ThriftProbeError, match="closed during the call"):
+            await flying
+        assert not core._outliers.excluded()
+
+    asyncio.run(main())
