@@ -38,7 +38,8 @@ def completion(handler: Any, fn: Callable[[Any], None]) -> Callable[[Any], None]
     take locks and start threads. gevent's async results run them inside the hub, where any wait
     (a lock a greenlet holds, a thread's start) raises ``BlockingSwitchOutError``: there, the call
     is queued on the handler's callback greenlet, which runs callbacks one at a time in the order
-    they were queued (replies keep their order). Once the handler is stopped, ``fn`` runs at once.
+    they were queued (replies keep their order). Once the handler is stopped, ``fn`` runs in a
+    greenlet of its own (never in the hub).
     """
     if getattr(handler, "name", "") != "sequential_gevent_handler":
         return fn
@@ -47,6 +48,6 @@ def completion(handler: Any, fn: Callable[[Any], None]) -> Callable[[Any], None]
         if handler.running:
             handler.dispatch_callback(Callback("completion", fn, (result,)))
         else:
-            fn(result)
+            handler.spawn(fn, result)
 
     return dispatch
