@@ -51,6 +51,35 @@ try:
         result = {"ping": client.ping(), "echo": client.echo("round trip")}
 finally:
     svc.stop()
+
+# The asyncio twins, on this Python's own asyncio (before 3.11: the timeout fallback).
+import asyncio
+from thriftprobe import aio
+
+class AsyncCalculator(Calculator):
+    async def ping(self): return "installed-aio"
+    async def sleep_ms(self, ms): await asyncio.sleep(ms / 1000.0)
+
+async def aio_round_trip():
+    asvc = await aio.start_service(idl, appkey, "Calculator", AsyncCalculator(), 0, config=config_path, env="test",
+                                   bind_host="127.0.0.1", block=False, drain=0)
+    try:
+        async with await aio.build_client(idl, appkey, "Calculator", config=config_path, env="test") as client:
+            got = {"aio_ping": await client.ping()}
+            try:
+                await client.with_timeout(100).sleep_ms(3000)
+            except Exception as err:
+                got["aio_timeout"] = type(err).__name__
+            try:
+                await asyncio.wait_for(client.sleep_ms(3000), 0.1)
+            except asyncio.TimeoutError:
+                got["aio_wait_for"] = "TimeoutError"
+            got["aio_echo"] = await client.echo("after")
+            return got
+    finally:
+        await asvc.stop()
+
+result.update(asyncio.run(aio_round_trip()))
 from importlib.metadata import version
 result.update(file=thriftprobe.__file__, version=thriftprobe.__version__,
               python="%d.%d" % sys.version_info[:2],
@@ -165,6 +194,8 @@ def install_and_round_trip(python: str, index: str, venv: Path, config_path: str
 def test_pip_install_from_private_index_and_round_trip(version, private_index, tmp_path, config_path, appkey):
     result = install_and_round_trip(PYTHONS[version], private_index, tmp_path / "venv", config_path, appkey)
     assert result["ping"] == "installed" and result["echo"] == "round trip"
+    assert (result["aio_ping"], result["aio_echo"]) == ("installed-aio", "after")
+    assert (result["aio_timeout"], result["aio_wait_for"]) == ("TTransportException", "TimeoutError")
     assert result["python"] == version and result["version"] == thriftprobe.__version__
     assert "site-packages" in result["file"]
 
