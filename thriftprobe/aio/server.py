@@ -37,7 +37,6 @@ import inspect
 import logging
 import socket
 import struct
-import threading
 import time
 from typing import Any, Deque, Dict, Optional, Set, Tuple
 
@@ -45,13 +44,13 @@ from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
 
-from ..errors import LOADSHEDDING, ThriftProbeError
-from ..limits import ALL_METHODS, ServiceLimits
+from ..errors import ThriftProbeError
+from ..limits import ServiceLimits
 from ..provider.dispatch import APPLICATION_ERROR, Dispatcher
 from ..provider.framing import BINARY, MessageError, MessageReader
-from ..provider.hooks import OVERLOADED, Peer, ServerHooks
+from ..provider.hooks import OVERLOADED, Peer, ServerHooks, notify
 from ..provider.limiter import Limiter, Refusal
-from ..provider.server import ServerOptions, default_max_connections
+from ..provider.server import ServerOptions, default_max_connections, shed_reply
 
 __all__ = ["AioServer"]
 
@@ -160,9 +159,7 @@ class AioServer:
         self._label = label
         self._opts = options
         self._hooks = hooks
-        self._limiter = Limiter(dispatcher.methods)
-        self._warned_rev: Optional[int] = None
-        self._warn_lock = threading.Lock()
+        self._limiter = Limiter(dispatcher.methods, label=label)
         self._framed = options.transport == "framed"
         self._in_factory: Any = (
             TBinaryProtocolFactory(strict_read=False) if options.protocol == BINARY else TCompactProtocolFactory()
@@ -285,16 +282,6 @@ class AioServer:
     def set_limits(self, limits: ServiceLimits) -> None:
         """Apply ``limits`` from the next request on; from any thread (``Server.set_limits``)."""
         self._limiter.set(limits)
-        declared = self._dispatcher.methods
-        unknown = [name for name in limits.methods if name != ALL_METHODS and name not in declared]
-        with self._warn_lock:
-            if not unknown or self._warned_rev == limits.rev:
-                return
-            self._warned_rev = limits.rev
-        log.warning(
-            "%s: limits rev %d name method(s) this service does not have, which limit nothing: %s (its methods: %s)",
-            self._label, limits.rev, ", ".join(unknown), ", ".join(sorted(declared)),
-        )
 
     @property
     def limits(self) -> ServiceLimits:
@@ -527,18 +514,7 @@ class AioServer:
         if reason != OVERLOADED and refusal is None:
             conn.close_after = reason
         if not oneway:
-            if refusal is not None:
-                text = "%s is over its %s; %snot executed" % (
-                    self._label, refusal.describe(), "" if refusal.scope == name else name + " ",
-                )
-            else:
-                text = {
-                    OVERLOADED: "%s is overloaded: %d requests run and %d wait; not executed"
-                    % (self._label, self._running, len(self._waiting)),
-                    "max_connections": "%s has too many connections; not executed" % self._label,
-                    "stopping": "%s is stopping; not executed" % self._label,
-                }[reason]
-            reply = self._dispatcher.exception_reply(name, seqid, TApplicationException(LOADSHEDDING, text))
+            reply = self._dispatcher.exception_reply(name, seqid, shed_reply(self._label, name, reason, refusal))
             assert conn.transport is not None
             conn.transport.write(self._frame(reply))
         self._after_request(conn)
@@ -548,7 +524,7 @@ class AioServer:
         self._release(conn, cancel=True)
         reader = conn.reader
         if reader.name is not None and reader.mtype == TMessageType.CALL and conn.transport is not None:
-            error = TApplicationException(LOADSHEDDING, "%s is stopping; not executed" % self._label)
+            error = shed_reply(self._label, reader.name, "stopping")
             conn.transport.write(self._frame(self._dispatcher.exception_reply(reader.name, reader.seqid or 0, error)))
         self._hook_rejected(reader.name, conn.peer, "stopping")
         self._lingering_close(conn, "stopping")
@@ -636,10 +612,8 @@ class AioServer:
         return _FRAME.pack(len(reply)) + reply if self._framed else reply
 
     def _hook(self, name: str, *args: Any) -> None:
-        try:
-            getattr(self._hooks, name)(*args)
-        except Exception:  # a hook must never break the server
-            log.exception("%s: server hook %s failed", self._label, name)
+        if self._hooks is not None:
+            notify(self._hooks, self._label, name, *args)
 
     def _hook_rejected(self, method: Optional[str], peer: Peer, reason: str) -> None:
         if self._hooks is not None:

@@ -10,9 +10,12 @@ One instance serves every thread at once: make what it updates thread-safe.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import logging
+from typing import Any, Optional, Tuple
 
-__all__ = ["CLOSE_REASONS", "OVERLOADED", "REJECT_REASONS", "Peer", "ServerHooks"]
+__all__ = ["CLOSE_REASONS", "OVERLOADED", "REJECT_REASONS", "Peer", "ServerHooks", "notify"]
+
+log = logging.getLogger(__name__)
 
 Peer = Tuple[str, int]
 """The client's address and port, as the socket reports it."""
@@ -59,3 +62,12 @@ class ServerHooks:
     def request_rejected(self, method: Optional[str], peer: Peer, reason: str) -> None:
         """A request was answered without running (LOADSHEDDING, or PROTOCOL_ERROR when too large);
         ``method`` is None when not even its header could be read."""
+
+
+def notify(hooks: ServerHooks, label: str, name: str, *args: Any) -> None:
+    """Call ``hooks.<name>(*args)``; a hook that raises is logged (naming the server ``label``)
+    and ignored: a hook must never break the server."""
+    try:
+        getattr(hooks, name)(*args)
+    except Exception:
+        log.exception("%s: server hook %s failed", label, name)

@@ -117,8 +117,12 @@ class Limiter:
     admitted, so they do not count against a concurrency limit set while they run.
     """
 
-    def __init__(self, methods: Collection[str], *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, methods: Collection[str], *, clock: Callable[[], float] = time.monotonic, label: str = "limiter"
+    ) -> None:
         self._clock = clock
+        self._label = label
+        self._warned_rev: Optional[int] = None  # the revision whose unknown methods were logged
         self._lock = threading.Lock()
         self._limits = ServiceLimits()
         self._rules: Dict[str, _Rule] = {}
@@ -138,10 +142,20 @@ class Limiter:
     def set(self, limits: ServiceLimits) -> None:
         """Apply ``limits`` from the next admission on, all at once. A bucket whose rate and size
         are unchanged keeps its tokens; a changed one keeps what it held (at most its new size); a
-        new one starts full. A limit left out is no longer checked. Requests in flight stay counted."""
+        new one starts full. A limit left out is no longer checked. Requests in flight stay counted.
+        Limits of methods the service does not have (an operator's typo) limit nothing: logged as
+        a WARNING once per revision."""
         if not isinstance(limits, ServiceLimits):
             raise TypeError("limits must be a thriftprobe.limits.ServiceLimits, got %s" % type(limits).__name__)
+        unknown = [name for name in limits.methods if name != ALL_METHODS and name not in self._in_flight]
         with self._lock:
+            if unknown and self._warned_rev != limits.rev:
+                self._warned_rev = limits.rev
+                log.warning(
+                    "%s: limits rev %d name method(s) this service does not have, which limit nothing: %s"
+                    " (its methods: %s)",
+                    self._label, limits.rev, ", ".join(unknown), ", ".join(sorted(self._in_flight)),
+                )
             now = self._clock()
             old = dict(self._rules)
             if self._all is not None:

@@ -55,13 +55,13 @@ from thriftpy2.transport import TMemoryBuffer
 
 from ..cooperative import gevent_patched
 from ..errors import LOADSHEDDING, InvalidArgument
-from ..limits import ALL_METHODS, ServiceLimits
+from ..limits import ServiceLimits
 from .dispatch import Dispatcher
 from .framing import BINARY, PROTOCOLS, TRANSPORTS, MessageError, MessageReader
-from .hooks import OVERLOADED, Peer, ServerHooks
+from .hooks import OVERLOADED, Peer, ServerHooks, notify
 from .limiter import Limiter, Refusal
 
-__all__ = ["Server", "ServerOptions", "default_max_connections", "protocol_factory"]
+__all__ = ["Server", "ServerOptions", "default_max_connections", "protocol_factory", "shed_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,22 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return 10000
     return max(64, min(10000, soft - max(64, soft // 10)))
+
+
+def shed_reply(label: str, method: str, reason: str, refusal: Optional[Refusal] = None) -> TApplicationException:
+    """The LOADSHEDDING answer ("not executed") to a request of ``method`` shed for ``reason``
+    (``OVERLOADED``, ``max_connections``, ``stopping``) or, with ``refusal``, over a request limit."""
+    if refusal is not None:
+        text = "%s is over its %s; %snot executed" % (
+            label, refusal.describe(), "" if refusal.scope == method else method + " ",
+        )
+    else:
+        text = {
+            OVERLOADED: "%s is overloaded: every worker is busy and the queue is full; not executed" % label,
+            "max_connections": "%s has too many connections; not executed" % label,
+            "stopping": "%s is stopping; not executed" % label,
+        }[reason]
+    return TApplicationException(LOADSHEDDING, text)
 
 
 def protocol_factory(protocol: str) -> Any:
@@ -194,8 +210,7 @@ class Server:
         self._label = label
         self._opts = options
         self._hooks = hooks
-        self._limiter = Limiter(dispatcher.methods)
-        self._warned_rev: Optional[int] = None  # the limits revision whose unknown methods were logged
+        self._limiter = Limiter(dispatcher.methods, label=label)
         self._framed = options.transport == "framed"
         # Requests are read leniently, like Apache Thrift servers: old non-strict binary messages too.
         self._in_factory: Any = (
@@ -301,16 +316,6 @@ class Server:
         methods the service does not have (an operator's typo) limit nothing: logged as a
         WARNING once per revision."""
         self._limiter.set(limits)
-        declared = self._dispatcher.methods
-        unknown = [name for name in limits.methods if name != ALL_METHODS and name not in declared]
-        with self._lock:
-            if not unknown or self._warned_rev == limits.rev:
-                return
-            self._warned_rev = limits.rev
-        log.warning(
-            "%s: limits rev %d name method(s) this service does not have, which limit nothing: %s (its methods: %s)",
-            self._label, limits.rev, ", ".join(unknown), ", ".join(sorted(declared)),
-        )
 
     @property
     def limits(self) -> ServiceLimits:
@@ -536,17 +541,7 @@ class Server:
         if oneway:
             self._after_request(conn, close)
             return
-        if refusal is not None:
-            text = "%s is over its %s; %snot executed" % (
-                self._label, refusal.describe(), "" if refusal.scope == name else name + " ",
-            )
-        else:
-            text = {
-                OVERLOADED: "%s is overloaded: every worker is busy and the queue is full; not executed" % self._label,
-                "max_connections": "%s has too many connections; not executed" % self._label,
-                "stopping": "%s is stopping; not executed" % self._label,
-            }[reason]
-        reply = self._dispatcher.exception_reply(name, seqid, TApplicationException(LOADSHEDDING, text))
+        reply = self._dispatcher.exception_reply(name, seqid, shed_reply(self._label, name, reason, refusal))
         self._send_from_io(conn, self._frame(reply), close)
 
     def _refuse(self, conn: _Conn, err: MessageError) -> None:
@@ -989,7 +984,7 @@ class Server:
         self._release(conn)
         reader = conn.reader
         if reader.name is not None and reader.mtype == TMessageType.CALL:
-            error = TApplicationException(LOADSHEDDING, "%s is stopping; not executed" % self._label)
+            error = shed_reply(self._label, reader.name, "stopping")
             reply = self._frame(self._dispatcher.exception_reply(reader.name, reader.seqid or 0, error))
             with contextlib.suppress(OSError):
                 conn.sock.send(reply)
@@ -1005,10 +1000,8 @@ class Server:
         return _FRAME.pack(len(reply)) + reply if self._framed else reply
 
     def _hook(self, name: str, *args: Any) -> None:
-        try:
-            getattr(self._hooks, name)(*args)
-        except Exception:  # a hook must never break the server
-            log.exception("%s: server hook %s failed", self._label, name)
+        if self._hooks is not None:
+            notify(self._hooks, self._label, name, *args)
 
     def _hook_rejected(self, method: Optional[str], peer: Peer, reason: str) -> None:
         if self._hooks is not None:

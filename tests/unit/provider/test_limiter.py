@@ -285,3 +285,18 @@ def test_a_revision_the_audit_table_cannot_hold_is_refused() -> None:
         ServiceLimits({}, rev=2**63)
     with pytest.raises(InvalidArgument):
         ServiceLimits.from_json(b'{"rev": 18446744073709551616, "methods": {}}')
+
+
+def test_limits_of_methods_the_service_lacks_are_logged_once_per_revision(caplog):
+    lim = Limiter(["ping", "echo"], label="Calculator-9090")
+    with caplog.at_level("WARNING", logger="thriftprobe.provider.limiter"):
+        lim.set(ServiceLimits({"ecko": MethodLimit(qps=5), "*": MethodLimit(concurrency=3)}, rev=4))
+        lim.set(ServiceLimits({"ecko": MethodLimit(qps=6)}, rev=4))  # the same revision, applied again
+        lim.set(ServiceLimits({"echo": MethodLimit(qps=6)}, rev=5))  # fixed: nothing to say
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        "Calculator-9090: limits rev 4 name method(s) this service does not have, which limit nothing: ecko"
+        " (its methods: echo, ping)"
+    ]
+    lim.set(ServiceLimits({"pong": MethodLimit(qps=1)}, rev=6))
+    assert len(caplog.records) == 2 and "pong" in caplog.records[-1].getMessage()
