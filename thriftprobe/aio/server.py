@@ -36,27 +36,23 @@ import contextlib
 import inspect
 import logging
 import socket
-import struct
 import time
 from typing import Any, Deque, Dict, Optional, Set, Tuple
 
-from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer
 
 from ..errors import ThriftProbeError
-from ..limits import ServiceLimits
 from ..provider.dispatch import APPLICATION_ERROR, Dispatcher
-from ..provider.framing import BINARY, MessageError, MessageReader
-from ..provider.hooks import OVERLOADED, Peer, ServerHooks, notify
-from ..provider.limiter import Limiter, Refusal
-from ..provider.server import ServerOptions, default_max_connections, shed_reply
+from ..provider.framing import MessageError
+from ..provider.hooks import OVERLOADED, Peer, ServerHooks
+from ..provider.limiter import Refusal
+from ..provider.server import ServerCore, ServerOptions, shed_reply
 
 __all__ = ["AioServer"]
 
 log = logging.getLogger(__name__)
 
-_FRAME = struct.Struct("!i")
 _MIN_EVICT_IDLE = 1.0
 """A connection idle for less than this is never closed to make room (as in ``provider.server``)."""
 _MAX_REJECTING = 64
@@ -141,7 +137,7 @@ class _Conn(asyncio.Protocol):
         self.server._lost(self, reason)
 
 
-class AioServer:
+class AioServer(ServerCore):
     """Serves one dispatcher on a bound, listening socket from ``loop`` (see the module)."""
 
     def __init__(
@@ -153,19 +149,8 @@ class AioServer:
         options: ServerOptions,
         hooks: Optional[ServerHooks] = None,
     ) -> None:
+        super().__init__(dispatcher, listener, label, options, hooks)
         self._loop = loop
-        self._dispatcher = dispatcher
-        self._listener = listener
-        self._label = label
-        self._opts = options
-        self._hooks = hooks
-        self._limiter = Limiter(dispatcher.methods, label=label)
-        self._framed = options.transport == "framed"
-        self._in_factory: Any = (
-            TBinaryProtocolFactory(strict_read=False) if options.protocol == BINARY else TCompactProtocolFactory()
-        )
-        self._max_conns = options.max_connections if options.max_connections is not None else default_max_connections()
-        self._queue_size = options.workers if options.queue_size is None else options.queue_size
         self._conns: Set[_Conn] = set()
         # By state, each in the order its clock started (oldest first): the sweep looks at heads.
         self._idle: "collections.OrderedDict[_Conn, None]" = collections.OrderedDict()
@@ -279,14 +264,6 @@ class AioServer:
 
     # -- request limits -------------------------------------------------------------------------
 
-    def set_limits(self, limits: ServiceLimits) -> None:
-        """Apply ``limits`` from the next request on; from any thread (``Server.set_limits``)."""
-        self._limiter.set(limits)
-
-    @property
-    def limits(self) -> ServiceLimits:
-        return self._limiter.limits
-
     def is_handler(self, task: Optional["asyncio.Task[Any]"]) -> bool:
         """Whether ``task`` is one of this server's requests (a handler running)."""
         return task is not None and task in self._tasks
@@ -302,9 +279,6 @@ class AioServer:
         }
 
     # -- connections, on the loop ---------------------------------------------------------------
-
-    def _new_reader(self) -> MessageReader:
-        return MessageReader(self._opts.protocol, self._framed, self._opts.max_message_size)
 
     def _opened(self, conn: _Conn) -> None:
         now = time.monotonic()
@@ -605,20 +579,6 @@ class AioServer:
                 conn.transport.abort()
         if not self._stopped or self._conns:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _frame(self, reply: bytes) -> bytes:
-        return _FRAME.pack(len(reply)) + reply if self._framed else reply
-
-    def _hook(self, name: str, *args: Any) -> None:
-        if self._hooks is not None:
-            notify(self._hooks, self._label, name, *args)
-
-    def _hook_rejected(self, method: Optional[str], peer: Peer, reason: str) -> None:
-        if self._hooks is not None:
-            self._hook("request_rejected", method, peer, reason)
-
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
     try:

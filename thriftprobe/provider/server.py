@@ -61,7 +61,7 @@ from .framing import BINARY, PROTOCOLS, TRANSPORTS, MessageError, MessageReader
 from .hooks import OVERLOADED, Peer, ServerHooks, notify
 from .limiter import Limiter, Refusal
 
-__all__ = ["Server", "ServerOptions", "default_max_connections", "protocol_factory", "shed_reply"]
+__all__ = ["Server", "ServerCore", "ServerOptions", "default_max_connections", "protocol_factory", "shed_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,9 @@ class _Conn:
         self.admitted: Optional[str] = None  # the method the limiter admitted this request as, until released
 
 
-class Server:
-    """Serves one dispatcher on a bound, listening socket.
-
-    ``start()`` once; then ``stop(timeout)`` once (or ``close_unstarted()`` when it never
-    started). Both may be called from any thread.
-    """
+class ServerCore:
+    """What both server cores (this module's threaded ``Server`` and ``aio.server.AioServer``)
+    share: the options, the request limits, the hooks, the reply framing. Not used alone."""
 
     def __init__(
         self,
@@ -218,6 +215,50 @@ class Server:
         )
         self._max_conns = options.max_connections if options.max_connections is not None else default_max_connections()
         self._queue_size = options.workers if options.queue_size is None else options.queue_size
+
+    def set_limits(self, limits: ServiceLimits) -> None:
+        """Apply ``limits`` (``thriftprobe.limits``) from the next request on; from any thread.
+        The caller decides which revision wins: this applies whatever it is given. Limits of
+        methods the service does not have (an operator's typo) limit nothing: logged as a
+        WARNING once per revision."""
+        self._limiter.set(limits)
+
+    @property
+    def limits(self) -> ServiceLimits:
+        """The request limits applied now (none set: an empty ``ServiceLimits``)."""
+        return self._limiter.limits
+
+    def _new_reader(self) -> MessageReader:
+        return MessageReader(self._opts.protocol, self._framed, self._opts.max_message_size)
+
+    def _frame(self, reply: bytes) -> bytes:
+        return _FRAME.pack(len(reply)) + reply if self._framed else reply
+
+    def _hook(self, name: str, *args: Any) -> None:
+        if self._hooks is not None:
+            notify(self._hooks, self._label, name, *args)
+
+    def _hook_rejected(self, method: Optional[str], peer: Peer, reason: str) -> None:
+        if self._hooks is not None:
+            notify(self._hooks, self._label, "request_rejected", method, peer, reason)
+
+
+class Server(ServerCore):
+    """Serves one dispatcher on a bound, listening socket.
+
+    ``start()`` once; then ``stop(timeout)`` once (or ``close_unstarted()`` when it never
+    started). Both may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        listener: socket.socket,
+        label: str,
+        options: ServerOptions,
+        hooks: Optional[ServerHooks] = None,
+    ) -> None:
+        super().__init__(dispatcher, listener, label, options, hooks)
         self._sel = selectors.DefaultSelector()  # gevent's when patched: waits in the hub
         self._cooperative = gevent_patched()  # lingering waits on the socket's own timeout
         self._wake_r, self._wake_w = socket.socketpair()
@@ -309,18 +350,6 @@ class Server:
             sock.close()
 
     # -- request limits --------------------------------------------------------------------------
-
-    def set_limits(self, limits: ServiceLimits) -> None:
-        """Apply ``limits`` (``thriftprobe.limits``) from the next request on; from any thread.
-        The caller decides which revision wins: this applies whatever it is given. Limits of
-        methods the service does not have (an operator's typo) limit nothing: logged as a
-        WARNING once per revision."""
-        self._limiter.set(limits)
-
-    @property
-    def limits(self) -> ServiceLimits:
-        """The request limits applied now (none set: an empty ``ServiceLimits``)."""
-        return self._limiter.limits
 
     def _release(self, conn: _Conn) -> None:
         """The request the limiter admitted on ``conn`` was answered, or will never run."""
@@ -447,7 +476,7 @@ class Server:
             sock.close()
             return
         now = time.monotonic()
-        reader = MessageReader(self._opts.protocol, self._framed, self._opts.max_message_size)
+        reader = self._new_reader()
         conn = _Conn(sock, peer, reader, now)
         if len(self._conns) >= self._max_conns:
             if self._idle and _head(self._idle).since <= now - _MIN_EVICT_IDLE:
@@ -995,17 +1024,6 @@ class Server:
             self._hook("connection_closed", conn.peer, "stopping")
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    def _frame(self, reply: bytes) -> bytes:
-        return _FRAME.pack(len(reply)) + reply if self._framed else reply
-
-    def _hook(self, name: str, *args: Any) -> None:
-        if self._hooks is not None:
-            notify(self._hooks, self._label, name, *args)
-
-    def _hook_rejected(self, method: Optional[str], peer: Peer, reason: str) -> None:
-        if self._hooks is not None:
-            self._hook("request_rejected", method, peer, reason)
 
     # -- introspection, for tests and the benchmark -------------------------------------------------
 
