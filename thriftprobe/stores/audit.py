@@ -9,9 +9,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import pymysql
 
 from ..config import MysqlConfig
-from ..errors import BackendError, InvalidArgument
+from ..errors import InvalidArgument
 from ..node import DEFAULT_WEIGHT
-from .mysql import columns, connect, indexes, outdated_columns
+from .mysql import check_insertable, columns, connect, indexes
 
 __all__ = ["ACTIONS", "AuditEntry", "check_ready", "history", "record", "recover_settings"]
 
@@ -114,45 +114,8 @@ def check_ready(cfg: MysqlConfig, entry: AuditEntry) -> None:
     """
     if entry.action not in ACTIONS:
         raise InvalidArgument("audit action %r is not one of %s" % (entry.action, ", ".join(ACTIONS)))
-    with connect(cfg) as conn:
-        with conn.cursor() as cur:
-            present = columns(cur, cfg.database, TABLE)
-        missing = [c for c in _INSERT_COLUMNS if c not in present]
-        if missing:
-            raise BackendError(
-                "table %s of %s %s: run 'thriftprobe db init'"
-                % (TABLE, cfg.describe(), "is missing" if not present else "lacks column " + ", ".join(missing))
-            )
-        narrow = set(outdated_columns(TABLE, present))
-        for name in _TEXT_FIELDS:
-            value: str = getattr(entry, name)
-            width = present[name].width
-            if width is not None and len(value) > width:
-                raise InvalidArgument(
-                    "%s %r is %d characters long; column %s.%s of %s holds %d%s"
-                    % (
-                        name,
-                        value if len(value) <= 80 else value[:77] + "...",
-                        len(value),
-                        TABLE,
-                        name,
-                        cfg.describe(),
-                        width,
-                        " ('thriftprobe db init' widens it)" if name in narrow else "",
-                    )
-                )
-        try:
-            conn.begin()
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(_INSERT, _row(entry))
-            finally:
-                conn.rollback()
-        except pymysql.MySQLError as err:
-            raise BackendError(
-                "cannot write the audit table %s of %s as %r, so nothing was changed: %s"
-                % (TABLE, cfg.describe(), cfg.username, err)
-            ) from err
+    texts = {name: getattr(entry, name) for name in _TEXT_FIELDS}
+    check_insertable(cfg, TABLE, _INSERT, _INSERT_COLUMNS, texts, _row(entry))
 
 
 def record(cfg: MysqlConfig, entry: AuditEntry) -> None:

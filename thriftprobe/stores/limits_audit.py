@@ -15,12 +15,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-import pymysql
-
 from ..config import MysqlConfig
-from ..errors import BackendError, InvalidArgument
+from ..errors import InvalidArgument
 from ..limits import MethodLimit, plain_number
-from .mysql import columns, connect
+from .mysql import check_insertable, connect
 
 __all__ = ["CORRUPT_KEY", "LimitsAuditEntry", "check_ready", "excerpt", "history", "record"]
 
@@ -127,36 +125,8 @@ def check_ready(cfg: MysqlConfig, entry: LimitsAuditEntry) -> None:
     cannot INSERT into it (a trial insert, rolled back); InvalidArgument naming the field when a
     text is longer than its column.
     """
-    with connect(cfg) as conn:
-        with conn.cursor() as cur:
-            present = columns(cur, cfg.database, TABLE)
-        missing = [c for c in _INSERT_COLUMNS if c not in present]
-        if missing:
-            raise BackendError(
-                "table %s of %s %s: run 'thriftprobe db init'"
-                % (TABLE, cfg.describe(), "is missing" if not present else "lacks column " + ", ".join(missing))
-            )
-        for name in _TEXT_FIELDS:
-            value: str = getattr(entry, name)
-            width = present[name].width
-            if width is not None and len(value) > width:
-                raise InvalidArgument(
-                    "%s %r is %d characters long; column %s.%s of %s holds %d"
-                    % (name, value if len(value) <= 80 else value[:77] + "...", len(value), TABLE, name,
-                       cfg.describe(), width)
-                )
-        try:
-            conn.begin()
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(_INSERT, _row(entry))
-            finally:
-                conn.rollback()
-        except pymysql.MySQLError as err:
-            raise BackendError(
-                "cannot write the audit table %s of %s as %r, so nothing was changed: %s"
-                % (TABLE, cfg.describe(), cfg.username, err)
-            ) from err
+    texts = {name: getattr(entry, name) for name in _TEXT_FIELDS}
+    check_insertable(cfg, TABLE, _INSERT, _INSERT_COLUMNS, texts, _row(entry))
 
 
 def record(cfg: MysqlConfig, entry: LimitsAuditEntry) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pymysql
 
 from ..config import MysqlConfig
-from ..errors import BackendError
+from ..errors import BackendError, InvalidArgument
 
 __all__ = [
     "TABLES", "ColumnInfo", "columns", "connect", "create_schema", "indexes", "missing_indexes", "missing_schema",
@@ -239,6 +239,46 @@ def outdated_columns(table: str, present: Dict[str, ColumnInfo]) -> Dict[str, _C
         if (want.width is not None and (have.width or 0) < want.width) or (want.nullable and not have.nullable):
             found[column] = want
     return found
+
+
+def check_insertable(
+    cfg: MysqlConfig, table: str, insert: str, needed: Tuple[str, ...], texts: Dict[str, str], row: Tuple[Any, ...]
+) -> None:
+    """Raise unless ``row`` could be inserted into ``table`` now (an audit table, checked before
+    the change it records is made): the table has every ``needed`` column (else BackendError:
+    run ``thriftprobe db init``); each of ``texts`` (column name -> value) fits its column (else
+    InvalidArgument naming it, its length and the column's); and this MySQL user may INSERT
+    there: a trial ``insert`` of ``row``, rolled back (else BackendError)."""
+    with connect(cfg) as conn:
+        with conn.cursor() as cur:
+            present = columns(cur, cfg.database, table)
+        missing = [c for c in needed if c not in present]
+        if missing:
+            raise BackendError(
+                "table %s of %s %s: run 'thriftprobe db init'"
+                % (table, cfg.describe(), "is missing" if not present else "lacks column " + ", ".join(missing))
+            )
+        narrow = set(outdated_columns(table, present))
+        for name, value in texts.items():
+            width = present[name].width
+            if width is not None and len(value) > width:
+                raise InvalidArgument(
+                    "%s %r is %d characters long; column %s.%s of %s holds %d%s"
+                    % (name, value if len(value) <= 80 else value[:77] + "...", len(value), table, name,
+                       cfg.describe(), width, " ('thriftprobe db init' widens it)" if name in narrow else "")
+                )
+        try:
+            conn.begin()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(insert, row)
+            finally:
+                conn.rollback()
+        except pymysql.MySQLError as err:
+            raise BackendError(
+                "cannot write the audit table %s of %s as %r, so nothing was changed: %s"
+                % (table, cfg.describe(), cfg.username, err)
+            ) from err
 
 
 def create_schema(cfg: MysqlConfig) -> List[str]:
