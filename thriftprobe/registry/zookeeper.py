@@ -742,7 +742,97 @@ def _forget_watchers_when_settled(client: KazooClient, owner: object, path: str)
         client.exists_async(path).rawlink(completion(client.handler, lambda _: _forget_watchers(client, owner, path)))
 
 
-class _FolderWatch:
+class _ZnodeFollower:
+    """The reading half both watches below share: read one znode (its children, or its data) with
+    a watch, read again on every change and after every reconnection, and while the znode does
+    not exist, wait for its creation with an exists watch. Subclasses say what to read
+    (``_request``) and what to do with it (``_got``, or ``_vanished`` for no znode); calls of
+    those never overlap, and none starts once ``_end()`` has returned."""
+
+    def __init__(self, client: KazooClient, path: str) -> None:
+        self._client = client
+        self._path = path
+        # Reentrant: kazoo runs a reply's callbacks inline when its handler is stopped. Requests
+        # are sent under it, so that after _end() nothing more is sent.
+        self._lock = threading.RLock()
+        self._stopped = False
+
+    def _request(self) -> Any:
+        """Send the read (with ``watch=self._on_event``); return kazoo's async result."""
+        raise NotImplementedError
+
+    def _got(self, result: Any) -> None:
+        raise NotImplementedError
+
+    def _vanished(self) -> None:
+        raise NotImplementedError
+
+    def _read(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            try:
+                pending = self._request()
+            except KazooException as err:  # the session is closed
+                log.debug("cannot read %s (%s)", self._path, err)
+                return
+            pending.rawlink(completion(self._client.handler, self._on_reply))
+
+    def _on_reply(self, pending: Any) -> None:
+        try:
+            result = pending.get()
+        except NoNodeError:
+            self._vanished()
+            self._await_creation()
+            return
+        except (ConnectionLoss, SessionExpiredError, ConnectionClosedError) as err:
+            log.debug("reading %s failed (%s); read again on reconnect", self._path, err)
+            return
+        except KazooException as err:
+            log.warning("cannot read %s: %s", self._path, err)
+            return
+        self._got(result)
+
+    def _await_creation(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            try:
+                pending = self._client.exists_async(self._path, watch=self._on_event)
+            except KazooException as err:
+                log.debug("cannot watch for %s (%s)", self._path, err)
+                return
+            pending.rawlink(completion(self._client.handler, self._on_exists))
+
+    def _on_exists(self, pending: Any) -> None:
+        try:
+            stat = pending.get()
+        except KazooException as err:  # connection loss: read again on reconnect
+            log.debug("watching for %s failed (%s)", self._path, err)
+            return
+        if stat is not None:
+            self._read()  # created meanwhile; otherwise its creation fires the exists watch
+
+    def _on_event(self, event: Any) -> None:
+        if event.type != "NONE" and not self._stopped:  # NONE: the connection dropped
+            self._read()
+
+    def _on_state(self, state: str) -> None:
+        # kazoo's connection thread: only schedule work, never block here.
+        if state == KazooState.CONNECTED and not self._stopped:
+            self._client.handler.spawn(self._read)
+
+    def _end(self) -> None:
+        """No call after this returns, no watcher or listener left. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._client.remove_listener(self._on_state)
+        _forget_watchers_when_settled(self._client, self, self._path)
+
+
+class _FolderWatch(_ZnodeFollower):
     """Follows the children of one znode, also while that znode does not exist.
 
     ``on_children(names)`` is called with the children now (on the caller's thread) and after
@@ -755,12 +845,8 @@ class _FolderWatch:
     """
 
     def __init__(self, client: KazooClient, path: str, on_children: Callable[[List[str]], None]) -> None:
-        self._client = client
-        self._path = path
+        super().__init__(client, path)
         self._on_children = on_children
-        # Reentrant: kazoo runs a reply's callbacks inline when its handler is stopped.
-        self._lock = threading.RLock()
-        self._stopped = False
         self._pzxid = -1  # the newest children list given (its parent's pzxid)
 
     def start(self) -> None:
@@ -793,69 +879,18 @@ class _FolderWatch:
                 self._pzxid = stat.pzxid
             self._on_children(children)
 
-    def _read(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            try:
-                pending = self._client.get_children_async(self._path, watch=self._on_event, include_data=True)
-            except KazooException as err:
-                log.debug("cannot read the children of %s (%s)", self._path, err)
-                return
-            pending.rawlink(completion(self._client.handler, self._on_reply))
+    def _request(self) -> Any:
+        return self._client.get_children_async(self._path, watch=self._on_event, include_data=True)
 
-    def _on_reply(self, pending: Any) -> None:
-        try:
-            children, stat = pending.get()
-        except NoNodeError:
-            self._give([], None)
-            self._await_creation()
-            return
-        except (ConnectionLoss, SessionExpiredError, ConnectionClosedError) as err:
-            log.debug("reading the children of %s failed (%s); read again on reconnect", self._path, err)
-            return
-        except KazooException as err:
-            log.warning("cannot read the children of %s: %s", self._path, err)
-            return
-        self._give(children, stat)
+    def _got(self, result: Any) -> None:
+        self._give(*result)
 
-    def _await_creation(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            try:
-                pending = self._client.exists_async(self._path, watch=self._on_event)
-            except KazooException as err:
-                log.debug("cannot watch for %s (%s)", self._path, err)
-                return
-            pending.rawlink(completion(self._client.handler, self._on_exists))
-
-    def _on_exists(self, pending: Any) -> None:
-        try:
-            stat = pending.get()
-        except KazooException as err:  # connection loss: read again on reconnect
-            log.debug("watching for %s failed (%s)", self._path, err)
-            return
-        if stat is not None:
-            self._read()  # created meanwhile; otherwise its creation fires the exists watch
-
-    def _on_event(self, event: Any) -> None:
-        if event.type != "NONE" and not self._stopped:  # NONE: the connection dropped
-            self._read()
-
-    def _on_state(self, state: str) -> None:
-        # kazoo's connection thread: only schedule work, never block here.
-        if state == KazooState.CONNECTED and not self._stopped:
-            self._client.handler.spawn(self._read)
+    def _vanished(self) -> None:
+        self._give([], None)
 
     def stop(self) -> None:
         """Stop following: no call after this returns, no watcher or listener left. Idempotent."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-        self._client.remove_listener(self._on_state)
-        _forget_watchers_when_settled(self._client, self, self._path)
+        self._end()
 
 
 class _Token:
@@ -1102,7 +1137,7 @@ def _parse_limits(path: str, raw: Optional[bytes]) -> Optional[ServiceLimits]:
         return None
 
 
-class ServiceLimitsWatch:
+class ServiceLimitsWatch(_ZnodeFollower):
     """Follows one service's limits znode into a callback, also while the znode does not exist.
 
     ``callback(limits)`` runs with the znode's limits (None: no znode, or unreadable data) once
@@ -1114,13 +1149,8 @@ class ServiceLimitsWatch:
     """
 
     def __init__(self, client: KazooClient, cfg: ZooKeeperConfig, path: str, callback: LimitsCallback) -> None:
-        self._client = client
-        self._path = path
+        super().__init__(client, path)
         self._callback = callback
-        # Reentrant: kazoo runs a reply's callbacks inline when its handler is stopped. Requests
-        # are sent under it, so that after close() nothing more is sent.
-        self._lock = threading.RLock()
-        self._closed = False
         self._mzxid = -1  # the newest version given, so a late reply never wins over a newer one
         client.add_listener(self._on_state)
         try:
@@ -1140,7 +1170,7 @@ class ServiceLimitsWatch:
 
     def _give(self, raw: Optional[bytes], stat: Any) -> None:
         with self._lock:
-            if self._closed:
+            if self._stopped:
                 return
             if stat is not None:
                 if stat.mzxid < self._mzxid:
@@ -1152,66 +1182,18 @@ class ServiceLimitsWatch:
             except Exception:  # a callback's bug must not end the watch
                 log.exception("the limits callback of %s failed", self._path)
 
-    def _read(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                pending = self._client.get_async(self._path, watch=self._on_event)
-            except KazooException as err:  # the session is closed
-                log.debug("cannot read %s (%s)", self._path, err)
-                return
-            pending.rawlink(completion(self._client.handler, self._on_reply))
+    def _request(self) -> Any:
+        return self._client.get_async(self._path, watch=self._on_event)
 
-    def _on_reply(self, pending: Any) -> None:
-        try:
-            raw, stat = pending.get()
-        except NoNodeError:
-            self._await_creation()
-            self._give(None, None)
-            return
-        except KazooException as err:  # connection loss: read again on reconnect
-            log.debug("reading %s failed (%s); read again on reconnect", self._path, err)
-            return
-        self._give(raw, stat)
+    def _got(self, result: Any) -> None:
+        self._give(*result)
 
-    def _await_creation(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                pending = self._client.exists_async(self._path, watch=self._on_event)
-            except KazooException as err:
-                log.debug("cannot watch for %s (%s)", self._path, err)
-                return
-            pending.rawlink(completion(self._client.handler, self._on_exists))
-
-    def _on_exists(self, pending: Any) -> None:
-        try:
-            stat = pending.get()
-        except KazooException as err:
-            log.debug("watching for %s failed (%s)", self._path, err)
-            return
-        if stat is not None:
-            self._read()  # created meanwhile; otherwise its creation fires the watch
-
-    def _on_event(self, event: Any) -> None:
-        if event.type != "NONE" and not self._closed:  # NONE: the connection dropped
-            self._read()
-
-    def _on_state(self, state: str) -> None:
-        # kazoo's connection thread: only schedule work, never block here.
-        if state == KazooState.CONNECTED and not self._closed:
-            self._client.handler.spawn(self._read)
+    def _vanished(self) -> None:
+        self._give(None, None)
 
     def close(self) -> None:
         """Stop calling the callback: none starts after this returns. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._client.remove_listener(self._on_state)
-        _forget_watchers_when_settled(self._client, self, self._path)
+        self._end()
 
 
 # -- consumers: who calls whom ----------------------------------------------------------------------
