@@ -353,6 +353,22 @@ def start_provider(config_path: str, cpu: int | None) -> subprocess.Popen:
     return proc
 
 
+def prepare(config_name: str) -> "tuple[str, config.Config, Any, Any, List[int]]":
+    """Pin this (the client's) process to the first CPU, write the benchmark's config file and
+    register its appkey: (config path, config, client CPU, the CPU left for the provider, all
+    CPUs); the CPUs are None on a single-CPU machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    client_cpu, server_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
+    if client_cpu is not None:
+        os.sched_setaffinity(0, {client_cpu})
+    config_path = str(Path(os.environ.get("TMPDIR", "/tmp")) / config_name)
+    Path(config_path).write_text(CONFIG_TEXT)
+    cfg = config.load(config_path, ENV)
+    create_schema(cfg.mysql)
+    add_appkey(cfg.mysql, APPKEY, owner="bench")
+    return config_path, cfg, client_cpu, server_cpu, cpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not for figures)")
@@ -360,15 +376,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
 
-    cpus = sorted(os.sched_getaffinity(0))
-    client_cpu, server_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
-    if client_cpu is not None:
-        os.sched_setaffinity(0, {client_cpu})
-    config_path = str(Path(os.environ.get("TMPDIR", "/tmp")) / "thriftprobe-bench.yml")
-    Path(config_path).write_text(CONFIG_TEXT)
-    cfg = config.load(config_path, ENV)
-    create_schema(cfg.mysql)
-    add_appkey(cfg.mysql, APPKEY, owner="bench")
+    config_path, cfg, client_cpu, server_cpu, cpus = prepare("thriftprobe-bench.yml")
     zk = KazooClient(hosts=cfg.zookeeper.hosts)
     zk.start(10)
     for leftover in ("/services/%s" % ENV,):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -24,12 +23,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import APPKEY, CONFIG_TEXT, ENV, IDL, PAYLOAD, demo, pct, start_provider
+from bench import APPKEY, IDL, PAYLOAD, demo, pct, prepare, start_provider
 from thriftpy2.contrib.aio.rpc import make_client
 
 from thriftprobe import aio, config
-from thriftprobe.stores.appkeys import add_appkey
-from thriftprobe.stores.mysql import create_schema
 
 CONCURRENCY = 64
 
@@ -108,15 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not for figures)")
     args = parser.parse_args()
-    cpus = sorted(os.sched_getaffinity(0))
-    client_cpu, server_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
-    if client_cpu is not None:
-        os.sched_setaffinity(0, {client_cpu})
-    config_path = str(Path(os.environ.get("TMPDIR", "/tmp")) / "thriftprobe-bench-aio.yml")
-    Path(config_path).write_text(CONFIG_TEXT)
-    cfg = config.load(config_path, ENV)
-    create_schema(cfg.mysql)
-    add_appkey(cfg.mysql, APPKEY, owner="bench")
+    config_path, cfg, client_cpu, server_cpu, cpus = prepare("thriftprobe-bench-aio.yml")
     provider = start_provider(config_path, server_cpu)
     try:
         rounds, per_task, singles = (2, 20, 300) if args.quick else (10, 100, 2000)

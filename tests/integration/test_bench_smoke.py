@@ -30,3 +30,17 @@ def test_quick_benchmark_runs_and_one_node_change_costs_one_read(tmp_path, servi
     # (a join, a weight change and a switch-off per round; a removal carries no time).
     assert {"metrics on", "metrics off", "p50_on_over_off"} <= set(results["metrics_cost"])
     assert results["discovery_lag"]["n"] == 3 * results["propagation"]["join"]["n"]
+
+
+def test_quick_asyncio_benchmark_runs_both_clients_side_by_side(services):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "bench_aio.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=str(ROOT), check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("thriftpy2.contrib.aio", "thriftprobe.aio"))]
+    assert len(rows) == 2
+    for row in rows:  # calls/s, p50 and p99 measured for each
+        assert all(float(x) > 0 for x in row.split()[-3:]), row
+    assert "throughput thriftprobe.aio / plain, per round: median" in done.stdout
+    assert "p50        thriftprobe.aio / plain, per round: median" in done.stdout
