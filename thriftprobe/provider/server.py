@@ -167,8 +167,8 @@ class _Conn:
     """One client connection. Owned by the I/O thread, except while BUSY: then by one worker."""
 
     __slots__ = (
-        "admitted", "blocking", "close_after", "fd", "handed_back", "inbuf", "out", "out_deadline", "peer",
-        "read_start", "reader", "rejecting", "since", "sock", "state", "whole_at",
+        "admitted", "advancing", "again", "blocking", "close_after", "fd", "handed_back", "inbuf", "out",
+        "out_deadline", "peer", "read_start", "reader", "rejecting", "since", "sock", "state", "whole_at",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer: Peer, reader: MessageReader, now: float) -> None:
@@ -188,6 +188,8 @@ class _Conn:
         self.blocking = False  # a worker put the socket in blocking mode to linger on it
         self.whole_at = 0.0  # time.time() when the request being served was whole (for hooks)
         self.admitted: Optional[str] = None  # the method the limiter admitted this request as, until released
+        self.advancing = False  # the I/O thread's _advance loop runs for it
+        self.again = False  # ... and must look at the buffer once more
 
 
 class ServerCore:
@@ -527,7 +529,24 @@ class Server(ServerCore):
         self._advance(conn)
 
     def _advance(self, conn: _Conn) -> None:
-        """On the I/O thread, for a READING connection: hand a whole request on, if there is one."""
+        """On the I/O thread, for a READING connection: hand a whole request on, if there is one.
+        A request answered at once (shed, refused) leads back here through ``_after_request``
+        for the next buffered one: that turn is taken by this loop, not by recursion (a
+        pipelined flood of shed requests would exhaust the stack)."""
+        if conn.advancing:
+            conn.again = True
+            return
+        conn.advancing = True
+        try:
+            while True:
+                conn.again = False
+                self._advance_once(conn)
+                if not conn.again:
+                    return
+        finally:
+            conn.advancing = False
+
+    def _advance_once(self, conn: _Conn) -> None:
         try:
             found = conn.reader.feed(conn.inbuf)
         except MessageError as err:

@@ -613,3 +613,79 @@ def test_thriftprobe_peers_speak_each_nodes_transport_and_protocol(providers, cf
                 c.compute(calc.Operation(left=1, right=0, op="/"))
     assert seen == {"odd", "plain"}
     assert odd._server._dispatcher.handler.calls > 0 and plain._server._dispatcher.handler.calls > 0
+
+
+_ECHO_ANSWERS = (b"\x80\x01\x00\x02\x00\x00\x00\x04echo", b"\x80\x01\x00\x03\x00\x00\x00\x04echo")
+
+
+def _read_replies(sock, count, timeout=20.0):
+    """Read binary-protocol answers to echo (replies or exceptions) off ``sock`` until ``count``
+    came or the peer closed: (how many, the bytes)."""
+    sock.settimeout(timeout)
+    data = b""
+    seen = 0
+    while seen < count:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+        seen = sum(data.count(header) for header in _ECHO_ANSWERS)
+    return seen, data
+
+
+def test_a_pipelined_flood_of_shed_requests_is_answered_in_full_and_the_server_lives_on(providers):
+    """5,000 requests in one write, every one over a QPS limit: each gets its "not executed"
+    answer, in order, and the provider still serves (the answers were once given by recursion,
+    which ran out of stack after ~330 and killed the I/O thread)."""
+    from thriftprobe.limits import MethodLimit, ServiceLimits
+
+    svc = providers("a")
+    svc._server.set_limits(ServiceLimits({"echo": MethodLimit(qps=0.001, burst=1)}, rev=1))
+    s = connect(svc)
+    try:
+        s.sendall(b"".join(echo_call("f%d" % i, i + 1) for i in range(5000)))
+        seen, data = _read_replies(s, 5000)
+        assert seen == 5000
+        assert data.count(b"not executed") == 4999  # the burst of 1 ran
+    finally:
+        s.close()
+    with client(svc) as c:
+        assert c.ping() == "a"
+
+
+def test_a_client_that_never_reads_its_replies_is_not_answered_ahead(providers):
+    """Replies the client does not take are not piled up in the provider: it reads the next
+    request only once the previous reply has left (else its memory grows without bound)."""
+    svc = providers("a", read_timeout=5)
+    s = connect(svc)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setblocking(False)
+    request = echo_call("x" * (256 * 1024))
+    sent = 0
+    deadline = time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline:
+            try:
+                sent += s.send(request)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:  # closed by the provider (its write timeout): bounded too
+                break
+        # Kernel buffers on both sides and a message or two in the provider, not hundreds of MB.
+        assert sent < 64 * 1024 * 1024, sent
+    finally:
+        s.close()
+    with client(svc) as c:
+        assert c.ping() == "a"
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_reply(providers):
+    svc = providers("a")
+    s = connect(svc)
+    try:
+        s.sendall(echo_call("half-closed"))
+        s.shutdown(socket.SHUT_WR)
+        seen, data = _read_replies(s, 1, timeout=5)
+        assert seen == 1 and b"half-closed" in data
+    finally:
+        s.close()
