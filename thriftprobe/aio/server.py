@@ -33,6 +33,8 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
+import errno
 import inspect
 import logging
 import socket
@@ -61,6 +63,8 @@ _LINGERING_CLOSE = 1.0
 """After an error reply, how long the input is drained before closing (so that unread request
 bytes do not turn the close into a reset that destroys the reply)."""
 _MAX_SWEEP = 1.0
+_ACCEPT_BATCH = 16
+_ACCEPT_BACKOFF = 0.1
 
 IDLE, READING, BUSY, DRAINING, CLOSED = range(5)
 
@@ -68,20 +72,23 @@ IDLE, READING, BUSY, DRAINING, CLOSED = range(5)
 class _Conn(asyncio.Protocol):
     """One client connection: its bytes in, its state, its place in the server's tables."""
 
-    def __init__(self, server: "AioServer") -> None:
+    def __init__(self, server: "AioServer", sock: socket.socket, peer: Peer, rejecting: Optional[str]) -> None:
         self.server = server
+        self.sock = sock  # until the transport takes it over
         self.transport: Optional[asyncio.Transport] = None
-        self.peer: Peer = ("", 0)
+        self.peer = peer
         self.reader = server._new_reader()
         self.inbuf = bytearray()
         self.state = IDLE
         self.since = 0.0  # IDLE: idle since; READING: first byte at; DRAINING: draining since
         self.write_since = 0.0  # the reply waits in the transport's buffer since (0: it does not)
-        self.rejecting: Optional[str] = None  # answer the first request LOADSHEDDING for this reason
+        self.rejecting = rejecting  # answer the first request LOADSHEDDING for this reason
         self.admitted: Optional[str] = None  # the method the limiter admitted the request as, until released
         self.paused = False
-        self.close_after: Optional[str] = None
-        self.task: Optional["asyncio.Task[None]"] = None
+        self.await_drain = False  # the request is answered; go on once the reply has left
+        self.peer_done = False  # the peer half-closed while its request ran: answer, then close
+        self.advancing = False  # _advance runs for it (it loops instead of recursing)
+        self.close_after: Optional[str] = None  # DRAINING: why it will be closed
         self.whole_at = 0.0
         self.found: Optional[Tuple[int, int]] = None  # a queued request's place in ``inbuf``
 
@@ -90,29 +97,27 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self.state == CLOSED:  # closed (evicted, stopping) before the transport was made
+            transport.abort()
+            return
         # Told as soon as any reply byte waits in the buffer, and when it has all gone: the
-        # write timeout runs while it waits.
+        # write timeout runs while it waits, and the connection reads on only after.
         transport.set_write_buffer_limits(high=0, low=0)
-        self.server._opened(self)
+        self.server._made(self)
 
     def data_received(self, data: bytes) -> None:
-        server = self.server
-        if self.state == DRAINING or self.state == CLOSED:
+        state = self.state
+        if state in (DRAINING, CLOSED):
             return
         self.inbuf += data
-        if self.state == IDLE:
+        server = self.server
+        if state == IDLE:
             server._idle.pop(self, None)
             self.state = READING
             self.since = time.monotonic()
             server._reading[self] = None
             server._advance(self)
-        elif self.state == READING:
+        elif state == READING:
             server._advance(self)
         elif len(self.inbuf) > server._opts.max_message_size and not self.paused:
             # BUSY: a client that sends ahead is held at one message's worth, as a thread would be.
@@ -121,20 +126,29 @@ class _Conn(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> Optional[bool]:
-        return False  # the peer is done sending: close (a reply in progress could not be read)
+        if self.state == BUSY:  # half-closed after its request: keep the way back open for the reply
+            self.peer_done = True
+            return True
+        return False
 
     def pause_writing(self) -> None:
-        if not self.write_since:
+        if not self.write_since and self.state != CLOSED:
             self.write_since = time.monotonic()
             self.server._writing[self] = None
 
     def resume_writing(self) -> None:
         self.write_since = 0.0
         self.server._writing.pop(self, None)
+        if self.await_drain:
+            self.await_drain = False
+            self.server._after_request(self)
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
-        reason = self.close_after or ("error" if exc is not None else "peer_closed")
-        self.server._lost(self, reason)
+        self.server._forget(self, self.close_after or ("error" if exc is not None else "peer_closed"))
+
+
+_SERVING: "contextvars.ContextVar[Optional[AioServer]]" = contextvars.ContextVar("thriftprobe_serving", default=None)
+"""The server whose handler runs in this context (tasks a handler starts inherit it)."""
 
 
 class AioServer(ServerCore):
@@ -151,7 +165,7 @@ class AioServer(ServerCore):
     ) -> None:
         super().__init__(dispatcher, listener, label, options, hooks)
         self._loop = loop
-        self._conns: Set[_Conn] = set()
+        self._conns: Set[_Conn] = set()  # every connection not yet closed, its transport made or not
         # By state, each in the order its clock started (oldest first): the sweep looks at heads.
         self._idle: "collections.OrderedDict[_Conn, None]" = collections.OrderedDict()
         self._reading: "collections.OrderedDict[_Conn, None]" = collections.OrderedDict()
@@ -162,11 +176,12 @@ class AioServer(ServerCore):
         self._running = 0
         self._rejecting = 0
         self._stopping = False
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._stopped = False
+        self._accepting = False
+        self._accept_error_logged = False
         self._sweeper: Optional[asyncio.TimerHandle] = None
         self._sweep_every = max(0.02, min(_MAX_SWEEP, options.read_timeout / 8, options.idle_timeout / 8))
-        self._started = False
-        self._stopped = False
+        self._settled: Optional[asyncio.Event] = None  # set while stopping, when nothing runs or waits
 
     # -- life cycle, from other threads ---------------------------------------------------------
 
@@ -193,10 +208,9 @@ class AioServer(ServerCore):
             raise ThriftProbeError("%s: cannot serve on a closed event loop" % self._label) from err
 
     async def _open(self) -> None:
-        self._started = True
-        self._server = await self._loop.create_server(
-            lambda: _Conn(self), sock=self._listener, backlog=socket.SOMAXCONN
-        )
+        self._listener.setblocking(False)
+        self._loop.add_reader(self._listener.fileno(), self._accept)
+        self._accepting = True
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
     def stop(self, timeout: float) -> None:
@@ -223,153 +237,219 @@ class AioServer(ServerCore):
         self._stopped = True
         self._listener.close()
         for conn in list(self._conns):
-            if conn.transport is not None:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if conn.transport is not None:
                     conn.transport.abort()
+                else:
+                    conn.sock.close()
 
     async def _stop(self, timeout: float) -> None:
         if self._stopped:
             return
         self._stopped = True
+        self._stopping = True
+        loop = self._loop
         # Handlers still running are cancelled a moment before the deadline, so that they have
         # unwound and their connections are closed by the deadline itself.
         margin = min(0.25, max(0.0, timeout) / 10)
-        deadline = self._loop.time() + max(0.0, timeout) - margin
-        self._stopping = True
-        if self._server is not None:
-            self._server.close()  # no more accepts; open connections stay
-        else:
-            self._listener.close()
+        deadline = loop.time() + max(0.0, timeout) - margin
+        self._stop_accepting()
+        self._listener.close()
         for conn in list(self._idle):
             self._close(conn, "stopping")
-        while (self._running or self._waiting) and self._loop.time() < deadline:
-            self._idle_event = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle_event.wait(), deadline - self._loop.time())
+        self._settled = asyncio.Event()
+        self._check_settled()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), max(0.0, deadline - loop.time()))
         for conn in list(self._waiting):
             self._shed_unrun(conn)
-        self._waiting.clear()
         tasks = [task for task in self._tasks if not task.done()]
         if tasks:
             log.warning("%s: %d handler(s) still running at the stop deadline; cancelled", self._label, len(tasks))
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks, timeout=max(margin, 0.01))
+        # Replies on their way out (and "not executed" answers) get what is left of the time.
+        until = deadline + margin
+        while any(c.write_since or c.await_drain for c in self._conns) and loop.time() < until:
+            await asyncio.sleep(0.01)
         for conn in list(self._conns):
             self._close(conn, "stopping")
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await asyncio.sleep(0)  # the transports' own closing callbacks
 
-    _idle_event: Optional[asyncio.Event] = None
+    def _check_settled(self) -> None:
+        if self._settled is not None and not self._running and not self._waiting:
+            self._settled.set()
 
-    # -- request limits -------------------------------------------------------------------------
+    # -- accepting, on the loop -----------------------------------------------------------------
 
-    def is_handler(self, task: Optional["asyncio.Task[Any]"]) -> bool:
-        """Whether ``task`` is one of this server's requests (a handler running)."""
-        return task is not None and task in self._tasks
+    def _stop_accepting(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._listener.fileno())
 
-    def stats(self) -> Dict[str, int]:
-        """Counts now: connections, idle and reading ones, requests running and waiting."""
-        return {
-            "connections": len(self._conns),
-            "idle": len(self._idle),
-            "reading": len(self._reading),
-            "workers": self._running,
-            "queued": len(self._waiting),
-        }
+    def _resume_accepting(self) -> None:
+        if not self._stopping and not self._accepting:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
+            self._accepting = True
 
-    # -- connections, on the loop ---------------------------------------------------------------
+    def _accept(self) -> None:
+        """Accept what waits, a few at a time; out of file descriptors, make room or back off
+        (as ``provider.server`` does)."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                out_of_fds = err.errno in (errno.EMFILE, errno.ENFILE)
+                if out_of_fds and len(self._conns) < self._max_conns:
+                    self._max_conns = max(1, len(self._conns))
+                    log.warning(
+                        "%s: out of file descriptors with %d connections open; max_connections lowered to %d",
+                        self._label, len(self._conns), self._max_conns,
+                    )
+                if out_of_fds and self._idle and next(iter(self._idle)).since <= time.monotonic() - _MIN_EVICT_IDLE:
+                    self._close(next(iter(self._idle)), "evicted")
+                    return  # its descriptor is free once the loop has closed it: accept on the next turn
+                if not self._accept_error_logged:
+                    log.error(
+                        "%s: cannot accept connections (%s); retrying every %.1f s, %d connections open",
+                        self._label, err, _ACCEPT_BACKOFF, len(self._conns),
+                    )
+                    self._accept_error_logged = True
+                self._stop_accepting()
+                self._loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting)
+                return
+            if self._accept_error_logged:
+                log.warning("%s: accepting connections again", self._label)
+                self._accept_error_logged = False
+            self._admit(sock, (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0))
 
-    def _opened(self, conn: _Conn) -> None:
-        now = time.monotonic()
-        transport = conn.transport
-        assert transport is not None
-        if self._stopping:  # accepted just before the listener closed
-            conn.close_after = "stopping"
-            conn.state = CLOSED
-            transport.abort()
+    def _admit(self, sock: socket.socket, peer: Peer) -> None:
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:  # reset before we got to it
+            sock.close()
             return
+        rejecting: Optional[str] = None
         if len(self._conns) >= self._max_conns:
-            if self._idle and next(iter(self._idle)).since <= now - _MIN_EVICT_IDLE:
-                self._close(next(iter(self._idle)), "evicted")
+            if self._idle and next(iter(self._idle)).since <= time.monotonic() - _MIN_EVICT_IDLE:
+                self._close(next(iter(self._idle)), "evicted")  # out of the count at once
             elif self._rejecting >= _MAX_REJECTING:
-                conn.close_after = None
-                conn.state = CLOSED
-                transport.abort()
-                self._hook_rejected(None, conn.peer, "max_connections")
+                sock.close()
+                self._hook_rejected(None, peer, "max_connections")
                 return
             else:
-                conn.rejecting = "max_connections"
+                rejecting = "max_connections"
                 self._rejecting += 1
+        conn = _Conn(self, sock, peer, rejecting)
         self._conns.add(conn)
+        if self._hooks is not None:
+            self._hook("connection_opened", peer)
+        self._loop.create_task(self._attach(conn, sock))
+
+    async def _attach(self, conn: _Conn, sock: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: conn, sock)
+        except Exception as err:  # noqa: BLE001 - the socket failed before its transport was made
+            log.debug("%s: connection from %s:%d lost before it was served: %s", self._label, *conn.peer, err)
+            sock.close()
+            self._forget(conn, "error")
+
+    def _made(self, conn: _Conn) -> None:
+        """The transport exists: the connection's clock starts."""
+        conn.since = time.monotonic()
         if conn.rejecting is None:
-            conn.since = now
             self._idle[conn] = None
         else:  # must send its request within read_timeout, and is never evicted
             conn.state = READING
-            conn.since = now
             self._reading[conn] = None
-        if self._hooks is not None:
-            self._hook("connection_opened", conn.peer)
 
-    def _lost(self, conn: _Conn, reason: str) -> None:
+    # -- connections, on the loop ---------------------------------------------------------------
+
+    def _forget(self, conn: _Conn, reason: str) -> bool:
+        """Take a connection out of every table and count, once; False if it already was."""
+        if conn.state == CLOSED:
+            return False
         conn.state = CLOSED
         for table in (self._idle, self._reading, self._writing, self._draining):
             table.pop(conn, None)
-        if conn in self._waiting:  # never runs now
-            self._waiting.remove(conn)
+        if conn.found is not None:  # queued: never runs now
+            conn.found = None
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(conn)
             self._release(conn, cancel=True)
-            self._wake_stop()
+            self._check_settled()
         if conn in self._conns:
             self._conns.discard(conn)
             if conn.rejecting is not None:
                 self._rejecting -= 1
             if self._hooks is not None:
                 self._hook("connection_closed", conn.peer, reason)
+        return True
 
     def _close(self, conn: _Conn, reason: str) -> None:
-        """Close now (whatever the transport still buffers is dropped for timeouts, flushed
-        otherwise)."""
-        if conn.state == CLOSED or conn.transport is None:
+        """Close now: out of the tables and the count at once, the socket on the loop's next turn."""
+        if not self._forget(conn, reason):
             return
-        conn.close_after = reason
-        if reason in ("read_timeout", "write_timeout", "error", "protocol_error", "stopping"):
+        if conn.transport is not None:
             conn.transport.abort()
-        else:
-            conn.transport.close()
+        # else: connection_made aborts it
 
     def _advance(self, conn: _Conn) -> None:
-        """For a READING connection: start (or queue, or shed) a whole request, if there is one."""
+        """For a READING connection: start (or queue, or shed) each whole request buffered, in
+        order, until one runs or waits, or the buffer holds no whole request. Loops rather than
+        recursing through the replies it sheds (a pipelined flood would exhaust the stack)."""
+        if conn.advancing:
+            return  # the caller's loop goes on
+        conn.advancing = True
         try:
-            found = conn.reader.feed(conn.inbuf)
-        except MessageError as err:
-            self._refuse(conn, err)
-            return
-        if found is None:
-            return
-        self._reading.pop(conn, None)
-        conn.state = BUSY
-        if self._hooks is not None:
-            conn.whole_at = time.time()
-        reason = conn.rejecting or ("stopping" if self._stopping else None)
-        if reason is None:
-            if self._limiter.enabled:
-                name = conn.reader.name or ""
-                refusal = self._limiter.admit(name)
-                if refusal is not None:
-                    self._shed(conn, found, refusal.reason, refusal)
+            while conn.state == READING:
+                try:
+                    found = conn.reader.feed(conn.inbuf)
+                except MessageError as err:
+                    self._refuse(conn, err)
                     return
-                conn.admitted = name
-            if self._running < self._opts.workers:
-                self._run(conn, found)
-                return
-            if len(self._waiting) < self._queue_size:
-                conn.found = found
-                self._waiting.append(conn)
-                return
-            self._release(conn, cancel=True)
-            reason = OVERLOADED
-        self._shed(conn, found, reason)
+                if found is None:
+                    if conn.peer_done:  # half-closed with half a request: nothing more will come
+                        self._close(conn, "peer_closed")
+                    return
+                self._reading.pop(conn, None)
+                conn.state = BUSY
+                if self._hooks is not None:
+                    conn.whole_at = time.time()
+                reason = conn.rejecting or ("stopping" if self._stopping else None)
+                refusal: Optional[Refusal] = None
+                if reason is None:
+                    if self._limiter.enabled:
+                        name = conn.reader.name or ""
+                        refusal = self._limiter.admit(name)
+                        if refusal is None:
+                            conn.admitted = name
+                    if refusal is None:
+                        if self._running < self._opts.workers:
+                            self._run(conn, found)
+                            return
+                        if len(self._waiting) < self._queue_size:
+                            conn.found = found
+                            self._waiting.append(conn)
+                            return
+                        self._release(conn, cancel=True)
+                        reason = OVERLOADED
+                    else:
+                        reason = refusal.reason
+                self._shed(conn, found, reason, refusal)
+                self._after_request(conn)
+        finally:
+            conn.advancing = False
 
     def _take(self, conn: _Conn, found: Tuple[int, int]) -> Any:
         """The protocol over the request's bytes, which leave the connection's buffer."""
@@ -383,11 +463,11 @@ class AioServer(ServerCore):
         proto = self._take(conn, found)
         self._running += 1
         task = self._loop.create_task(self._serve(conn, name, proto))
-        conn.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: _Conn, name: str, proto: Any) -> None:
+        _SERVING.set(self)
         hooks = self._hooks
         started = time.perf_counter()
         wall = 0.0
@@ -429,11 +509,16 @@ class AioServer(ServerCore):
             self._release(conn)
             self._close(conn, "stopping")
             raise
+        except BaseException as exc:  # SystemExit and the like: this connection ends, the server lives on
+            log.error("%s: the handler of %s raised %s; closing the connection from %s:%d", self._label,
+                      method, type(exc).__name__, *conn.peer, exc_info=exc)
+            outcome = "transport_error"
+            self._release(conn)
+            self._close(conn, "error")
         finally:
             self._running -= 1
             if hooks is not None:
                 self._hook("request_finished", method, conn.peer, wall, outcome, time.perf_counter() - started)
-            conn.task = None
             self._next_waiting()
             if conn.state == BUSY:
                 self._after_request(conn)
@@ -444,29 +529,34 @@ class AioServer(ServerCore):
             found, conn.found = conn.found, None
             if conn.state == BUSY and found is not None:
                 self._run(conn, found)
-        self._wake_stop()
-
-    def _wake_stop(self) -> None:
-        if self._stopping and self._idle_event is not None and not self._running and not self._waiting:
-            self._idle_event.set()
+        self._check_settled()
 
     def _after_request(self, conn: _Conn) -> None:
-        """A BUSY connection's request is answered: read on, serve what is buffered, or close."""
-        if conn.transport is None or conn.transport.is_closing():
-            return  # closed meanwhile: connection_lost does the rest
+        """A BUSY connection's request is answered: once the reply has left, read on, serve what
+        is buffered, or close."""
+        transport = conn.transport
+        if conn.state != BUSY or transport is None or transport.is_closing():
+            return  # closing: connection_lost does the rest
+        if transport.get_write_buffer_size():
+            # The client has not taken the reply yet: nothing more is read or run for it until it
+            # has (resume_writing), or the write timeout closes it.
+            conn.await_drain = True
+            if not conn.paused:
+                conn.paused = True
+                transport.pause_reading()
+            return
         if conn.rejecting is not None:
             self._lingering_close(conn, conn.rejecting)
             return
         if conn.close_after is not None:
             self._lingering_close(conn, conn.close_after)
             return
-        if self._stopping and not conn.inbuf:
-            self._close(conn, "stopping")
+        if (self._stopping or conn.peer_done) and not conn.inbuf:
+            self._lingering_close(conn, "stopping" if self._stopping else "peer_closed")
             return
         if conn.paused:
             conn.paused = False
-            assert conn.transport is not None
-            conn.transport.resume_reading()
+            transport.resume_reading()
         conn.since = time.monotonic()
         if conn.inbuf:
             conn.state = READING
@@ -491,17 +581,22 @@ class AioServer(ServerCore):
             reply = self._dispatcher.exception_reply(name, seqid, shed_reply(self._label, name, reason, refusal))
             assert conn.transport is not None
             conn.transport.write(self._frame(reply))
-        self._after_request(conn)
 
     def _shed_unrun(self, conn: _Conn) -> None:
-        """A queued request that will never run (the stop deadline passed)."""
+        """A queued request that will never run (the stop deadline passed): answered "not
+        executed", then the connection is closed."""
+        conn.found = None
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(conn)
         self._release(conn, cancel=True)
         reader = conn.reader
         if reader.name is not None and reader.mtype == TMessageType.CALL and conn.transport is not None:
             error = shed_reply(self._label, reader.name, "stopping")
             conn.transport.write(self._frame(self._dispatcher.exception_reply(reader.name, reader.seqid or 0, error)))
         self._hook_rejected(reader.name, conn.peer, "stopping")
-        self._lingering_close(conn, "stopping")
+        conn.close_after = "stopping"
+        conn.inbuf.clear()
+        self._after_request(conn)
 
     def _refuse(self, conn: _Conn, err: MessageError) -> None:
         """A malformed or oversized request: answer what can be answered, then close."""
@@ -514,29 +609,29 @@ class AioServer(ServerCore):
             self._close(conn, reason)
             return
         self._reading.pop(conn, None)
+        conn.state = BUSY
         conn.inbuf.clear()
+        conn.close_after = reason
         reply = self._dispatcher.exception_reply(
             reader.name, reader.seqid or 0, TApplicationException(TApplicationException.PROTOCOL_ERROR, str(err))
         )
         assert conn.transport is not None
         conn.transport.write(self._frame(reply))
-        self._lingering_close(conn, reason)
+        self._after_request(conn)
 
     def _lingering_close(self, conn: _Conn, reason: str) -> None:
-        """Send what is buffered, stop sending, discard what the client still sends for a
-        moment, then close: closing with unread bytes would reset the connection and could
-        destroy the reply."""
+        """The reply has left: stop sending, discard what the client still sends for a moment,
+        then close (closing with unread bytes would reset the connection and could destroy the
+        reply)."""
         transport = conn.transport
         assert transport is not None
-        self._idle.pop(conn, None)
-        self._reading.pop(conn, None)
         conn.close_after = reason
         conn.inbuf.clear()
         if conn.paused:
             conn.paused = False
             transport.resume_reading()
-        if not transport.can_write_eof():
-            transport.close()
+        if conn.peer_done or not transport.can_write_eof():
+            self._close(conn, reason)
             return
         with contextlib.suppress(OSError, RuntimeError):
             transport.write_eof()
@@ -553,32 +648,40 @@ class AioServer(ServerCore):
             else:
                 self._limiter.release(method)
 
+    def is_handler(self) -> bool:
+        """Whether the caller runs in one of this server's requests (a handler, or a task it started)."""
+        return _SERVING.get() is self
+
+    def stats(self) -> Dict[str, int]:
+        """Counts now: connections, idle and reading ones, requests running and waiting."""
+        return {
+            "connections": len(self._conns),
+            "idle": len(self._idle),
+            "reading": len(self._reading),
+            "workers": self._running,
+            "queued": len(self._waiting),
+        }
+
     def _sweep(self) -> None:
         """Close connections past their deadlines; runs every ``_sweep_every`` seconds."""
         now = time.monotonic()
         idle_limit = now - self._opts.idle_timeout
         while self._idle and next(iter(self._idle)).since <= idle_limit:
-            conn = next(iter(self._idle))
-            self._idle.pop(conn)
-            self._close(conn, "idle_timeout")
+            self._close(next(iter(self._idle)), "idle_timeout")
         read_limit = now - self._opts.read_timeout
         while self._reading and next(iter(self._reading)).since <= read_limit:
             conn = next(iter(self._reading))
-            self._reading.pop(conn)
             log.debug("%s: closing the connection from %s:%d: its request did not arrive whole within %.1f s",
                       self._label, conn.peer[0], conn.peer[1], self._opts.read_timeout)
             self._close(conn, "read_timeout")
         while self._writing and next(iter(self._writing)).write_since <= read_limit:
-            conn = next(iter(self._writing))
-            self._writing.pop(conn)
-            self._close(conn, "write_timeout")
+            self._close(next(iter(self._writing)), "write_timeout")
         while self._draining and next(iter(self._draining)).since <= now - _LINGERING_CLOSE:
             conn = next(iter(self._draining))
-            self._draining.pop(conn)
-            if conn.transport is not None:
-                conn.transport.abort()
+            self._close(conn, conn.close_after or "error")
         if not self._stopped or self._conns:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
     try:

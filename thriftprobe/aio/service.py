@@ -18,7 +18,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Callable, List, Mapping, Optional, Union
+import weakref
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .. import config as config_mod
 from ..idl import IdlSource
@@ -88,7 +89,7 @@ class AioRunningService:
             self._stopping = asyncio.ensure_future(
                 self._loop.run_in_executor(None, functools.partial(self._running.stop, timeout, drain))
             )
-        if self._server.is_handler(asyncio.current_task()):
+        if self._server.is_handler():
             return  # a handler's: waiting would wait for this very call
         await asyncio.shield(self._stopping)
 
@@ -191,37 +192,77 @@ async def start_service(
         service = AioRunningService(running, servers[-1], loop)
         if block:
             service._stop_requested = requested
-            await requested.wait()
-            await service.stop()
+            try:
+                await requested.wait()
+            finally:  # stopped by a signal, by stop(), or this task cancelled: the service stops
+                await asyncio.shield(service.stop())
     return service
 
 
-class _Signals:
-    """While entered in the main thread: SIGTERM and SIGINT call ``on_signal`` on the loop
-    (``add_signal_handler``); removed on exit."""
+class _SignalHub:
+    """SIGTERM and SIGINT of one loop, fanned out to every service that waits for them. Installed
+    with the first subscriber and removed with the last; a signal the application already
+    handles (its own handler, or one of another loop) is left to it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_signal: Callable[[], None], name: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._on_signal = on_signal
-        self._name = name
+        self._subscribers: Dict[int, Tuple[Callable[[], None], str]] = {}
+        self._next = 0
         self._installed: List[int] = []
 
+    def subscribe(self, on_signal: Callable[[], None], name: str) -> int:
+        if not self._subscribers:
+            self._install()
+        self._next += 1
+        self._subscribers[self._next] = (on_signal, name)
+        return self._next
+
+    def unsubscribe(self, token: int) -> None:
+        self._subscribers.pop(token, None)
+        if not self._subscribers:
+            for sig in self._installed:
+                with contextlib.suppress(RuntimeError, ValueError):
+                    self._loop.remove_signal_handler(sig)  # back to the default, as before us
+            self._installed = []
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) not in (signal.SIG_DFL, signal.default_int_handler, None):
+                log.info("signal %d already has a handler; leaving it to the application", sig)
+                continue
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                self._loop.add_signal_handler(sig, self._heard, sig)
+                self._installed.append(sig)
+
     def _heard(self, signum: int) -> None:
-        log.info("signal %d received; stopping %s", signum, self._name)
-        self._on_signal()
+        for on_signal, name in list(self._subscribers.values()):
+            log.info("signal %d received; stopping %s", signum, name)
+            on_signal()
+
+
+_HUBS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SignalHub]" = weakref.WeakKeyDictionary()
+
+
+class _Signals:
+    """While entered: SIGTERM and SIGINT call ``on_signal`` (see ``_SignalHub``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_signal: Callable[[], None], name: str) -> None:
+        hub = _HUBS.get(loop)
+        if hub is None:
+            hub = _HUBS[loop] = _SignalHub(loop)
+        self._hub = hub
+        self._on_signal = on_signal
+        self._name = name
+        self._token = 0
 
     def __enter__(self) -> "_Signals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    self._loop.add_signal_handler(sig, self._heard, sig)
-                    self._installed.append(sig)
+        self._token = self._hub.subscribe(self._on_signal, self._name)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig in self._installed:
-            with contextlib.suppress(RuntimeError):
-                self._loop.remove_signal_handler(sig)
+        self._hub.unsubscribe(self._token)
 
 
 def _stop_abandoned(starting: "asyncio.Future[RunningService]") -> None:

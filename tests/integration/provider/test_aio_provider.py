@@ -30,8 +30,11 @@ from test_server_core import (  # noqa: F401 - collected here again, against the
     client,
     connect,
     echo_call,
+    test_a_client_that_half_closes_after_its_request_still_gets_the_reply,
+    test_a_client_that_never_reads_its_replies_is_not_answered_ahead,
     test_a_failing_hook_never_breaks_a_call,
     test_a_header_claiming_2_gib_is_refused_without_allocating,
+    test_a_pipelined_flood_of_shed_requests_is_answered_in_full_and_the_server_lives_on,
     test_a_request_arriving_while_stopping_is_shed_not_run,
     test_a_request_over_max_message_size_gets_a_protocol_error,
     test_an_old_non_strict_binary_client_is_served,
@@ -420,3 +423,228 @@ def test_pipelined_and_trickled_requests_on_one_connection_in_order(providers):
         assert got.index(b"first") < got.index(b"wait-second") < got.index(b"third")
     finally:
         s.close()
+
+
+def test_a_burst_of_connections_at_max_connections_stays_within_it(providers, monkeypatch):
+    """300 connections arriving at once on a provider at max_connections=20, all of its
+    connections idle: each newcomer closes a different idle one (the count never includes
+    connections already closed), and those over the cap are answered, then closed."""
+    from thriftprobe.aio import server as aio_server
+
+    monkeypatch.setattr(aio_server, "_MIN_EVICT_IDLE", 0.0)
+    svc = providers("a", max_connections=20)
+    idle = [connect(svc) for _ in range(20)]
+    wait_until(lambda: svc._server.stats()["connections"] == 20, what="20 idle connections")
+    burst = [socket.create_connection(("127.0.0.1", svc.port), timeout=5) for _ in range(300)]
+    most = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # sampled for a second: the count must never overshoot
+        most = max(most, svc._server.stats()["connections"])
+        time.sleep(0.005)
+    assert most <= 20 + aio_server._MAX_REJECTING, most
+    for s in idle + burst:
+        s.close()
+    wait_until(lambda: svc._server.stats()["connections"] == 0, what="every connection gone")
+    with client(svc) as c:
+        assert c.ping() == "a"
+
+
+AIO_PROVIDER_WITH_FEW_FDS = textwrap.dedent(
+    """
+    import asyncio, os, resource, sys
+    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {tests!r} + "/provider")
+    from conftest import IDL
+    from test_aio_provider import AsyncHandler
+    from thriftprobe import aio
+
+    async def main():
+        svc = await aio.start_service(IDL, sys.argv[2], "Calculator", AsyncHandler("low"), 0, config=sys.argv[1],
+                                      env={env!r}, bind_host="127.0.0.1", block=False, max_connections=10000)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        print("READY", svc.port, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await svc.stop(timeout=2.0, drain=0)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_out_of_file_descriptors_the_provider_makes_room_and_logs_once(config_path, appkey):
+    """A provider whose open files run out: it lowers max_connections to what it holds, closes
+    idle connections to make room, logs the trouble once per burst (not once per accept
+    attempt), and serves a new client."""
+    from test_server_core import Provider
+
+    provider = Provider(AIO_PROVIDER_WITH_FEW_FDS, config_path, appkey, subprocess.PIPE)
+    lines: List[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(provider.proc.stderr), daemon=True)
+    reader.start()
+    try:
+        port = provider.ready()
+        flood = []
+        for _ in range(300):  # more than its 256 files; the rest wait in the backlog
+            try:
+                flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+        wait_until(lambda: any("max_connections lowered" in x for x in lines), what="the provider meeting EMFILE")
+        time.sleep(1.1)  # time passing, not a condition: the idle connections become old enough to evict
+
+        def served() -> bool:
+            try:
+                with client(provider, timeout=1000) as c:
+                    return c.ping() == "low"
+            except (TTransportException, OSError):
+                return False
+
+        wait_until(served, timeout=10, what="a new client served")
+        for s in flood:
+            s.close()
+    finally:
+        provider.stop()
+        reader.join(5)
+    err = "".join(lines)
+    assert err.count("cannot accept connections") <= 3, err[-3000:]
+    assert "out of system resource" not in err  # asyncio's own accept loop is not used
+
+
+def test_cancelling_a_blocking_start_service_stops_the_service(cfg, appkey, zk, loop_thread):
+    """``await start_service(block=True)`` in a task that is cancelled later (a supervisor, a
+    TaskGroup sibling failing, wait_for): the service stops; no znode or port is left."""
+    parent = "/services/%s/%s" % (TEST_ENV, appkey)
+
+    async def main() -> int:
+        task = asyncio.ensure_future(aio.start_service(IDL, appkey, "Calculator", AsyncHandler("b"), 0, config=cfg,
+                                                       bind_host="127.0.0.1", drain=0))
+        while not (zk.exists(parent) and zk.get_children(parent)):
+            await asyncio.sleep(0.02)
+        port = int(zk.get_children(parent)[0].rsplit("_", 1)[1])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return port
+
+    port = loop_thread.run(main())
+    assert not zk.get_children(parent)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_large_reply_in_flight_at_stop_arrives_whole(providers):
+    svc = providers("a")
+    text = "wait" + "x" * (8 * 1024 * 1024)
+    got: List[Any] = []
+
+    def call() -> None:
+        try:
+            with client(svc, timeout=20000) as c:
+                got.append(len(c.echo(text)))
+        except Exception as err:
+            got.append(repr(err))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: _handler(svc).in_flight == 1, what="the call running")
+    svc.stop(timeout=5.0, drain=0)
+    caller.join(20)
+    assert got == [len(text)]
+
+
+def test_a_handler_raising_a_base_exception_ends_its_connection_not_the_server(providers, caplog):
+    class Fatal(BaseException):
+        pass
+
+    class Raises(AsyncHandler):
+        async def echo(self, text: str) -> str:  # type: ignore[override]
+            if text == "fatal":
+                raise Fatal("not an Exception")
+            return text
+
+    svc = providers("a", handler=Raises("a"))
+    svc.aio.set_limits(ServiceLimits({"echo": MethodLimit(concurrency=1)}, rev=1))
+    with client(svc, timeout=5000) as c:
+        started = time.monotonic()
+        with pytest.raises((TTransportException, OSError)):
+            c.echo("fatal")
+        assert time.monotonic() - started < 2  # closed at once, not left to the client's timeout
+    for i in range(3):  # its place under the concurrency limit was given back
+        with client(svc) as c:
+            assert c.echo("after-%d" % i) == "after-%d" % i
+    assert "Fatal" in caplog.text
+
+
+def test_a_handler_may_stop_its_service_from_a_task_of_its_own(providers, zk):
+    class StopsInATask(AsyncHandler):
+        service: Any = None
+
+        async def ping(self) -> str:  # type: ignore[override]
+            await asyncio.wait_for(self.service.stop(timeout=2.0, drain=0), 30)
+            return "stopping"
+
+    handler = StopsInATask("s")
+    svc = providers("s", handler=handler)
+    handler.service = svc.aio
+    with client(svc) as c:
+        started = time.monotonic()
+        assert c.ping() == "stopping"
+        assert time.monotonic() - started < 2
+    wait_until(lambda: svc.aio.stopped, what="the stop to finish")
+    assert not zk.exists(svc.znode_path)
+
+
+TWO_ASYNC_PROVIDERS = textwrap.dedent(
+    """
+    import asyncio, signal, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import IDL, Handler
+    from thriftprobe import aio
+
+    class Async(Handler):
+        async def ping(self):
+            return "two"
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        if sys.argv[3] == "app-handler":  # the application handles SIGINT itself
+            loop.add_signal_handler(signal.SIGINT, lambda: print("APP SIGINT", flush=True))
+        common = dict(config=sys.argv[1], env={env!r}, bind_host="127.0.0.1", drain=0, stop_timeout=2)
+        print("STARTING", flush=True)
+        done = await asyncio.gather(aio.start_service(IDL, sys.argv[2], "Calculator", Async("1"), 0, **common),
+                                    aio.start_service(IDL, sys.argv[2], "Calculator", Async("2"), 0, **common))
+        print("STOPPED", [svc.stopped for svc in done], flush=True)
+        if sys.argv[3] == "app-handler":
+            print("APP HANDLER KEPT", signal.getsignal(signal.SIGINT) is not signal.default_int_handler, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["plain", "app-handler"])
+def test_sigterm_stops_every_blocking_service_of_the_process(config_path, appkey, zk, mode):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TWO_ASYNC_PROVIDERS.format(tests=str(ROOT / "tests" / "integration"), env=TEST_ENV),
+         config_path, appkey, mode],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    parent = "/services/%s/%s" % (TEST_ENV, appkey)
+    try:
+        assert proc.stdout.readline().startswith("STARTING")
+        wait_until(lambda: zk.exists(parent) and len(zk.get_children(parent)) == 2, what="both registered")
+        if mode == "app-handler":
+            os.kill(proc.pid, signal.SIGINT)  # the application's: no service stops
+            assert proc.stdout.readline().startswith("APP SIGINT")
+            assert len(zk.get_children(parent)) == 2
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "STOPPED [True, True]" in out, (out, err)
+        if mode == "app-handler":
+            assert "APP HANDLER KEPT True" in out, out
+        assert not zk.get_children(parent)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
