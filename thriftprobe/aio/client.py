@@ -41,7 +41,7 @@ from ..consumer.wire import Wire
 from ..errors import LOADSHEDDING, InvalidArgument, NoAvailableNode, ThriftProbeError
 from ..idl import IdlSource
 from ..node import Node
-from .pool import AioConnection, AioConnectionPool, _timeout_at
+from .pool import AioConnection, AioConnectionPool, NodeLeft, run_until
 
 __all__ = ["AioProbeClient", "build_client"]
 
@@ -53,6 +53,8 @@ _TRANSPORT_ERRORS = (OSError, EOFError, TTransportException, TProtocolException,
 _ENCODE_ERRORS = (TDecodeException, TypeError, ValueError, OverflowError)
 _OWN_METHODS = frozenset({"close", "with_timeout"})
 _clock = time.perf_counter
+_MIN_SEND_TIME = 0.001
+"""A call with less time than this left sends nothing more (its answer could not arrive in time)."""
 
 
 class _AioCore:
@@ -96,6 +98,11 @@ class _AioCore:
             return
         with contextlib.suppress(RuntimeError):  # a closed loop: nothing left to drop
             self._loop.call_soon_threadsafe(self._pool.drop, node.address)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has begun (read again after every wait: it may come meanwhile)."""
+        return self._closed
 
     # -- the call path --------------------------------------------------------------------------
 
@@ -158,7 +165,7 @@ class _AioCore:
                     sent_error.type, "%s; sending it again found no node: %s" % (sent_error.message, none)
                 ) from sent_error
             address = conn.address
-            if loop_deadline is not None and self._loop.time() >= loop_deadline:
+            if loop_deadline is not None and self._loop.time() >= loop_deadline - _MIN_SEND_TIME:
                 # The call's time ran out (connecting, waiting for a connection, earlier tries):
                 # nothing more is sent, and the node is not to blame.
                 self._pool.release(conn)
@@ -181,6 +188,13 @@ class _AioCore:
             if tracked:
                 self._balancer.begin(address)
                 sent_at = _clock()
+            # The exchange's time: the socket timeout, or less when the call's own deadline comes
+            # first. Cut short by the deadline after the call had spent most of its time before
+            # sending (waiting for a connection, connecting, earlier tries), a timeout says
+            # nothing about the node.
+            exchange_time = self._socket_timeout
+            if loop_deadline is not None:
+                exchange_time = min(exchange_time, loop_deadline - self._loop.time())
             try:
                 reply = await self._exchange(conn, method, kwargs, loop_deadline, timeout_ms)
                 answered = not (type(reply) is TApplicationException and reply.type == LOADSHEDDING)
@@ -192,16 +206,25 @@ class _AioCore:
                     self.service_name, method, kwargs, bad.error, False)) from bad.error
             except _TRANSPORT_ERRORS as err:
                 self._pool.discard(conn)
-                if self._closed:  # close() shut the connection under the call: not the node's doing
+                if self.closed:  # close() shut the connection under the call: not the node's doing
                     raise ThriftProbeError(
                         "client for %s/%s was closed during the call to %s:%d; it may have run"
                         % (self.appkey, self.service_name, address[0], address[1])
                     ) from err
-                eligible = core._eligible(self.table.snapshot)
-                self._outliers.failure(address, len(eligible), after_send=True, eligible=eligible)
+                starved = (
+                    isinstance(err, TimeoutError) and timeout_ms is not None
+                    and exchange_time < self._socket_timeout and exchange_time < timeout_ms / 2000.0
+                )
+                if starved:
+                    if probing:
+                        self._outliers.probe_abandoned(address)
+                else:
+                    eligible = core._eligible(self.table.snapshot)
+                    self._outliers.failure(address, len(eligible), after_send=True, eligible=eligible)
                 error = threaded._transport_error(err, "%s.%s on %s:%d" % (self.service_name, api, *address))
                 sends += 1
-                if retry is not None and retry.may_retry(api, sends):
+                out_of_time = loop_deadline is not None and self._loop.time() >= loop_deadline - _MIN_SEND_TIME
+                if not out_of_time and retry is not None and retry.may_retry(api, sends):
                     log.debug("%s.%s failed on %s:%d (%s); retrying", self.service_name, api, *address, err)
                     if self._instruments is not None:
                         self._instruments.retried(api, "transport_error")
@@ -211,7 +234,7 @@ class _AioCore:
                         error.__cause__ = err
                     continue
                 if (
-                    self._instruments is not None and retry is not None
+                    self._instruments is not None and retry is not None and not out_of_time
                     and api in retry.idempotent and sends < retry.attempts
                 ):  # a retry the policy allowed and only the budget refused
                     self._instruments.budget_refused()
@@ -291,7 +314,20 @@ class _AioCore:
             wire = snapshot.wires[address]
             try:
                 return await self._pool.acquire(address, wire, deadline), probe is not None
+            except NodeLeft:  # it left the table while this call waited for one of its connections
+                if probe is not None:
+                    outliers.probe_abandoned(probe)
+                    probe = None
+                snapshot = self.table.snapshot
+                continue
             except TTransportException as err:
+                if self.closed:  # close() closed the pool under this call: no node is to blame
+                    if probe is not None:
+                        outliers.probe_abandoned(probe)
+                    raise ThriftProbeError(
+                        "client for %s/%s was closed during the call; nothing was sent"
+                        % (self.appkey, self.service_name)
+                    ) from err
                 if trace is not None:
                     trace[0] = address
                 if deadline is not None and self._loop.time() >= deadline:
@@ -339,20 +375,7 @@ class _AioCore:
         until = self._loop.time() + self._socket_timeout
         if deadline is not None and deadline < until:
             until = deadline
-        async with _timeout_at(until):
-            await proto.trans.flush()
-            if method.oneway:
-                return None
-            fname, mtype, rseqid = await proto.read_message_begin()
-            if rseqid != seqid or fname != method.name:
-                raise TTransportException(
-                    TTransportException.UNKNOWN,
-                    "reply %s#%d does not match request %s#%d" % (fname, rseqid, method.name, seqid),
-                )
-            reply = TApplicationException() if mtype == TMessageType.EXCEPTION else method.result_cls()
-            await proto.read_struct(reply)
-            await proto.read_message_end()
-        return reply
+        return await run_until(_send_and_read(proto, method, seqid), until)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -373,7 +396,9 @@ class _AioCore:
         try:
             if asyncio.get_running_loop() is self._loop:
                 await self._pool.close()
-            else:  # from another loop (the client's own has ended, typically)
+            elif self._loop.is_running():  # from another thread's loop: closed on the client's own
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._pool.close(), self._loop))
+            else:  # its loop has ended (or is not running): the sockets are closed without it
                 self._pool.abandon()
         finally:
             # The discovery is closed whatever happens to this task: cancelled, its wait still
@@ -384,6 +409,23 @@ class _AioCore:
                 self._sync.close()
             else:
                 await asyncio.shield(closing)
+
+
+async def _send_and_read(proto: Any, method: Any, seqid: int) -> Any:
+    """Flush the encoded request and read its reply (None for a oneway call)."""
+    await proto.trans.flush()
+    if method.oneway:
+        return None
+    fname, mtype, rseqid = await proto.read_message_begin()
+    if rseqid != seqid or fname != method.name:
+        raise TTransportException(
+            TTransportException.UNKNOWN,
+            "reply %s#%d does not match request %s#%d" % (fname, rseqid, method.name, seqid),
+        )
+    reply = TApplicationException() if mtype == TMessageType.EXCEPTION else method.result_cls()
+    await proto.read_struct(reply)
+    await proto.read_message_end()
+    return reply
 
 
 class _Unencodable(Exception):

@@ -21,7 +21,7 @@ import contextlib
 import errno
 import logging
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, Optional, Set, Tuple, TypeVar
 
 from thriftpy2.contrib.aio.protocol import TAsyncBinaryProtocolFactory, TAsyncCompactProtocolFactory
 from thriftpy2.contrib.aio.transport import TAsyncBufferedTransportFactory, TAsyncFramedTransportFactory
@@ -31,7 +31,7 @@ from ..consumer.pool import PoolWatcher
 from ..consumer.wire import Wire
 from ..errors import NoAvailableNode
 
-__all__ = ["AioConnection", "AioConnectionPool", "PoolExhausted"]
+__all__ = ["AioConnection", "AioConnectionPool", "NodeLeft", "PoolExhausted", "run_until"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ class PoolExhausted(NoAvailableNode):
     ran out (``max_connections_per_node``); nothing was sent."""
 
 
+class NodeLeft(Exception):
+    """The node left the table while the call waited for one of its connections (internal: the
+    client picks another node)."""
+
+
 class AioConnectionPool:
     """At most ``max_per_node`` connections per node, open or opening; calls past that wait,
     first come first served, for one to be given back (at most the call's deadline, else
@@ -157,24 +162,33 @@ class AioConnectionPool:
 
     async def acquire(self, address: Address, wire: Wire, deadline: Optional[float]) -> AioConnection:
         """An idle connection to ``address`` in ``wire``, or a new one while fewer than
-        ``max_per_node`` are open to it; else the next one a call gives back (first come, first
-        served). ``deadline`` (loop time; None: the connect timeout alone) bounds both the wait
-        and the connect. Raises TTransportException when the node cannot be reached (NOT_OPEN,
-        TIMED_OUT), PoolExhausted when no connection to it freed up in time (nothing was sent),
-        OSError when no socket can be made here."""
+        ``max_per_node`` are open to it; else the next one a call gives back, or the next free
+        place, first come first served. ``deadline`` (loop time; None: ``max_wait_ms`` from now
+        for the wait, the connect timeout for the connect) bounds both. Raises
+        TTransportException when the node cannot be reached (NOT_OPEN, TIMED_OUT),
+        PoolExhausted when no connection to it freed up in time, NodeLeft when the node left the
+        table while the call waited (nothing was sent in either case), OSError when no socket
+        can be made here."""
+        until: Optional[float] = None
         while True:
             if self._closed:
                 raise TTransportException(TTransportException.NOT_OPEN, "the connection pool is closed")
             conn = self._idle_conn(address, wire)
             if conn is not None:
                 return conn
-            if self._counts.get(address, 0) < self._max_per_node:
-                return await self._connect(address, wire, deadline)
-            handed = await self._wait(address, deadline)
-            if handed is not None:
-                if handed.wire is wire and not handed.stale():
-                    return handed
-                self._forget(handed)  # its wire changed meanwhile: a slot, then
+            if self._counts.get(address, 0) < self._max_per_node and not self._waiters.get(address):
+                return await self._connect(address, wire, deadline, reserved=False)
+            if until is None:
+                until = asyncio.get_running_loop().time() + self._max_wait if deadline is None else deadline
+            handed = await self._wait(address, until)
+            if handed is None:  # a place was freed and kept for this call
+                if not self._keep(address, wire):
+                    self._uncount(address)
+                    raise NodeLeft(address)
+                return await self._connect(address, wire, deadline, reserved=True)
+            if handed.wire is wire and not handed.stale():
+                return handed
+            self._forget(handed)  # its wire changed meanwhile, or the peer closed it
 
     def _idle_conn(self, address: Address, wire: Wire) -> Optional[AioConnection]:
         idle = self._idle.get(address)
@@ -190,18 +204,17 @@ class AioConnectionPool:
             return conn
         return None
 
-    async def _wait(self, address: Address, deadline: Optional[float]) -> Optional[AioConnection]:
-        """Wait for a connection a call gives back (returned) or a free slot (None)."""
+    async def _wait(self, address: Address, until: float) -> Optional[AioConnection]:
+        """Wait (until ``until``, loop time) for a connection a call gives back (returned) or a
+        place freed and counted for this call (None)."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + self._max_wait if deadline is None else deadline
         waiter: "asyncio.Future[Optional[AioConnection]]" = loop.create_future()
         queue = self._waiters.get(address)
         if queue is None:
             queue = self._waiters[address] = collections.deque()
         queue.append(waiter)
         try:
-            async with _timeout_at(until):
-                return await waiter
+            return await run_until(waiter, until)
         except BaseException as err:
             # Cancelled, or out of time: whatever was handed over meanwhile goes to the next in line.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
@@ -209,7 +222,7 @@ class AioConnectionPool:
                 if handed is not None:
                     self.release(handed)
                 else:
-                    self._slot_freed(address)
+                    self._uncount(address)  # the place kept for this call: to the next one
             if isinstance(err, TimeoutError):
                 raise PoolExhausted(
                     "all %d connections to %s:%d stayed busy until the call's time ran out; nothing was sent"
@@ -233,16 +246,19 @@ class AioConnectionPool:
         return False
 
     def _slot_freed(self, address: Address) -> None:
-        """A connection to ``address`` closed: the first call waiting for one may open one."""
+        """A connection to ``address`` closed: its place goes to the first call waiting for
+        one, counted for it at once (so that no later call takes it first)."""
         queue = self._waiters.get(address)
         while queue:
             waiter = queue.popleft()
             if not waiter.done():
+                self._counts[address] = self._counts.get(address, 0) + 1
                 waiter.set_result(None)
                 return
 
-    async def _connect(self, address: Address, wire: Wire, deadline: Optional[float]) -> AioConnection:
-        self._counts[address] = self._counts.get(address, 0) + 1  # the slot is taken while connecting
+    async def _connect(self, address: Address, wire: Wire, deadline: Optional[float], reserved: bool) -> AioConnection:
+        if not reserved:
+            self._counts[address] = self._counts.get(address, 0) + 1  # the place is taken while connecting
         try:
             conn = await self._open_connection(address, wire, deadline)
         except BaseException:
@@ -270,8 +286,9 @@ class AioConnectionPool:
         if deadline is not None and deadline < until:
             until = deadline
         try:
-            async with _timeout_at(until):
-                reader, writer = await asyncio.open_connection(address[0], address[1])
+            reader, writer = await run_until(
+                asyncio.open_connection(address[0], address[1]), until, discard=lambda opened: opened[1].close()
+            )
         except TimeoutError as err:
             if self._watcher is not None:
                 self._watcher.failed(address)
@@ -302,15 +319,22 @@ class AioConnectionPool:
         if len(idle) >= self._max_idle:
             self._forget(conn)
             return
-        conn.idle_since = time.monotonic()
+        now = conn.idle_since = time.monotonic()
         idle.append(conn)
+        max_age = self._max_idle_age
+        while max_age is not None and now - idle[0].idle_since > max_age:  # the coldest, left unused too long
+            self._forget(idle.popleft())
 
     def discard(self, conn: AioConnection) -> None:
         """Close a connection that is out of step (failed, timed out, cancelled mid-call)."""
         self._forget(conn)
 
     def drop(self, address: Address) -> None:
-        """Close the idle connections to a node that left the table."""
+        """A node left the table: close its idle connections, and send the calls waiting for one
+        of them back to pick another node."""
+        for waiter in self._waiters.pop(address, ()):
+            if not waiter.done():
+                waiter.set_exception(NodeLeft(address))
         for conn in self._idle.pop(address, ()):
             self._forget(conn)
 
@@ -348,37 +372,40 @@ class AioConnectionPool:
             self._forget(conn)
 
 
-def _timeout_at(when: float) -> Any:
-    """``asyncio.timeout_at`` (Python 3.11+), or the same bound by a timer on older loops."""
+_T = TypeVar("_T")
+
+
+async def run_until(
+    awaitable: Awaitable[_T], when: float, discard: Optional[Callable[[_T], None]] = None
+) -> _T:
+    """Await ``awaitable`` until ``when`` (loop time): its result, or TimeoutError (then it is
+    cancelled). A cancellation from outside stays a cancellation, also when it comes in the
+    same turn of the loop as the timeout. On Python 3.11+ ``asyncio.timeout_at``; before, the
+    work runs as a task of its own that this one waits for (cancelling the caller's own task
+    for a timeout, as ``async_timeout`` does, can swallow an outside cancel that comes at the
+    same moment). ``discard`` takes a result that came too late to be returned (it closes it)."""
     timeout_at = getattr(asyncio, "timeout_at", None)
     if timeout_at is not None:
-        return timeout_at(when)
-    return _TimeoutAt(when)
+        async with timeout_at(when):
+            return await awaitable
+    loop = asyncio.get_running_loop()
+    inner = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({inner}, timeout=max(0.0, when - loop.time()))
+    except BaseException:  # cancelled from outside
+        _abandon(inner, discard)
+        raise
+    if not done:
+        _abandon(inner, discard)
+        raise TimeoutError()
+    return inner.result()
 
 
-class _TimeoutAt:
-    """``asyncio.timeout_at`` for Python < 3.11: cancels the task at ``when`` and turns that
-    cancellation (only that one) into TimeoutError."""
+def _abandon(inner: "asyncio.Future[_T]", discard: Optional[Callable[[_T], None]]) -> None:
+    inner.cancel()
+    if discard is not None:
+        def late(task: "asyncio.Future[_T]") -> None:
+            if not task.cancelled() and task.exception() is None:
+                discard(task.result())
 
-    def __init__(self, when: float) -> None:
-        self._when = when
-        self._handle: Optional[asyncio.TimerHandle] = None
-        self._fired = False
-
-    async def __aenter__(self) -> "_TimeoutAt":
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def fire() -> None:
-            self._fired = True
-            task.cancel()
-
-        self._handle = loop.call_at(self._when, fire)
-        return self
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        if self._fired and exc_type is asyncio.CancelledError:
-            raise TimeoutError() from exc
+        inner.add_done_callback(late)

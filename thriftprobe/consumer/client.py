@@ -267,7 +267,9 @@ class _Core:
                 self._outliers.failure(conn.address, len(eligible), after_send=True, eligible=eligible)
                 error = _transport_error(err, "%s.%s on %s:%d" % (self.service_name, api, *conn.address))
                 sends += 1
-                if retry is not None and retry.may_retry(api, sends):
+                # A call whose own timeout ran out is not sent again: no budget token, no retry counted.
+                out_of_time = deadline is not None and time.monotonic() >= deadline
+                if not out_of_time and retry is not None and retry.may_retry(api, sends):
                     log.debug("%s.%s failed on %s:%d (%s); retrying", self.service_name, api, *conn.address, err)
                     if self._instruments is not None:
                         self._instruments.retried(api, "transport_error")
@@ -277,7 +279,7 @@ class _Core:
                         error.__cause__ = err
                     continue
                 if (
-                    self._instruments is not None and retry is not None
+                    self._instruments is not None and retry is not None and not out_of_time
                     and api in retry.idempotent and sends < retry.attempts
                 ):  # a retry the policy allowed and only the budget refused
                     self._instruments.budget_refused()

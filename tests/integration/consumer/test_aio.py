@@ -432,3 +432,169 @@ def test_calls_in_flight_when_the_client_closes_fail_without_blaming_the_node(se
         assert not core._outliers.excluded()
 
     asyncio.run(main())
+
+
+class CountingBudget(RetryBudget):
+    """A retry budget that counts how often a retry was asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__(window_calls=1000)
+        self.asked = 0
+
+    def withdraw(self) -> bool:
+        self.asked += 1
+        return super().withdraw()
+
+
+def test_a_call_whose_own_timeout_ran_out_asks_the_budget_for_no_retry(servers, cfg, appkey):
+    """Cut by its own timeout, a call is not sent again, so it takes no token from the retry
+    budget (that would starve the retries real failures need) and counts no retry."""
+    handler = SlowEcho("late")
+    servers(handler)
+    budget = CountingBudget()
+    retry = Retry(idempotent=["echo"], attempts=3, budget=budget)
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, retry=retry) as client:
+            for i in range(3):
+                with pytest.raises(TTransportException):
+                    await client.with_timeout(150).echo("slow-%d" % i)
+            assert budget.asked == 0
+
+    asyncio.run(main())
+
+
+def test_the_threaded_client_asks_the_budget_for_no_retry_past_the_call_timeout(servers, cfg, appkey):
+    from thriftprobe import build_client
+
+    handler = SlowEcho("late")
+    servers(handler)
+    budget = CountingBudget()
+    with build_client(IDL, appkey, "Calculator", config=cfg, retry=Retry(idempotent=["echo"], attempts=3,
+                                                                         budget=budget)) as client:
+        wait_until(lambda: client.table.snapshot.available, what="the node")
+        for i in range(3):
+            with pytest.raises(TTransportException):
+                client.with_timeout(150).echo("slow-%d" % i)
+    assert budget.asked == 0
+
+
+def test_calls_waiting_for_a_node_that_leaves_go_to_another(servers, zk, cfg, appkey):
+    """A call queued for the one connection of node A; A leaves the table and B joins: the call
+    is sent to B at once, not to the departed A, nor left to time out."""
+    slow = SlowEcho("a")
+    a = WireServer(demo.Calculator, slow)
+    a_path = register(zk, appkey, a.port)
+    b = WireServer(demo.Calculator, Handler("b"))
+    try:
+        async def main() -> None:
+            async with await _client(cfg, appkey, 1, max_connections_per_node=1,
+                                     balancer=InOrder(a.port, b.port)) as client:
+                holder = asyncio.ensure_future(client.echo("slow-hold"))
+                await _until(lambda: "slow-hold" in slow.started, "the slow call on A")
+                waiting = asyncio.ensure_future(client.with_timeout(4000).ping())
+                await asyncio.sleep(0.05)  # time passing, not a condition: the ping queues behind A's connection
+                register(zk, appkey, b.port)
+                zk.delete(a_path)
+                started = time.monotonic()
+                assert await waiting == "b"
+                assert time.monotonic() - started < 1.0
+                assert await holder == "slow-hold"
+
+        asyncio.run(main())
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_queueing_for_a_connection_is_not_blamed_on_the_node(servers, cfg, appkey, caplog):
+    """More calls than the one allowed connection can serve within their timeout: those that
+    spent their time waiting in the client fail, but the node, which answered every request it
+    got in time, is never ejected."""
+
+    class Steady(Handler):
+        def sleep_ms(self, ms: int) -> None:
+            time.sleep(ms / 1000.0)
+
+    servers(Steady("n"))
+
+    async def main() -> List[str]:
+        async with await _client(cfg, appkey, 1, max_connections_per_node=1) as client:
+            async def one(i: int) -> str:
+                await asyncio.sleep(i * 0.06)
+                try:
+                    await client.with_timeout(150).sleep_ms(100)
+                    return "ok"
+                except (TTransportException, NoAvailableNode) as err:
+                    return type(err).__name__
+            outcomes = await asyncio.gather(*(one(i) for i in range(20)))
+            assert not _core(client)._outliers.excluded()
+            return outcomes
+
+    outcomes = asyncio.run(main())
+    assert "ok" in outcomes
+    assert "ejected" not in caplog.text
+
+
+def test_the_first_call_in_line_gets_the_freed_connection(servers, cfg, appkey):
+    """With the node's one connection discarded over and over by another task's short
+    timeouts, the call first in line for it is served, not overtaken by later calls."""
+    handler = SlowEcho("n")
+    servers(handler)
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, max_connections_per_node=1) as client:
+            stop = asyncio.Event()
+
+            async def churn() -> None:
+                while not stop.is_set():
+                    with contextlib.suppress(TTransportException, NoAvailableNode):
+                        await client.with_timeout(100).echo("slow-churn")
+
+            churner = asyncio.ensure_future(churn())
+            await _until(lambda: "slow-churn" in handler.started, "the churn running")
+            try:
+                assert await client.with_timeout(2000).ping() == "n"
+            finally:
+                stop.set()
+                await churner
+
+    asyncio.run(main())
+
+
+def test_close_cuts_waiting_and_running_calls_without_blaming_any_node(servers, cfg, appkey, caplog):
+    handler = SlowEcho("n")
+    servers(handler)
+    servers(SlowEcho("m"))
+
+    async def main() -> None:
+        client = await _client(cfg, appkey, 2, max_connections_per_node=1)
+        core = _core(client)
+        calls = [asyncio.ensure_future(client.echo("slow-%d" % i)) for i in range(6)]
+        await _until(lambda: len(handler.started) >= 1, "a call running")
+        await asyncio.sleep(0.05)  # time passing, not a condition: the others queue
+        await client.close()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(type(o) is ThriftProbeError and "closed during the call" in str(o) for o in outcomes), outcomes
+        assert not core._outliers.excluded()
+
+    asyncio.run(main())
+    assert "ejected" not in caplog.text
+
+
+def test_idle_connections_past_max_idle_age_are_closed_while_calls_go_on(servers, cfg, appkey):
+    server = servers(Handler("n"))
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 1, max_idle_age=0.3) as client:
+            await asyncio.gather(*(client.echo("burst") for _ in range(16)))
+            pool = _core(client)._pool
+            assert pool.open_count > 1
+            deadline = time.monotonic() + 5
+            while pool.open_count > 1:  # steady calls, one at a time, reuse the warmest only
+                assert time.monotonic() < deadline, pool.open_count
+                assert await client.echo("steady") == "steady"
+                await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert server.accepted > 1
