@@ -211,7 +211,8 @@ def providers(cfg: config.Config, appkey: str) -> Iterator[Callable[..., object]
         kwargs.setdefault("config", cfg)
         kwargs.setdefault("bind_host", "127.0.0.1")
         kwargs.setdefault("drain", 0)  # tests that need a drain period ask for one
-        svc = start_service(IDL, appkey, "Calculator", Handler(tag), port, block=False, **kwargs)
+        handler = kwargs.pop("handler", None) or Handler(tag)
+        svc = start_service(IDL, appkey, "Calculator", handler, port, block=False, **kwargs)
         started.append(svc)
         return svc
 

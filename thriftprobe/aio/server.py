@@ -462,7 +462,9 @@ class AioServer(ServerCore):
         name = conn.reader.name or ""
         proto = self._take(conn, found)
         self._running += 1
-        task = self._loop.create_task(self._serve(conn, name, proto))
+        # A fresh copy of the server's context for each request (create_task would copy the
+        # current one: a finishing handler's, when this request was queued behind it).
+        task = self._context.copy().run(self._loop.create_task, self._serve(conn, name, proto))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -221,9 +221,18 @@ class _SignalHub:
         self._subscribers.pop(token, None)
         if not self._subscribers:
             for sig in self._installed:
+                if self._replaced(sig):
+                    continue  # the application set its own handler since: it stays
                 with contextlib.suppress(RuntimeError, ValueError):
                     self._loop.remove_signal_handler(sig)  # back to the default, as before us
             self._installed = []
+
+    def _replaced(self, sig: int) -> bool:
+        """Whether the loop's handler for ``sig`` is no longer this hub's (asyncio keeps them in
+        ``_signal_handlers``; a loop without it is taken as unchanged)."""
+        handlers = getattr(self._loop, "_signal_handlers", None)
+        handle = handlers.get(sig) if isinstance(handlers, dict) else None
+        return handle is not None and getattr(handle, "_callback", self._heard) != self._heard
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import errno
 import logging
 import queue
@@ -217,6 +218,9 @@ class ServerCore:
         )
         self._max_conns = options.max_connections if options.max_connections is not None else default_max_connections()
         self._queue_size = options.workers if options.queue_size is None else options.queue_size
+        # Each request runs in a fresh copy of the context the server was built in: what one
+        # handler sets in a ContextVar (a user, a tenant, a trace id) never reaches the next.
+        self._context = contextvars.copy_context()
 
     def set_limits(self, limits: ServiceLimits) -> None:
         """Apply ``limits`` (``thriftprobe.limits``) from the next request on; from any thread.
@@ -917,7 +921,7 @@ class Server(ServerCore):
         me = threading.get_ident()
         self._running.add(me)
         try:
-            reply, method, outcome = self._dispatcher.handle(proto)
+            reply, method, outcome = self._context.copy().run(self._dispatcher.handle, proto)
         except Exception as err:  # noqa: BLE001 - malformed arguments: the stream cannot be trusted
             self._running.discard(me)
             log.info("%s: closing the connection from %s:%d: bad request: %s", self._label, *conn.peer, err)

@@ -47,6 +47,7 @@ from test_server_core import (  # noqa: F401 - collected here again, against the
     test_pipelined_requests_are_answered_in_order,
     test_slow_and_silent_peers_never_hold_a_worker,
     test_transports_and_protocols_with_a_thriftpy2_client,
+    test_what_a_handler_sets_in_a_context_var_never_reaches_the_next_request,
 )
 from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
@@ -527,9 +528,18 @@ def test_cancelling_a_blocking_start_service_stops_the_service(cfg, appkey, zk, 
         return port
 
     port = loop_thread.run(main())
-    assert not zk.get_children(parent)
-    with pytest.raises(OSError):
+    # Cancelled once started, it stops before the task ends; cancelled while the start was still
+    # finishing (registered, not yet returned), it stops as soon as the start returns.
+    wait_until(lambda: not zk.get_children(parent), what="the znode gone")
+    wait_until(lambda: _refused(port), what="the port closed")
+
+
+def _refused(port: int) -> bool:
+    try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 def test_a_large_reply_in_flight_at_stop_arrives_whole(providers):
@@ -648,3 +658,38 @@ def test_sigterm_stops_every_blocking_service_of_the_process(config_path, appkey
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+LATE_APP_HANDLER = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import IDL, Handler
+    from thriftprobe import aio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        svc = await aio.start_service(IDL, sys.argv[2], "Calculator", Handler("late"), 0, config=sys.argv[1],
+                                      env={env!r}, bind_host="127.0.0.1", block=False, drain=0, stop_timeout=2)
+        serving = asyncio.ensure_future(svc.serve_forever())
+        await asyncio.sleep(0.1)
+        heard = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, heard.set)  # a component the application starts later
+        await svc.stop()
+        await serving
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(heard.wait(), 5)
+        print("APP HANDLER RAN", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_handler_the_application_set_after_the_service_started_survives_its_stop(config_path, appkey):
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_APP_HANDLER.format(tests=str(ROOT / "tests" / "integration"), env=TEST_ENV),
+         config_path, appkey],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0 and "APP HANDLER RAN" in done.stdout, (done.stdout, done.stderr[-2000:])

@@ -5,6 +5,7 @@ running out of file descriptors, stopping with stuck handlers; and framed + comp
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import resource
 import socket
 import struct
@@ -16,7 +17,7 @@ import time
 
 import pytest
 import thriftpy2
-from conftest import IDL, ROOT, TEST_ENV, wait_until
+from conftest import IDL, ROOT, TEST_ENV, Handler, wait_until
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.rpc import make_client
 from thriftpy2.thrift import TApplicationException
@@ -689,3 +690,29 @@ def test_a_client_that_half_closes_after_its_request_still_gets_the_reply(provid
         assert seen == 1 and b"half-closed" in data
     finally:
         s.close()
+
+
+_USER = contextvars.ContextVar("user", default=None)
+
+
+class RemembersUser(Handler):
+    """Sets a ContextVar in each call, as auth or tracing middleware does, and says what it found."""
+
+    def echo(self, text):
+        seen = _USER.get()
+        _USER.set(text)
+        return "%s saw %r" % (text, seen)
+
+
+def test_what_a_handler_sets_in_a_context_var_never_reaches_the_next_request(providers):
+    svc = providers("a", handler=RemembersUser("a"), workers=1)
+    s = connect(svc)
+    try:
+        s.sendall(echo_call("carol", 1) + echo_call("dave", 2))  # the second waits behind the first
+        seen, data = _read_replies(s, 2, timeout=5)
+        assert seen == 2
+        assert b"carol saw None" in data and b"dave saw None" in data, data
+    finally:
+        s.close()
+    with client(svc) as c:  # another client, later: a clean context too
+        assert c.echo("erin") == "erin saw None"
