@@ -291,13 +291,26 @@ class _AioCore:
             barred = avoid | never
             probe = outliers.claim_probe(lambda address: address in eligible and address not in barred)
         tried: FrozenSet[Address] = never
+        # Nodes whose every allowed connection is busy: the call goes to another node with room
+        # if the balancer finds one, and waits for the first of them only when none has room.
+        full: FrozenSet[Address] = frozenset()
+        first_full: Optional[Address] = None
         error: Optional[Exception] = None
         where = "service %r in env %s, appkey %s" % (self.service_name, self.env, self.appkey)
         while True:
             if probe is not None:
                 address = probe
             else:
-                node = pick(snapshot, ejected, avoid | tried if avoid else tried, call)
+                node = pick(snapshot, ejected, avoid | tried | full, call)
+                if node is not None and self._pool.full(node.address):
+                    if first_full is None:
+                        first_full = node.address
+                    full = full | {node.address}
+                    continue
+                if node is None and first_full is not None:
+                    node = next(n for n in snapshot.all_nodes if n.address == first_full)  # wait for it
+                    first_full = None
+                    full = frozenset()
                 if node is None and (ejected or avoid):
                     ejected = avoid = frozenset()
                     continue
@@ -319,6 +332,7 @@ class _AioCore:
                     outliers.probe_abandoned(probe)
                     probe = None
                 snapshot = self.table.snapshot
+                full, first_full = frozenset(), None
                 continue
             except TTransportException as err:
                 if self.closed:  # close() closed the pool under this call: no node is to blame
@@ -397,7 +411,13 @@ class _AioCore:
             if asyncio.get_running_loop() is self._loop:
                 await self._pool.close()
             elif self._loop.is_running():  # from another thread's loop: closed on the client's own
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._pool.close(), self._loop))
+                pool_closing = asyncio.run_coroutine_threadsafe(self._pool.close(), self._loop)
+                waiting = asyncio.wrap_future(pool_closing)
+                while not (await asyncio.wait({waiting}, timeout=0.1))[0]:
+                    if not self._loop.is_running():  # it stopped before it got to the close
+                        pool_closing.cancel()
+                        self._pool.abandon()
+                        break
             else:  # its loop has ended (or is not running): the sockets are closed without it
                 self._pool.abandon()
         finally:

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import errno
 import logging
+import socket
 import time
 from typing import Any, Awaitable, Callable, Deque, Dict, Optional, Set, Tuple, TypeVar
 
@@ -96,13 +97,26 @@ class AioConnection:
         reader = self._sock.reader
         return self._sock.writer.is_closing() or reader.at_eof() or bool(getattr(reader, "_buffer", b""))
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Close it; ``abort``: at once, dropping what is still unsent (a connection out of step,
+        or one whose peer stopped reading would otherwise stay open until it reads)."""
+        transport = self._sock.writer.transport
         try:
-            self._sock.close()
+            if abort:
+                transport.abort()
+            else:
+                self._sock.close()
         except RuntimeError:  # its event loop is closed: close the socket itself
             raw = self._sock.writer.get_extra_info("socket")
             with contextlib.suppress(OSError):
                 getattr(raw, "_sock", raw).close()
+
+    def shut(self) -> None:
+        """Shut the socket down (the peer sees it closed) without its event loop, which closes
+        the descriptor when it runs again (or is closed)."""
+        raw = self._sock.writer.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            raw.shutdown(socket.SHUT_RDWR)
 
     async def wait_closed(self) -> None:
         with contextlib.suppress(OSError):  # a reset while closing: closed all the same
@@ -155,6 +169,13 @@ class AioConnectionPool:
     def open_count(self) -> int:
         """Connections open now, idle or lent."""
         return len(self._open)
+
+    def full(self, address: Address) -> bool:
+        """Whether a call to ``address`` would have to wait: every allowed connection is open
+        and none is idle (or others wait already)."""
+        return (
+            self._counts.get(address, 0) >= self._max_per_node and not self._idle.get(address)
+        ) or bool(self._waiters.get(address))
 
     def idle_count(self, address: Address) -> int:
         idle = self._idle.get(address)
@@ -326,8 +347,9 @@ class AioConnectionPool:
             self._forget(idle.popleft())
 
     def discard(self, conn: AioConnection) -> None:
-        """Close a connection that is out of step (failed, timed out, cancelled mid-call)."""
-        self._forget(conn)
+        """Close a connection that is out of step (failed, timed out, cancelled mid-call), at
+        once: what it still had to send is dropped."""
+        self._forget(conn, abort=True)
 
     def drop(self, address: Address) -> None:
         """A node left the table: close its idle connections, and send the calls waiting for one
@@ -338,13 +360,13 @@ class AioConnectionPool:
         for conn in self._idle.pop(address, ()):
             self._forget(conn)
 
-    def _forget(self, conn: AioConnection) -> None:
+    def _forget(self, conn: AioConnection, abort: bool = False) -> None:
         if conn in self._open:
             self._open.discard(conn)
             if self._watcher is not None:
                 self._watcher.closed(conn.address)
             self._uncount(conn.address)
-        conn.close()
+        conn.close(abort)
 
     async def close(self) -> None:
         """Close every connection, idle or lent (a lent one's call then fails), and fail the
@@ -358,7 +380,7 @@ class AioConnectionPool:
                 waiter.set_exception(TTransportException(TTransportException.NOT_OPEN, "the client was closed"))
         conns = list(self._open)
         for conn in conns:
-            self._forget(conn)
+            self._forget(conn, abort=True)  # idle ones have nothing unsent; lent ones' calls end
         for conn in conns:
             await conn.wait_closed()
 
@@ -369,7 +391,8 @@ class AioConnectionPool:
         self._idle.clear()
         self._waiters.clear()
         for conn in list(self._open):
-            self._forget(conn)
+            conn.shut()
+            self._forget(conn, abort=True)
 
 
 _T = TypeVar("_T")

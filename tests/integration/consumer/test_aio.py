@@ -8,6 +8,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -490,16 +491,18 @@ def test_calls_waiting_for_a_node_that_leaves_go_to_another(servers, zk, cfg, ap
         async def main() -> None:
             async with await _client(cfg, appkey, 1, max_connections_per_node=1,
                                      balancer=InOrder(a.port, b.port)) as client:
-                holder = asyncio.ensure_future(client.echo("slow-hold"))
-                await _until(lambda: "slow-hold" in slow.started, "the slow call on A")
+                holder = asyncio.ensure_future(client.with_timeout(5000).sleep_ms(2000))
+                await _until(lambda: slow.calls == 1, "the slow call on A")
                 waiting = asyncio.ensure_future(client.with_timeout(4000).ping())
                 await asyncio.sleep(0.05)  # time passing, not a condition: the ping queues behind A's connection
                 register(zk, appkey, b.port)
+                # (B in the table first: a removal that would empty it is held for a grace period)
+                await _until(lambda: len(client.table.snapshot.available) == 2, "B in the table")
                 zk.delete(a_path)
                 started = time.monotonic()
                 assert await waiting == "b"
                 assert time.monotonic() - started < 1.0
-                assert await holder == "slow-hold"
+                assert await holder is None
 
         asyncio.run(main())
     finally:
@@ -598,3 +601,118 @@ def test_idle_connections_past_max_idle_age_are_closed_while_calls_go_on(servers
 
     asyncio.run(main())
     assert server.accepted > 1
+
+
+class SilentNode:
+    """A node that accepts connections and never reads a byte (a provider stuck for good)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port: int = self.listener.getsockname()[1]
+        self.conns: List[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.conns.append(conn)
+
+    def stop(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_calls_to_a_node_that_stopped_reading_leave_no_socket_behind(zk, cfg, appkey):
+    """Large requests to a node that reads nothing: each call times out, and its connection is
+    closed at once, with its unsent bytes (closing it gracefully would keep the socket open for
+    as long as the node does not read, outside the per-node cap); close() returns."""
+    node = SilentNode()
+    register(zk, appkey, node.port)
+    try:
+        async def main() -> None:
+            client = await _client(cfg, appkey, 1, max_connections_per_node=2, socket_timeout=500)
+            baseline = _sockets()
+            big = "x" * (8 * 1024 * 1024)
+            for _ in range(10):
+                with pytest.raises((TTransportException, NoAvailableNode)):
+                    await client.with_timeout(200).echo(big)
+            # (the node's own ends of the connections are in this process too, kept open)
+            await _until(lambda: _sockets() - len(node.conns) <= baseline, "the timed-out calls' sockets closed")
+            blocked = asyncio.ensure_future(client.echo(big))  # stuck sending when close() comes
+            await asyncio.sleep(0.1)  # time passing, not a condition: the send fills the buffers
+            await asyncio.wait_for(client.close(), 5)
+            with pytest.raises(ThriftProbeError):
+                await blocked
+
+        before = _sockets()
+        asyncio.run(main())
+        wait_until(lambda: _sockets() - len(node.conns) <= before, what="every socket closed")
+    finally:
+        node.stop()
+
+
+def test_close_from_another_thread_while_the_clients_loop_stops_still_closes(providers, cfg, appkey):
+    providers("a")
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        client = asyncio.run_coroutine_threadsafe(_client(cfg, appkey, 1), loop).result(30)
+        assert asyncio.run_coroutine_threadsafe(client.ping(), loop).result(10) == "a"
+        pool = _core(client)._pool
+        loop.call_soon_threadsafe(time.sleep, 0.3)  # busy: the stop below comes before the close
+        loop.call_soon_threadsafe(loop.stop)
+        asyncio.run(asyncio.wait_for(client.close(), 5))
+        runner.join(5)
+        assert pool.open_count == 0
+        assert _core(client)._core._closed
+    finally:
+        if not loop.is_running():
+            loop.close()
+
+
+def test_close_from_a_new_loop_while_the_old_one_is_idle_disconnects_the_node(servers, cfg, appkey):
+    server = servers(Handler("n"))
+    old = asyncio.new_event_loop()
+    try:
+        client = old.run_until_complete(_client(cfg, appkey, 1))
+
+        async def calls() -> None:
+            await asyncio.gather(*(client.echo("x") for _ in range(8)))
+
+        old.run_until_complete(calls())
+        assert server.accepted >= 1
+        asyncio.run(client.close())  # the old loop is open, not running
+        wait_until(lambda: all(c.fileno() == -1 for c in server._conns), what="the node to see every connection end")
+    finally:
+        old.close()
+
+
+def test_a_node_with_every_connection_busy_spills_calls_to_a_node_with_room(servers, cfg, appkey):
+    """The balancer picks A, whose one allowed connection is busy, while B has room: the call
+    goes to B at once instead of waiting out its timeout for A."""
+    slow = SlowEcho("a")
+    a = servers(slow)
+    b = servers(Handler("b"))
+
+    async def main() -> None:
+        async with await _client(cfg, appkey, 2, max_connections_per_node=1,
+                                 balancer=InOrder(a.port, b.port)) as client:
+            holder = asyncio.ensure_future(client.with_timeout(5000).sleep_ms(1500))
+            await _until(lambda: slow.calls == 1, "the slow call on A")
+            started = time.monotonic()
+            for _ in range(5):
+                assert await client.with_timeout(1000).ping() == "b"
+            assert time.monotonic() - started < 1.0
+            assert await holder is None
+            assert await client.ping() == "a"  # A has room again: the balancer's choice stands
+
+    asyncio.run(main())
