@@ -291,26 +291,13 @@ class _AioCore:
             barred = avoid | never
             probe = outliers.claim_probe(lambda address: address in eligible and address not in barred)
         tried: FrozenSet[Address] = never
-        # Nodes whose every allowed connection is busy: the call goes to another node with room
-        # if the balancer finds one, and waits for the first of them only when none has room.
-        full: FrozenSet[Address] = frozenset()
-        first_full: Optional[Address] = None
         error: Optional[Exception] = None
         where = "service %r in env %s, appkey %s" % (self.service_name, self.env, self.appkey)
         while True:
             if probe is not None:
                 address = probe
             else:
-                node = pick(snapshot, ejected, avoid | tried | full, call)
-                if node is not None and self._pool.full(node.address):
-                    if first_full is None:
-                        first_full = node.address
-                    full = full | {node.address}
-                    continue
-                if node is None and first_full is not None:
-                    node = next(n for n in snapshot.all_nodes if n.address == first_full)  # wait for it
-                    first_full = None
-                    full = frozenset()
+                node = pick(snapshot, ejected, avoid | tried if avoid else tried, call)
                 if node is None and (ejected or avoid):
                     ejected = avoid = frozenset()
                     continue
@@ -332,7 +319,6 @@ class _AioCore:
                     outliers.probe_abandoned(probe)
                     probe = None
                 snapshot = self.table.snapshot
-                full, first_full = frozenset(), None
                 continue
             except TTransportException as err:
                 if self.closed:  # close() closed the pool under this call: no node is to blame

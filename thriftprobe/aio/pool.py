@@ -170,13 +170,6 @@ class AioConnectionPool:
         """Connections open now, idle or lent."""
         return len(self._open)
 
-    def full(self, address: Address) -> bool:
-        """Whether a call to ``address`` would have to wait: every allowed connection is open
-        and none is idle (or others wait already)."""
-        return (
-            self._counts.get(address, 0) >= self._max_per_node and not self._idle.get(address)
-        ) or bool(self._waiters.get(address))
-
     def idle_count(self, address: Address) -> int:
         idle = self._idle.get(address)
         return len(idle) if idle else 0
@@ -372,17 +365,25 @@ class AioConnectionPool:
         """Close every connection, idle or lent (a lent one's call then fails), and fail the
         calls waiting for one. Idempotent."""
         self._closed = True
-        self._idle.clear()
         waiters = [waiter for queue in self._waiters.values() for waiter in queue]
         self._waiters.clear()
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(TTransportException(TTransportException.NOT_OPEN, "the client was closed"))
+        idle = {conn for queue in self._idle.values() for conn in queue}
+        self._idle.clear()
         conns = list(self._open)
         for conn in conns:
-            self._forget(conn, abort=True)  # idle ones have nothing unsent; lent ones' calls end
-        for conn in conns:
-            await conn.wait_closed()
+            # An idle one may still be sending a oneway call's bytes: closed once they have left
+            # (for at most a second); a lent one's call ends now.
+            self._forget(conn, abort=conn not in idle)
+        waits = {conn: asyncio.ensure_future(conn.wait_closed()) for conn in conns}
+        if waits:
+            await asyncio.wait(waits.values(), timeout=1.0)
+        for conn, closed in waits.items():
+            if not closed.done():  # its peer does not read what is left: closed now
+                closed.cancel()
+                conn.close(abort=True)
 
     def abandon(self) -> None:
         """Close every socket without the event loop they belong to (it is closed, or this is

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -183,7 +184,9 @@ async def start_service(
     # pod whose start is slow): the service then stops as soon as it has started.
     requested = asyncio.Event()
     with _Signals(loop, requested.set, service_name) if block else contextlib.nullcontext():
-        starting = loop.run_in_executor(None, start)
+        # In a copy of this task's context (as asyncio.to_thread does): the server's requests run
+        # in copies of the context it is built in, so they see what the application set before.
+        starting = loop.run_in_executor(None, contextvars.copy_context().run, start)
         try:
             running = await asyncio.shield(starting)
         except asyncio.CancelledError:

@@ -696,23 +696,55 @@ def test_close_from_a_new_loop_while_the_old_one_is_idle_disconnects_the_node(se
         old.close()
 
 
-def test_a_node_with_every_connection_busy_spills_calls_to_a_node_with_room(servers, cfg, appkey):
-    """The balancer picks A, whose one allowed connection is busy, while B has room: the call
-    goes to B at once instead of waiting out its timeout for A."""
-    slow = SlowEcho("a")
-    a = servers(slow)
-    b = servers(Handler("b"))
+def test_calls_wait_for_the_busy_node_the_balancer_chose_rather_than_go_to_a_backup_tier(zk, cfg, appkey):
+    """A primary whose one allowed connection is busy is not a reason to use the backup tier
+    (nor to break weights or hash affinity): the calls wait for the primary's connection."""
+    slow = SlowEcho("primary")
+    primary = WireServer(demo.Calculator, slow)
+    backup_handler = Handler("backup")
+    backup = WireServer(demo.Calculator, backup_handler)
+    register(zk, appkey, primary.port, priority=0)
+    register(zk, appkey, backup.port, priority=1)
+    try:
+        async def main() -> None:
+            async with await _client(cfg, appkey, 2, max_connections_per_node=1) as client:
+                holder = asyncio.ensure_future(client.with_timeout(5000).sleep_ms(600))
+                await _until(lambda: slow.calls == 1, "the slow call on the primary")
+                pings = await asyncio.gather(*(client.with_timeout(3000).ping() for _ in range(3)))
+                assert pings == ["primary"] * 3
+                assert await holder is None
 
-    async def main() -> None:
-        async with await _client(cfg, appkey, 2, max_connections_per_node=1,
-                                 balancer=InOrder(a.port, b.port)) as client:
-            holder = asyncio.ensure_future(client.with_timeout(5000).sleep_ms(1500))
-            await _until(lambda: slow.calls == 1, "the slow call on A")
-            started = time.monotonic()
-            for _ in range(5):
-                assert await client.with_timeout(1000).ping() == "b"
-            assert time.monotonic() - started < 1.0
-            assert await holder is None
-            assert await client.ping() == "a"  # A has room again: the balancer's choice stands
+        asyncio.run(main())
+        assert backup_handler.calls == 0
+    finally:
+        primary.stop()
+        backup.stop()
 
-    asyncio.run(main())
+
+def test_oneway_calls_still_being_sent_when_the_client_closes_all_arrive(servers, cfg, appkey):
+    """A burst of oneway events to a node that reads them slowly, then close(): the bytes still
+    on their way out are sent before the connection closes, not dropped."""
+
+    class SlowRecorder(Handler):
+        def record(self, event: str) -> None:
+            time.sleep(0.005)
+            super().record(event)
+
+    handler = SlowRecorder("n")
+    servers(handler)
+    event = "e" * 65000
+
+    async def main() -> int:
+        client = await _client(cfg, appkey, 1)
+        sent = 0
+        pool = _core(client)._pool
+        for _ in range(400):  # until the last one returns with bytes of it still in the buffer
+            await client.record(event)
+            sent += 1
+            if any(c._sock.writer.transport.get_write_buffer_size() for c in pool._open):
+                break
+        await client.close()
+        return sent
+
+    sent = asyncio.run(main())
+    wait_until(lambda: len(handler.events) == sent, what="every oneway event at the node")

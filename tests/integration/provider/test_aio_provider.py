@@ -10,6 +10,7 @@ conftest's) starts asyncio providers on an event loop running in a thread of the
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import os
 import signal
@@ -693,3 +694,24 @@ def test_a_handler_the_application_set_after_the_service_started_survives_its_st
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0 and "APP HANDLER RAN" in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+_TENANT: "contextvars.ContextVar[str]" = contextvars.ContextVar("tenant", default="<unset>")
+
+
+def test_handlers_see_what_the_application_set_in_its_context_before_the_start(cfg, appkey, loop_thread):
+    class Tenant(AsyncHandler):
+        async def ping(self) -> str:  # type: ignore[override]
+            return _TENANT.get()
+
+    async def main() -> Any:
+        _TENANT.set("acme")  # e.g. a service tag its logging reads
+        return await aio.start_service(IDL, appkey, "Calculator", Tenant("t"), 0, config=cfg,
+                                       bind_host="127.0.0.1", block=False, drain=0)
+
+    svc = loop_thread.run(main())
+    try:
+        with client(SyncView(svc, loop_thread)) as c:
+            assert c.ping() == "acme"
+    finally:
+        loop_thread.run(svc.stop(timeout=2.0, drain=0))
