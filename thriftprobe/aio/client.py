@@ -397,11 +397,13 @@ class _AioCore:
             if asyncio.get_running_loop() is self._loop:
                 await self._pool.close()
             elif self._loop.is_running():  # from another thread's loop: closed on the client's own
-                pool_closing = asyncio.run_coroutine_threadsafe(self._pool.close(), self._loop)
+                coro = self._pool.close()
+                pool_closing = asyncio.run_coroutine_threadsafe(coro, self._loop)
                 waiting = asyncio.wrap_future(pool_closing)
                 while not (await asyncio.wait({waiting}, timeout=0.1))[0]:
                     if not self._loop.is_running():  # it stopped before it got to the close
                         pool_closing.cancel()
+                        coro.close()  # never started: nothing to finish
                         self._pool.abandon()
                         break
             else:  # its loop has ended (or is not running): the sockets are closed without it
