@@ -3,6 +3,7 @@ checking that no file descriptor or thread is leaked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import time
 import traceback
 from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import pytest
 from conftest import IDL, MYSQL_PORT, REDIS_PORT, TEST_ENV, ZK, free_port, spawn_provider, wait_until
@@ -75,6 +76,14 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _fd_targets() -> Dict[str, str]:
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found[fd] = os.readlink("/proc/self/fd/%s" % fd)
+    return found
+
+
 def _threads() -> int:
     """Threads of this process, but the workers of running providers (they live as long as the
     provider, and the calls of a test start them)."""
@@ -83,10 +92,31 @@ def _threads() -> int:
 
 @contextmanager
 def no_leaks() -> Iterator[None]:
-    threads, fds = _threads(), _fds()
+    threads, fds, before = _threads(), _fds(), _fd_targets()
     yield
     wait_until(lambda: _threads() <= threads, 10, "threads to end (%s)" % threading.enumerate())
-    wait_until(lambda: _fds() <= fds, 10, "file descriptors to close")
+    try:
+        wait_until(lambda: _fds() <= fds, 10, "file descriptors to close")
+    except AssertionError:
+        new = {fd: target for fd, target in _fd_targets().items() if before.get(fd) != target}
+        raise AssertionError("file descriptors still open: %s; sockets: %s" % (new, _sockets_of(new))) from None
+
+
+def _sockets_of(fds: Dict[str, str]) -> List[str]:
+    """The local and remote addresses of the TCP sockets among ``fds`` (from /proc/net/tcp)."""
+    inodes = {target[8:-1] for target in fds.values() if target.startswith("socket:[")}
+    found = []
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            parts = line.split()
+            if parts[9] in inodes:
+                found.append("%s -> %s state %s" % (_addr(parts[1]), _addr(parts[2]), parts[3]))
+    return found
+
+
+def _addr(hexaddr: str) -> str:
+    ip, port = hexaddr.split(":")
+    return "%s:%d" % (".".join(str(int(ip[i : i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16))
 
 
 def write_config(path, zk_hosts: str, redis_port: int = REDIS_PORT) -> str:
