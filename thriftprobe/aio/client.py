@@ -165,7 +165,13 @@ class _AioCore:
                     sent_error.type, "%s; sending it again found no node: %s" % (sent_error.message, none)
                 ) from sent_error
             address = conn.address
-            if loop_deadline is not None and self._loop.time() >= loop_deadline - _MIN_SEND_TIME:
+            # The exchange's time: the socket timeout, or what is left of the call's own (one
+            # clock read per send serves the check below, the bound and the blame rule).
+            now = self._loop.time()
+            exchange_time = self._socket_timeout
+            if loop_deadline is not None:
+                exchange_time = min(exchange_time, loop_deadline - now)
+            if exchange_time < _MIN_SEND_TIME:
                 # The call's time ran out (connecting, waiting for a connection, earlier tries):
                 # nothing more is sent, and the node is not to blame.
                 self._pool.release(conn)
@@ -188,15 +194,8 @@ class _AioCore:
             if tracked:
                 self._balancer.begin(address)
                 sent_at = _clock()
-            # The exchange's time: the socket timeout, or less when the call's own deadline comes
-            # first. Cut short by the deadline after the call had spent most of its time before
-            # sending (waiting for a connection, connecting, earlier tries), a timeout says
-            # nothing about the node.
-            exchange_time = self._socket_timeout
-            if loop_deadline is not None:
-                exchange_time = min(exchange_time, loop_deadline - self._loop.time())
             try:
-                reply = await self._exchange(conn, method, kwargs, loop_deadline, timeout_ms)
+                reply = await self._exchange(conn, method, kwargs, now + exchange_time)
                 answered = not (type(reply) is TApplicationException and reply.type == LOADSHEDDING)
             except _Unencodable as bad:
                 if probing:
@@ -211,6 +210,9 @@ class _AioCore:
                         "client for %s/%s was closed during the call to %s:%d; it may have run"
                         % (self.appkey, self.service_name, address[0], address[1])
                     ) from err
+                # Cut short by its own deadline after the call had spent most of its time before
+                # sending (waiting for a connection, connecting, earlier tries), a timeout says
+                # nothing about the node.
                 starved = (
                     isinstance(err, TimeoutError) and timeout_ms is not None
                     and exchange_time < self._socket_timeout and exchange_time < timeout_ms / 2000.0
@@ -355,12 +357,11 @@ class _AioCore:
                     outliers.probe_abandoned(probe)
                 raise
 
-    async def _exchange(
-        self, conn: AioConnection, method: Any, kwargs: Dict[str, Any], deadline: Optional[float],
-        timeout_ms: Optional[int],
-    ) -> Any:
-        """Send one request and read its reply, within the socket timeout (the whole exchange)
-        and the call's deadline (loop time). Raises _Unencodable, TimeoutError, transport errors."""
+    @staticmethod
+    async def _exchange(conn: AioConnection, method: Any, kwargs: Dict[str, Any], until: float) -> Any:
+        """Send one request and read its reply by ``until`` (loop time: the socket timeout or the
+        call's deadline, whichever comes first). Raises _Unencodable, TimeoutError, transport
+        errors."""
         proto = conn.protocol
         seqid = conn.seqid = (conn.seqid + 1) & 0x7FFFFFFF
         try:
@@ -372,9 +373,6 @@ class _AioCore:
             proto.write_message_end()
         except _ENCODE_ERRORS as err:
             raise _Unencodable(err) from err
-        until = self._loop.time() + self._socket_timeout
-        if deadline is not None and deadline < until:
-            until = deadline
         return await run_until(_send_and_read(proto, method, seqid), until)
 
     # -- life cycle -----------------------------------------------------------------------------
