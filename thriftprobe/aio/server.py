@@ -34,7 +34,6 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
-import errno
 import inspect
 import logging
 import socket
@@ -49,22 +48,13 @@ from ..provider.dispatch import APPLICATION_ERROR, Dispatcher
 from ..provider.framing import MessageError
 from ..provider.hooks import OVERLOADED, Peer, ServerHooks
 from ..provider.limiter import Refusal
-from ..provider.server import ServerCore, ServerOptions, shed_reply
+from ..provider.server import _ACCEPT_BACKOFF, _LINGERING_CLOSE, ServerCore, ServerOptions, shed_reply
 
 __all__ = ["AioServer"]
 
 log = logging.getLogger(__name__)
 
-_MIN_EVICT_IDLE = 1.0
-"""A connection idle for less than this is never closed to make room (as in ``provider.server``)."""
-_MAX_REJECTING = 64
-"""Connections over ``max_connections`` held at once to be answered LOADSHEDDING; more are closed."""
-_LINGERING_CLOSE = 1.0
-"""After an error reply, how long the input is drained before closing (so that unread request
-bytes do not turn the close into a reset that destroys the reply)."""
 _MAX_SWEEP = 1.0
-_ACCEPT_BATCH = 16
-_ACCEPT_BACKOFF = 0.1
 
 IDLE, READING, BUSY, DRAINING, CLOSED = range(5)
 
@@ -174,11 +164,9 @@ class AioServer(ServerCore):
         self._waiting: Deque[_Conn] = collections.deque()  # whole requests waiting to run
         self._tasks: Set["asyncio.Task[None]"] = set()
         self._running = 0
-        self._rejecting = 0
         self._stopping = False
         self._stopped = False
         self._accepting = False
-        self._accept_error_logged = False
         self._sweeper: Optional[asyncio.TimerHandle] = None
         self._sweep_every = max(0.02, min(_MAX_SWEEP, options.read_timeout / 8, options.idle_timeout / 8))
         self._settled: Optional[asyncio.Event] = None  # set while stopping, when nothing runs or waits
@@ -296,60 +284,21 @@ class AioServer(ServerCore):
             self._loop.add_reader(self._listener.fileno(), self._accept)
             self._accepting = True
 
-    def _accept(self) -> None:
-        """Accept what waits, a few at a time; out of file descriptors, make room or back off
-        (as ``provider.server`` does)."""
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue
-                out_of_fds = err.errno in (errno.EMFILE, errno.ENFILE)
-                if out_of_fds and len(self._conns) < self._max_conns:
-                    self._max_conns = max(1, len(self._conns))
-                    log.warning(
-                        "%s: out of file descriptors with %d connections open; max_connections lowered to %d",
-                        self._label, len(self._conns), self._max_conns,
-                    )
-                if out_of_fds and self._idle and next(iter(self._idle)).since <= time.monotonic() - _MIN_EVICT_IDLE:
-                    self._close(next(iter(self._idle)), "evicted")
-                    return  # its descriptor is free once the loop has closed it: accept on the next turn
-                if not self._accept_error_logged:
-                    log.error(
-                        "%s: cannot accept connections (%s); retrying every %.1f s, %d connections open",
-                        self._label, err, _ACCEPT_BACKOFF, len(self._conns),
-                    )
-                    self._accept_error_logged = True
-                self._stop_accepting()
-                self._loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting)
-                return
-            if self._accept_error_logged:
-                log.warning("%s: accepting connections again", self._label)
-                self._accept_error_logged = False
-            self._admit(sock, (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0))
+    _EVICTION_FREES_AT_ONCE = False  # the loop closes the evicted socket on its next turn
+
+    def _oldest_idle(self) -> Optional[_Conn]:
+        return next(iter(self._idle), None)
+
+    def _pause_accepting(self) -> None:
+        self._stop_accepting()
+        self._loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting)
 
     def _admit(self, sock: socket.socket, peer: Peer) -> None:
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError:  # reset before we got to it
-            sock.close()
+        if not self._prepare(sock):
             return
-        rejecting: Optional[str] = None
-        if len(self._conns) >= self._max_conns:
-            if self._idle and next(iter(self._idle)).since <= time.monotonic() - _MIN_EVICT_IDLE:
-                self._close(next(iter(self._idle)), "evicted")  # out of the count at once
-            elif self._rejecting >= _MAX_REJECTING:
-                sock.close()
-                self._hook_rejected(None, peer, "max_connections")
-                return
-            else:
-                rejecting = "max_connections"
-                self._rejecting += 1
+        admitted, rejecting = self._room(sock, peer, time.monotonic())
+        if not admitted:
+            return
         conn = _Conn(self, sock, peer, rejecting)
         self._conns.add(conn)
         if self._hooks is not None:

@@ -147,7 +147,7 @@ async def start_service(
 ) -> AioRunningService:
     """Serve ``handler`` as ``service_name`` of ``appkey`` from the running event loop, and
     register it for discovery. The arguments are ``thriftprobe.start_service``'s and mean the
-    same, except:
+    same, with these differences:
 
     - the handler's methods may be ``async def`` (awaited on the loop) or plain functions (run on
       the loop: they must not block it);

@@ -221,6 +221,8 @@ class ServerCore:
         # Each request runs in a fresh copy of the context the server was built in: what one
         # handler sets in a ContextVar (a user, a tenant, a trace id) never reaches the next.
         self._context = contextvars.copy_context()
+        self._rejecting = 0  # connections over max_connections, held to be answered "not executed"
+        self._accept_error_logged = False
 
     def set_limits(self, limits: ServiceLimits) -> None:
         """Apply ``limits`` (``thriftprobe.limits``) from the next request on; from any thread.
@@ -233,6 +235,98 @@ class ServerCore:
     def limits(self) -> ServiceLimits:
         """The request limits applied now (none set: an empty ``ServiceLimits``)."""
         return self._limiter.limits
+
+    # -- accepting, shared: the subclass has ``_conns``, ``_rejecting``, ``_close(conn, reason)``,
+    # ``_admit(sock, peer)``, ``_oldest_idle()`` and ``_pause_accepting()`` -----------------------
+
+    _conns: Any  # every connection not yet closed (a subclass's own table)
+    _EVICTION_FREES_AT_ONCE = True
+    """Whether an evicted connection's descriptor is free when ``_close`` returns (else on the
+    next turn: then the accept waits for that turn)."""
+
+    def _accept(self) -> None:
+        """Accept what waits, a few at a time, then let the others have their turn. Out of file
+        descriptors: lower ``max_connections`` to the number open, close the longest-idle
+        connection to make room, or back off ``_ACCEPT_BACKOFF`` (logged once per burst)."""
+        conns = self._conns
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                out_of_fds = err.errno in (errno.EMFILE, errno.ENFILE)
+                if out_of_fds and len(conns) < self._max_conns:
+                    # The process's other files leave less room than max_connections assumed: from
+                    # now on, make room (evict the longest-idle) at the number open now.
+                    self._max_conns = max(1, len(conns))
+                    log.warning(
+                        "%s: out of file descriptors with %d connections open; max_connections lowered to %d",
+                        self._label, len(conns), self._max_conns,
+                    )
+                oldest = self._oldest_idle() if out_of_fds else None
+                if oldest is not None and oldest.since <= time.monotonic() - _MIN_EVICT_IDLE:
+                    self._close(oldest, "evicted")
+                    if self._EVICTION_FREES_AT_ONCE:
+                        continue
+                    return
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM and anything else: back off and keep accepting.
+                if not self._accept_error_logged:
+                    log.error(
+                        "%s: cannot accept connections (%s); retrying every %.1f s, %d connections open",
+                        self._label, err, _ACCEPT_BACKOFF, len(conns),
+                    )
+                    self._accept_error_logged = True
+                self._pause_accepting()
+                return
+            if self._accept_error_logged:
+                log.warning("%s: accepting connections again", self._label)
+                self._accept_error_logged = False
+            self._admit(sock, (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0))
+
+    @staticmethod
+    def _prepare(sock: socket.socket) -> bool:
+        """Make an accepted socket non-blocking, without Nagle, with keepalive; False (and closed)
+        when it was reset before that."""
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError:
+            sock.close()
+            return False
+        return True
+
+    def _room(self, sock: socket.socket, peer: Peer, now: float) -> Tuple[bool, Optional[str]]:
+        """At ``max_connections``, make room for a new connection: close the longest-idle one (if
+        idle for ``_MIN_EVICT_IDLE``), or admit it to be answered "not executed" and closed (at
+        most ``_MAX_REJECTING`` at once; beyond, it is closed now). ``(admitted, rejecting)``."""
+        if len(self._conns) < self._max_conns:
+            return True, None
+        oldest = self._oldest_idle()
+        if oldest is not None and oldest.since <= now - _MIN_EVICT_IDLE:
+            self._close(oldest, "evicted")
+            return True, None
+        if self._rejecting >= _MAX_REJECTING:
+            sock.close()
+            self._hook_rejected(None, peer, "max_connections")
+            return False, None
+        self._rejecting += 1
+        return True, "max_connections"
+
+    def _oldest_idle(self) -> Any:
+        raise NotImplementedError
+
+    def _close(self, conn: Any, reason: str) -> None:
+        raise NotImplementedError
+
+    def _admit(self, sock: socket.socket, peer: Peer) -> None:
+        raise NotImplementedError
+
+    def _pause_accepting(self) -> None:
+        raise NotImplementedError
 
     def _new_reader(self) -> MessageReader:
         return MessageReader(self._opts.protocol, self._framed, self._opts.max_message_size)
@@ -277,9 +371,7 @@ class Server(ServerCore):
         self._reading: "collections.OrderedDict[int, _Conn]" = collections.OrderedDict()
         self._writing: "collections.OrderedDict[int, _Conn]" = collections.OrderedDict()
         self._draining: "collections.OrderedDict[int, _Conn]" = collections.OrderedDict()
-        self._rejecting = 0
         self._accept_paused_until = 0.0
-        self._accept_error_logged = False
         self._rbuf = bytearray(_RECV)
         self._rview = memoryview(self._rbuf)
         # Workers.
@@ -434,66 +526,22 @@ class Server(ServerCore):
             self._sel.unregister(self._listener)
         self._listener.close()
 
-    def _accept(self) -> None:
-        for _ in range(_ACCEPT_BATCH):  # a few at a time, then the others get their turn
-            try:
-                sock, peer = self._listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue
-                if err.errno in (errno.EMFILE, errno.ENFILE) and len(self._conns) < self._max_conns:
-                    # The process's other files leave less room than max_connections assumed: from
-                    # now on, make room (evict the longest-idle) at the number open now.
-                    self._max_conns = max(1, len(self._conns))
-                    log.warning(
-                        "%s: out of file descriptors with %d connections open; max_connections lowered to %d",
-                        self._label, len(self._conns), self._max_conns,
-                    )
-                if (
-                    err.errno in (errno.EMFILE, errno.ENFILE)
-                    and self._idle
-                    and _head(self._idle).since <= time.monotonic() - _MIN_EVICT_IDLE
-                ):
-                    self._close(_head(self._idle), "evicted")
-                    continue
-                # EMFILE, ENFILE, ENOBUFS, ENOMEM and anything else: back off and keep accepting.
-                if not self._accept_error_logged:
-                    log.error(
-                        "%s: cannot accept connections (%s); retrying every %.1f s, %d connections open",
-                        self._label, err, _ACCEPT_BACKOFF, len(self._conns),
-                    )
-                    self._accept_error_logged = True
-                self._sel.unregister(self._listener)
-                self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
-                return
-            if self._accept_error_logged:
-                log.warning("%s: accepting connections again", self._label)
-                self._accept_error_logged = False
-            self._admit(sock, (str(peer[0]), int(peer[1])))
+    def _oldest_idle(self) -> Optional[_Conn]:
+        return _head(self._idle) if self._idle else None
+
+    def _pause_accepting(self) -> None:
+        self._sel.unregister(self._listener)
+        self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
 
     def _admit(self, sock: socket.socket, peer: Peer) -> None:
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError:  # reset before we got to it
-            sock.close()
+        if not self._prepare(sock):
             return
         now = time.monotonic()
-        reader = self._new_reader()
-        conn = _Conn(sock, peer, reader, now)
-        if len(self._conns) >= self._max_conns:
-            if self._idle and _head(self._idle).since <= now - _MIN_EVICT_IDLE:
-                self._close(_head(self._idle), "evicted")
-            elif self._rejecting >= _MAX_REJECTING:
-                sock.close()
-                self._hook_rejected(None, peer, "max_connections")
-                return
-            else:
-                conn.rejecting = "max_connections"
-                self._rejecting += 1
+        admitted, rejecting = self._room(sock, peer, now)
+        if not admitted:
+            return
+        conn = _Conn(sock, peer, self._new_reader(), now)
+        conn.rejecting = rejecting
         self._conns[conn.fd] = conn
         if conn.rejecting is None:
             self._idle[conn.fd] = conn

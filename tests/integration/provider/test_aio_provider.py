@@ -431,9 +431,9 @@ def test_a_burst_of_connections_at_max_connections_stays_within_it(providers, mo
     """300 connections arriving at once on a provider at max_connections=20, all of its
     connections idle: each newcomer closes a different idle one (the count never includes
     connections already closed), and those over the cap are answered, then closed."""
-    from thriftprobe.aio import server as aio_server
+    from thriftprobe.provider import server as core  # the room-making both cores share
 
-    monkeypatch.setattr(aio_server, "_MIN_EVICT_IDLE", 0.0)
+    monkeypatch.setattr(core, "_MIN_EVICT_IDLE", 0.0)
     svc = providers("a", max_connections=20)
     idle = [connect(svc) for _ in range(20)]
     wait_until(lambda: svc._server.stats()["connections"] == 20, what="20 idle connections")
@@ -443,7 +443,7 @@ def test_a_burst_of_connections_at_max_connections_stays_within_it(providers, mo
     while time.monotonic() < deadline:  # sampled for a second: the count must never overshoot
         most = max(most, svc._server.stats()["connections"])
         time.sleep(0.005)
-    assert most <= 20 + aio_server._MAX_REJECTING, most
+    assert most <= 20 + core._MAX_REJECTING, most
     for s in idle + burst:
         s.close()
     wait_until(lambda: svc._server.stats()["connections"] == 0, what="every connection gone")
