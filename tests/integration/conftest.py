@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -220,6 +221,18 @@ def providers(cfg: config.Config, appkey: str) -> Iterator[Callable[..., object]
     yield start
     for svc in started:
         svc.stop(timeout=2.0, drain=0)
+
+
+@pytest.fixture
+def procs() -> Iterator[List[subprocess.Popen]]:
+    """Processes a test starts (append them): killed after it, stopped ones (SIGSTOP) included."""
+    started: List[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+        p.wait()
 
 
 def free_port() -> int:

@@ -129,17 +129,6 @@ def write_config(path, zk_hosts: str, redis_port: int = REDIS_PORT) -> str:
     return str(path)
 
 
-@pytest.fixture
-def procs():
-    started: List[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
-        p.wait()
-
-
 def test_provider_kill_9_under_load_loses_no_idempotent_call(config_path, appkey, procs, cfg):
     procs.extend(spawn_provider(config_path, TEST_ENV, appkey, "p%d" % i) for i in range(3))
     retry = Retry(idempotent={"ping"}, attempts=3)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 from conftest import ROOT, TEST_ENV, ZK_PORT, wait_until
@@ -41,16 +40,6 @@ def _result(proc: subprocess.Popen, timeout: float = 120) -> dict:
     result = json.loads(out.strip().splitlines()[-1])
     print("gevent load:", json.dumps(result))
     return result
-
-
-@pytest.fixture
-def procs():
-    started: List[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
 
 
 def _provider(config_path: str, appkey: str, tag: str) -> subprocess.Popen:
