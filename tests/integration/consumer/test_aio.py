@@ -18,13 +18,13 @@ import pytest
 import thriftpy2
 from conftest import IDL, TEST_ENV, Handler, free_port, spawn_provider, wait_until
 from in_order import InOrder
+from test_overload import Shedding
 from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
 from wire_servers import WIRES, WireServer, register
 
 from thriftprobe import InvalidArgument, NoAvailableNode, Overloaded, Retry, RetryBudget, ThriftProbeError, aio
 from thriftprobe.consumer.balancer import WeightedRandom
-from thriftprobe.errors import LOADSHEDDING
 
 demo = thriftpy2.load(IDL, module_name="demo_thrift")
 
@@ -44,19 +44,6 @@ class SlowEcho(Handler):
         if text.startswith("slow"):
             time.sleep(0.5)
         return super().echo(text)
-
-
-class Shedding(Handler):
-    """Sheds every echo (LOADSHEDDING), remembering what it saw."""
-
-    def __init__(self, tag: str) -> None:
-        super().__init__(tag)
-        self.seen: List[str] = []
-
-    def echo(self, text: str) -> str:
-        with self._lock:
-            self.seen.append(text)
-        raise TApplicationException(LOADSHEDDING, "queue full")
 
 
 @pytest.fixture
@@ -173,7 +160,7 @@ def test_idempotent_calls_in_flight_on_a_killed_provider_are_retried_on_the_othe
 
 
 def test_a_shed_call_goes_to_another_node_and_all_shedding_raises_overloaded(servers, cfg, appkey):
-    busy, fine = Shedding("busy"), Handler("fine")
+    busy, fine = Shedding("busy", message="queue full"), Handler("fine")
     shedder = servers(busy, "framed", "compact")
     worker = servers(fine, "framed", "binary")
 
